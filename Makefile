@@ -1,0 +1,26 @@
+# `make demo` and `make test` are the two commands a newcomer runs; both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (a local file on our machines); GPU users: see README.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m llava_voco.demo
+
+test: venv
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,43 @@
+"""Vision-token compression (VoCo-LLaMA, LLaMA-VID) for LLaVA models on Hugging Face transformers.
+
+Importing the package registers ``voco_llava`` with the Auto classes, so
+``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained`` load our checkpoints.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+from .model import (
+    MASK_MODES,
+    VOCO_TOKEN,
+    VoCoLayout,
+    VoCoLayoutError,
+    VoCoLlavaConfig,
+    VoCoLlavaForConditionalGeneration,
+    VoCoLlavaModel,
+    VoCoLlavaProcessor,
+)
+from .model.builder import add_voco_to_llava
+
+__version__ = "0.1.0"
+
+AutoConfig.register(VoCoLlavaConfig.model_type, VoCoLlavaConfig, exist_ok=True)
+AutoModel.register(VoCoLlavaConfig, VoCoLlavaModel, exist_ok=True)
+AutoModelForImageTextToText.register(VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(VoCoLlavaConfig, VoCoLlavaProcessor, exist_ok=True)
+# Checkpoints keep Llava's on-disk key layout, so Llava and VoCo state dicts load into each other.
+register_checkpoint_conversion_mapping(
+    VoCoLlavaConfig.model_type, get_checkpoint_conversion_mapping("llava"), overwrite=True
+)
+
+__all__ = [
+    "MASK_MODES",
+    "VOCO_TOKEN",
+    "VoCoLayout",
+    "VoCoLayoutError",
+    "VoCoLlavaConfig",
+    "VoCoLlavaForConditionalGeneration",
+    "VoCoLlavaModel",
+    "VoCoLlavaProcessor",
+    "add_voco_to_llava",
+]

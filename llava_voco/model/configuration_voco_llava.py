@@ -1,0 +1,55 @@
+"""Configuration of a LLaVA model that compresses each image into ``voco_tokens`` VoCo tokens."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+from .voco_mask import check_mask_mode
+
+VOCO_FIELDS = ("voco_tokens", "voco_token_id", "voco_mask_mode")
+
+
+@strict
+class VoCoLlavaConfig(LlavaConfig):
+    r"""``LlavaConfig`` plus VoCo (DESIGN 2).
+
+    voco_tokens (`int`, defaults to 0):
+        VoCo tokens after each image. 0 switches VoCo off: the model is then plain LLaVA, and
+        ``save_pretrained`` writes a plain ``llava`` config that stock transformers loads.
+    voco_token_id (`int`, *optional*):
+        Id of the ``<voco>`` token in the tokenizer; required when ``voco_tokens > 0``.
+    voco_mask_mode (`str`, defaults to ``"paper"``):
+        ``"paper"`` (text may see the system prompt) or ``"official"`` (text sees nothing before the
+        first VoCo token, as the released VoCo-LLaMA code does).
+    """
+
+    model_type = "voco_llava"
+
+    voco_tokens: int = 0
+    voco_token_id: int | None = None
+    voco_mask_mode: str = "paper"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        check_mask_mode(self.voco_mask_mode)
+        if self.voco_tokens < 0:
+            raise ValueError(f"voco_tokens must be >= 0, got {self.voco_tokens}")
+        if self.voco_tokens > 0 and self.voco_token_id is None:
+            raise ValueError("voco_tokens > 0 needs voco_token_id (the id of <voco> in the tokenizer)")
+        if self.voco_token_id is not None and self.voco_token_id == self.image_token_id:
+            raise ValueError(f"voco_token_id and image_token_id are both {self.voco_token_id}")
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """With VoCo off the checkpoint is written as plain LLaVA (DESIGN 4)."""
+        if self.voco_tokens == 0:
+            return self.to_llava_config().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_llava_config(self) -> LlavaConfig:
+        values = self.to_dict()
+        for key in (*VOCO_FIELDS, "model_type", "transformers_version", "architectures"):
+            values.pop(key, None)
+        config = LlavaConfig(**values)
+        config.architectures = ["LlavaForConditionalGeneration"]
+        return config

@@ -1,0 +1,58 @@
+"""``LlavaProcessor`` that follows each image's tokens with ``voco_tokens`` ``<voco>`` tokens."""
+
+from __future__ import annotations
+
+from transformers import LlavaProcessor
+
+VOCO_TOKEN = "<voco>"
+
+
+class VoCoLlavaProcessor(LlavaProcessor):
+    """Expands ``<image>`` exactly as ``LlavaProcessor`` does, then appends the VoCo tokens.
+
+    With ``voco_tokens=0`` the output is the parent's, token for token.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        voco_tokens: int = 0,
+        voco_token: str = VOCO_TOKEN,
+        **kwargs,
+    ):
+        if voco_tokens < 0:
+            raise ValueError(f"voco_tokens must be >= 0, got {voco_tokens}")
+        self.voco_tokens = voco_tokens
+        self.voco_token = voco_token
+        self.voco_token_id = None
+        if voco_tokens > 0:
+            voco_ids = tokenizer.encode(voco_token, add_special_tokens=False)
+            if len(voco_ids) != 1 or voco_ids[0] == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"voco_tokens={voco_tokens} but the tokenizer has no single token for {voco_token!r} "
+                    f"(it encodes to {voco_ids}); add it with llava_voco.add_voco_to_llava or "
+                    "tokenizer.add_tokens(..., special_tokens=True)"
+                )
+            self.voco_token_id = voco_ids[0]
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return super().replace_image_token(image_inputs, image_idx, **kwargs) + self.voco_token * self.voco_tokens
+
+
+__all__ = ["VoCoLlavaProcessor", "VOCO_TOKEN"]

@@ -1,0 +1,207 @@
+"""The VoCo attention rule (DESIGN 2.2), in one place.
+
+Every backend derives its mask from :class:`VoCoLayout`: the dense boolean mask below, the 4D masks
+transformers builds for eager / sdpa / flex through ``create_causal_mask(and_mask_function=...)``,
+and (later) the flash-attn varlen segments. The rule, on top of causality and padding:
+
+    a token that comes after the last VoCo token of image m may not attend to the vision tokens
+    of image m.
+
+It reduces to one number per key: the last query position allowed to see it
+(``key_visible_until``). Vision keys of an image followed by VoCo tokens are visible up to that
+image's last VoCo token; every other key is visible forever. ``official`` mode adds, per sample,
+that queries after the last VoCo token see nothing before the first VoCo token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function
+
+MASK_MODES = ("paper", "official")
+# "visible to every later query": larger than any position a sequence can have.
+NEVER_HIDDEN = torch.iinfo(torch.int64).max // 2
+
+_OTHER, _VISION, _VOCO = 0, 1, 2
+
+
+class VoCoLayoutError(ValueError):
+    """The token sequence does not have the image/VoCo structure the mask rule needs."""
+
+
+def check_mask_mode(mode: str) -> str:
+    if mode not in MASK_MODES:
+        raise ValueError(f"voco_mask_mode must be one of {MASK_MODES}, got {mode!r}")
+    return mode
+
+
+@dataclass
+class VoCoLayout:
+    """Where the vision and VoCo tokens of a batch are, reduced to what the mask rule reads.
+
+    Positions are indices into the full sequence (past tokens included), so one layout serves
+    prefill and every decoding step of ``generate``.
+    """
+
+    key_visible_until: torch.Tensor  # [batch, seq] last query position allowed to see each key
+    first_voco: torch.Tensor  # [batch] position of the first VoCo token (0 if none)
+    text_start: torch.Tensor  # [batch] position after the last VoCo token (NEVER_HIDDEN if none)
+    num_images: torch.Tensor  # [batch] image spans per sample
+    mode: str = "paper"
+
+    @property
+    def has_voco(self) -> bool:
+        return bool((self.text_start < NEVER_HIDDEN).any())
+
+    @classmethod
+    def from_input_ids(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        image_token_id: int,
+        voco_token_id: int,
+        voco_tokens: int,
+        mode: str = "paper",
+        num_images: int | None = None,
+        tokens_per_image: int | None = None,
+    ) -> "VoCoLayout":
+        """Find each image span and its VoCo span, vectorised over the batch.
+
+        Raises :class:`VoCoLayoutError` naming the sample (batch row) when an image span is not
+        followed by exactly ``voco_tokens`` VoCo tokens, when VoCo tokens follow no image, or when
+        the spans disagree with ``num_images`` / ``tokens_per_image`` (known when pixels are given).
+        """
+        check_mask_mode(mode)
+        if voco_tokens < 1:
+            raise ValueError(f"a VoCo layout needs voco_tokens >= 1, got {voco_tokens}")
+        batch_size, seq_len = input_ids.shape
+        device = input_ids.device
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        is_vision = (input_ids == image_token_id) & real
+        is_voco = (input_ids == voco_token_id) & real
+        kind = is_vision.long() * _VISION + is_voco.long() * _VOCO  # [batch, seq]
+
+        # Runs of equal kind, never crossing a sample boundary.
+        flat_kind = kind.reshape(-1)
+        run_begins = torch.ones_like(flat_kind, dtype=torch.bool)
+        run_begins[1:] = flat_kind[1:] != flat_kind[:-1]
+        run_begins[::seq_len] = True
+        run_start = run_begins.nonzero().squeeze(1)  # [runs] flat index
+        run_kind = flat_kind[run_start]
+        run_len = torch.diff(run_start, append=run_start.new_tensor([flat_kind.numel()]))
+        run_sample = run_start // seq_len
+        run_of_token = run_begins.long().cumsum(0) - 1  # [batch*seq]
+
+        def shifted(values: torch.Tensor, step: int, fill: int) -> torch.Tensor:
+            out = torch.full_like(values, fill)
+            if step > 0:
+                out[:-step] = values[step:]
+            else:
+                out[-step:] = values[:step]
+            return out
+
+        next_kind, next_len, next_sample = shifted(run_kind, 1, -1), shifted(run_len, 1, 0), shifted(run_sample, 1, -1)
+        prev_kind, prev_sample = shifted(run_kind, -1, -1), shifted(run_sample, -1, -1)
+        vision_run = run_kind == _VISION
+        voco_run = run_kind == _VOCO
+        image_index = vision_run.long().cumsum(0) - 1  # global image number of each vision run
+        sample_first_image = torch.zeros(batch_size, dtype=torch.long, device=device)
+        images_per_sample = torch.zeros(batch_size, dtype=torch.long, device=device).index_add_(
+            0, run_sample, vision_run.long()
+        )
+        sample_first_image[1:] = images_per_sample.cumsum(0)[:-1]
+
+        def image_name(run: int) -> str:
+            sample = int(run_sample[run])
+            nth = int(image_index[run] - sample_first_image[sample]) + 1
+            return f"sample {sample} (batch row), image {nth}"
+
+        followed_by_voco = vision_run & (next_kind == _VOCO) & (next_sample == run_sample)
+        bad = vision_run & ~(followed_by_voco & (next_len == voco_tokens))
+        if bad.any():
+            run = int(bad.nonzero()[0])
+            found = int(next_len[run]) if bool(followed_by_voco[run]) else 0
+            raise VoCoLayoutError(
+                f"{image_name(run)}: the image span (positions {int(run_start[run] % seq_len)}.."
+                f"{int((run_start[run] + run_len[run] - 1) % seq_len)}) is followed by {found} VoCo "
+                f"token(s), expected exactly voco_tokens={voco_tokens} (truncated or built without "
+                "VoCoLlavaProcessor?)"
+            )
+        orphan = voco_run & ~((prev_kind == _VISION) & (prev_sample == run_sample))
+        if orphan.any():
+            run = int(orphan.nonzero()[0])
+            raise VoCoLayoutError(
+                f"sample {int(run_sample[run])} (batch row): VoCo token(s) at position "
+                f"{int(run_start[run] % seq_len)} with no image span right before them"
+            )
+        total_images = int(vision_run.sum())
+        if num_images is not None and total_images != num_images:
+            raise VoCoLayoutError(
+                f"the batch has {total_images} image span(s) (per sample: {images_per_sample.tolist()}) "
+                f"but {num_images} image(s) were given"
+            )
+        if tokens_per_image is not None:
+            wrong = vision_run & (run_len != tokens_per_image)
+            if wrong.any():
+                run = int(wrong.nonzero()[0])
+                raise VoCoLayoutError(
+                    f"{image_name(run)}: the image span has {int(run_len[run])} image tokens but each "
+                    f"image gives {tokens_per_image} features"
+                )
+
+        # Per key: the last query allowed to see it.
+        last_voco_of_run = (shifted(run_start, 1, 0) + voco_tokens - 1) % seq_len
+        run_visible_until = torch.where(vision_run, last_voco_of_run, torch.full_like(run_start, NEVER_HIDDEN))
+        key_visible_until = run_visible_until[run_of_token].view(batch_size, seq_len)
+
+        positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+        has_voco = is_voco.any(dim=1)
+        first_voco = torch.where(is_voco, positions, seq_len).amin(dim=1).masked_fill(~has_voco, 0)
+        last_voco = torch.where(is_voco, positions, -1).amax(dim=1)
+        text_start = torch.where(has_voco, last_voco + 1, torch.full_like(last_voco, NEVER_HIDDEN))
+        return cls(key_visible_until, first_voco, text_start, images_per_sample, mode)
+
+    def mask_function(self) -> Callable:
+        """The VoCo rule alone, as ``(batch, head, q_idx, kv_idx) -> bool`` (transformers / flex).
+
+        Index-based, so it works broadcast, under ``vmap`` and inside flex's ``create_block_mask``;
+        combine it with causality and padding (``create_causal_mask(and_mask_function=...)``).
+        """
+        key_visible_until, first_voco, text_start = self.key_visible_until, self.first_voco, self.text_start
+        official = self.mode == "official"
+
+        def voco_rule(batch_idx, head_idx, q_idx, kv_idx):
+            allowed = q_idx <= key_visible_until[batch_idx, kv_idx]
+            if official:
+                allowed = allowed & ((q_idx < text_start[batch_idx]) | (kv_idx >= first_voco[batch_idx]))
+            return allowed
+
+        return voco_rule
+
+    def full_mask_function(self, attention_mask: torch.Tensor | None = None) -> Callable:
+        """Causal & padding & VoCo: the whole mask as one index function."""
+        parts = [causal_mask_function, self.mask_function()]
+        if attention_mask is not None:
+            parts.append(padding_mask_function(attention_mask.bool()))
+        return and_masks(*parts)
+
+    def dense_mask(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        q_offset: int = 0,
+        q_length: int | None = None,
+    ) -> torch.Tensor:
+        """Boolean mask ``[batch, 1, q_length, seq]`` (True = may attend), by broadcasting."""
+        batch_size, kv_length = self.key_visible_until.shape
+        q_length = kv_length - q_offset if q_length is None else q_length
+        device = self.key_visible_until.device
+        batch_idx = torch.arange(batch_size, device=device)[:, None, None, None]
+        head_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+        q_idx = torch.arange(q_offset, q_offset + q_length, device=device)[None, None, :, None]
+        kv_idx = torch.arange(kv_length, device=device)[None, None, None, :]
+        mask = self.full_mask_function(attention_mask)(batch_idx, head_idx, q_idx, kv_idx)
+        return mask.expand(batch_size, 1, q_length, kv_length)
