@@ -9,7 +9,6 @@ TORCH_SPEC ?= torch==2.13.0
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@

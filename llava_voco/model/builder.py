@@ -33,7 +33,10 @@ def add_voco_to_llava(
     voco_ids = tokenizer.convert_tokens_to_ids([VOCO_TOKEN])
     newly_added = voco_ids[0] is None or voco_ids[0] == tokenizer.unk_token_id
     if newly_added:
-        tokenizer.add_tokens([AddedToken(VOCO_TOKEN, special=True, normalized=False)], special_tokens=True)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [AddedToken(VOCO_TOKEN, special=True, normalized=False)]},
+            replace_extra_special_tokens=False,
+        )
     voco_token_id = tokenizer.convert_tokens_to_ids(VOCO_TOKEN)
 
     llava_config = LlavaConfig.from_pretrained(llava_path)

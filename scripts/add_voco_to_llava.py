@@ -1,0 +1,25 @@
+"""Make a VoCo checkpoint from a LLaVA one (transformers format), the start of VoCo fine-tuning.
+
+    python scripts/add_voco_to_llava.py --model-path llava-1.5-7b-hf --voco-tokens 1 --output-dir llava-voco-7b
+"""
+
+import argparse
+
+import llava_voco
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True, help="LlavaForConditionalGeneration checkpoint with processor")
+    parser.add_argument("--voco-tokens", type=int, default=1)
+    parser.add_argument("--voco-mask-mode", choices=llava_voco.MASK_MODES, default="paper")
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args()
+    model, _ = llava_voco.add_voco_to_llava(
+        args.model_path, voco_tokens=args.voco_tokens, voco_mask_mode=args.voco_mask_mode, output_dir=args.output_dir
+    )
+    print(f"saved {args.output_dir}: voco_tokens={model.config.voco_tokens}, <voco> id {model.config.voco_token_id}")
+
+
+if __name__ == "__main__":
+    main()
