@@ -201,6 +201,9 @@ def test_errors(voco_dir, digit_images):
     two_images = torch.cat([batch["pixel_values"]] * 2)
     with pytest.raises(VoCoLayoutError, match=r"1 image span\(s\).*but 2 image\(s\) were given"):
         model(input_ids=batch["input_ids"], pixel_values=two_images)
+    two_spans = processor(images=digit_images[:2], text=prompt(processor, "What is the sum?", 2), return_tensors="pt")
+    with pytest.raises(VoCoLayoutError, match=r"2 image span\(s\).*but 1 image\(s\) were given"):
+        model(input_ids=two_spans["input_ids"], pixel_values=two_spans["pixel_values"][:1])
     orphan = batch["input_ids"].clone()
     orphan[0, 2] = voco_id
     with pytest.raises(VoCoLayoutError, match="no image span right before"):
