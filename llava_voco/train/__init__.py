@@ -1,0 +1,1 @@
+"""Training like LLaVA (its flags, data format and templates), plus ``--voco_tokens``."""
