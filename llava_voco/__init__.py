@@ -10,12 +10,15 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from .model import (
     MASK_MODES,
     VOCO_TOKEN,
+    VoCoCache,
+    VoCoCacheError,
     VoCoLayout,
     VoCoLayoutError,
     VoCoLlavaConfig,
     VoCoLlavaForConditionalGeneration,
     VoCoLlavaModel,
     VoCoLlavaProcessor,
+    model_fingerprint,
 )
 from .model.builder import add_voco_to_llava
 
@@ -31,6 +34,8 @@ register_checkpoint_conversion_mapping(
 )
 
 __all__ = [
+    "VoCoCache",
+    "VoCoCacheError",
     "MASK_MODES",
     "VOCO_TOKEN",
     "VoCoLayout",
@@ -40,4 +45,5 @@ __all__ = [
     "VoCoLlavaModel",
     "VoCoLlavaProcessor",
     "add_voco_to_llava",
+    "model_fingerprint",
 ]

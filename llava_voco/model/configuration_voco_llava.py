@@ -5,9 +5,10 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
+from .projector import check_projector_type
 from .voco_mask import check_mask_mode
 
-VOCO_FIELDS = ("voco_tokens", "voco_token_id", "voco_mask_mode")
+VOCO_FIELDS = ("voco_tokens", "voco_token_id", "voco_mask_mode", "mm_projector_type")
 
 
 @strict
@@ -22,6 +23,8 @@ class VoCoLlavaConfig(LlavaConfig):
     voco_mask_mode (`str`, defaults to ``"paper"``):
         ``"paper"`` (text may see the system prompt) or ``"official"`` (text sees nothing before the
         first VoCo token, as the released VoCo-LLaMA code does).
+    mm_projector_type (`str`, defaults to ``"mlp2x_gelu"``):
+        LLaVA's projector name: ``"mlp2x_gelu"`` (Llava's own projector) or ``"linear"``.
     """
 
     model_type = "voco_llava"
@@ -29,10 +32,12 @@ class VoCoLlavaConfig(LlavaConfig):
     voco_tokens: int = 0
     voco_token_id: int | None = None
     voco_mask_mode: str = "paper"
+    mm_projector_type: str = "mlp2x_gelu"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         check_mask_mode(self.voco_mask_mode)
+        check_projector_type(self.mm_projector_type)
         if self.voco_tokens < 0:
             raise ValueError(f"voco_tokens must be >= 0, got {self.voco_tokens}")
         if self.voco_tokens > 0 and self.voco_token_id is None:
@@ -41,8 +46,9 @@ class VoCoLlavaConfig(LlavaConfig):
             raise ValueError(f"voco_token_id and image_token_id are both {self.voco_token_id}")
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """With VoCo off the checkpoint is written as plain LLaVA (DESIGN 4)."""
-        if self.voco_tokens == 0:
+        """With VoCo off the checkpoint is written as plain LLaVA (DESIGN 4), unless its projector is one
+        Llava does not have (``linear``): stock Llava would then load it with a wrong projector."""
+        if self.voco_tokens == 0 and self.mm_projector_type == "mlp2x_gelu":
             return self.to_llava_config().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 

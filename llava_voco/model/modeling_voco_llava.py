@@ -22,6 +22,8 @@ from transformers.masking_utils import (
 )
 
 from .configuration_voco_llava import VoCoLlavaConfig
+from .projector import build_projector
+from .voco_cache import VoCoCache, VoCoCacheError, model_fingerprint
 from .voco_mask import VoCoLayout
 
 # Mask builders that honour a mask function. flash-attn's builder only keeps padding, so it would
@@ -32,6 +34,12 @@ _MASK_BUILDERS_WITH_MASK_FUNCTION = (sdpa_mask, eager_mask, flex_attention_mask)
 class VoCoLlavaModel(LlavaModel):
     config_class = VoCoLlavaConfig
     config: VoCoLlavaConfig
+
+    def __init__(self, config: VoCoLlavaConfig):
+        super().__init__(config)
+        if getattr(config, "mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            self.multi_modal_projector = build_projector(config)
+            self.post_init()
 
     def voco_layout(
         self,
@@ -105,15 +113,45 @@ class VoCoLlavaModel(LlavaModel):
             the whole sequence; `generate` passes it at every step. Needed when continuing from a cache.
         """
         mask_is_4d = attention_mask is not None and attention_mask.ndim == 4
-        if self.config.voco_tokens > 0 and not mask_is_4d:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if isinstance(past_key_values, VoCoCache) and past_length > 0 and not mask_is_4d:
+            # Continuing a compressed cache: it holds only what later tokens may read, so the new tokens
+            # see all of it; the rule applies within the new tokens (an image compressed after others).
+            new_tokens = input_ids if input_ids is not None else inputs_embeds
+            batch_size, query_length = new_tokens.shape[:2]
+            if past_key_values.batch_size != batch_size:
+                raise VoCoCacheError(
+                    f"the VoCoCache holds {past_key_values.batch_size} row(s), the input has {batch_size}; "
+                    "use cache.repeat_rows(...) or generate(), which does it for you"
+                )
+            if attention_mask is None or attention_mask.shape[1] == query_length:
+                new_mask = attention_mask if attention_mask is not None else new_tokens.new_ones(batch_size, query_length)
+                attention_mask = past_key_values.attention_mask_with(new_mask.long())
+            elif attention_mask.shape[1] != past_length + query_length:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} positions; with a VoCoCache of {past_length} "
+                    f"it must cover the new {query_length} tokens or cache + new ({past_length + query_length})"
+                )
+            if position_ids is None:
+                position_ids = past_key_values.position_ids_for(attention_mask, query_length)
+            if voco_layout is None and self.config.voco_tokens > 0 and input_ids is not None:
+                new_layout = self.voco_layout(
+                    input_ids, attention_mask[:, -query_length:], pixel_values, kwargs.get("image_sizes")
+                )
+                voco_layout = new_layout.after_cache(past_length)
+            if voco_layout is not None and voco_layout.has_voco:
+                attention_mask = self.voco_attention_mask(
+                    voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
+                )
+        elif self.config.voco_tokens > 0 and not mask_is_4d:
             if voco_layout is None:
                 if input_ids is None:
                     raise ValueError("VoCo needs input_ids (or a voco_layout) to find the image and VoCo tokens")
                 if past_length > 0:
                     raise ValueError(
                         "continuing from a cache with VoCo on needs voco_layout= the layout of the whole "
-                        "sequence (VoCoLayout.from_input_ids on all ids so far); generate() passes it itself"
+                        "sequence (VoCoLayout.from_input_ids on all ids so far), or a VoCoCache from "
+                        "model.compress(); generate() passes the layout itself"
                     )
                 voco_layout = self.voco_layout(input_ids, attention_mask, pixel_values, kwargs.get("image_sizes"))
             if voco_layout is not None and voco_layout.has_voco:
@@ -176,16 +214,149 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
-        """Adds the layout of the whole sequence so far: decoding steps only see their new token."""
+        """Decoding steps only see their new token: give them the layout of the whole sequence, or, when
+        continuing a VoCoCache, the original position ids (text resumes after the dropped vision)."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
         )
-        if self.config.voco_tokens > 0 and input_ids is not None and input_ids.shape[1] > 0:
+        if isinstance(past_key_values, VoCoCache):
+            # input_ids are every token after the cache's described part (generate's own bookkeeping)
+            if attention_mask is None:  # generate drops an all-ones mask
+                described = past_key_values.attention_mask.to(input_ids.device).expand(input_ids.shape[0], -1)
+                attention_mask = torch.cat([described, torch.ones_like(input_ids)], dim=1)
+            query_length = model_inputs["input_ids"].shape[1]
+            model_inputs["position_ids"] = past_key_values.position_ids_for(attention_mask, query_length)
+        elif self.config.voco_tokens > 0 and input_ids is not None and input_ids.shape[1] > 0:
             if attention_mask is None or attention_mask.ndim == 2:
                 model_inputs["voco_layout"] = self.model.voco_layout(
                     input_ids, attention_mask, model_inputs.get("pixel_values"), model_inputs.get("image_sizes")
                 )
         return model_inputs
+
+    @torch.no_grad()
+    def compress(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> VoCoCache:
+        """Prefill a prompt that contains images and keep only what later text may read (DESIGN 2.3).
+
+        ``input_ids`` is the prompt up to (and possibly a little past) the last VoCo token, as
+        ``VoCoLlavaProcessor`` lays it out; a batch gives a batched cache (rows left padded). A prompt with
+        several images is compressed one image at a time, each image's vision keys/values dropped as soon as
+        its VoCo tokens are computed, so the cache peaks at prefix + VoCo so far + one image.
+        """
+        if self.config.voco_tokens == 0:
+            raise ValueError("compress() needs a model with voco_tokens > 0")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        layout = self.model.voco_layout(input_ids, attention_mask, pixel_values, image_sizes)
+        fingerprint = model_fingerprint(self)
+        images_before = torch.cat([layout.num_images.new_zeros(1), layout.num_images.cumsum(0)])
+        rows = []
+        for row in range(input_ids.shape[0]):
+            real = attention_mask[row].bool()
+            row_ids = input_ids[row, real][None]  # [1, n]
+            row_pixels = pixel_values[images_before[row] : images_before[row + 1]] if pixel_values is not None else None
+            rows.append(self._compress_row(row_ids, row_pixels, fingerprint))
+        pad_token_id = self.config.text_config.pad_token_id or 0
+        return rows[0] if len(rows) == 1 else VoCoCache.concatenate(rows, pad_token_id=pad_token_id)
+
+    def _compress_row(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, fingerprint: str) -> VoCoCache:
+        """One prompt (no padding): prefill image by image, dropping what the rule hides from later tokens."""
+        layout = self.model.voco_layout(input_ids)
+        length = input_ids.shape[1]
+        # Segment ends: after each image's last VoCo token, and the end of the prompt.
+        voco_ends = layout.key_visible_until[0][input_ids[0] == self.config.image_token_id].unique() + 1
+        ends = sorted(set(voco_ends.tolist()) | {length})
+        cache = VoCoCache(
+            config=self.config.text_config,
+            voco_tokens=self.config.voco_tokens,
+            mask_mode=self.config.voco_mask_mode,
+            fingerprint=fingerprint,
+        )
+        cached_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        start = 0
+        for image, end in enumerate(ends):
+            segment = input_ids[:, start:end]
+            segment_pixels = pixel_values[image : image + 1] if pixel_values is not None and image < len(voco_ends) else None
+            self(
+                input_ids=segment,
+                pixel_values=segment_pixels,
+                past_key_values=cache,
+                position_ids=torch.arange(start, end, device=input_ids.device)[None],
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cached_positions = torch.cat([cached_positions, torch.arange(start, end, device=input_ids.device)])
+            keep = layout.visible_to(torch.tensor([end], device=input_ids.device))[0, cached_positions]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            cached_positions = cached_positions[keep]
+            # Between segments the cache is always described, so the next forward sees it whole.
+            cache.token_ids = input_ids[:, cached_positions]
+            cache.attention_mask = torch.ones_like(cache.token_ids)
+            cache.next_position = torch.tensor([end], device=input_ids.device)
+            start = end
+        cache.num_images = layout.num_images.clone()
+        cache.vision_tokens_dropped = (input_ids == self.config.image_token_id).sum(1)
+        return cache
+
+    def generate(self, inputs=None, *, past_key_values=None, keep_turn: bool = False, **kwargs):
+        """transformers' generate; from a ``VoCoCache`` (``model.compress``), pass only the new text.
+
+        The cache is copied unless ``keep_turn=True``, which extends it with this turn (question and
+        answer) for a multi-turn conversation; one cache row answers a whole batch of questions.
+        """
+        if not isinstance(past_key_values, VoCoCache):
+            if keep_turn:
+                raise ValueError("keep_turn=True needs past_key_values=a VoCoCache")
+            return super().generate(inputs, past_key_values=past_key_values, **kwargs)
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = past_key_values
+        if cache.get_seq_length() != cache.described_length:
+            raise VoCoCacheError("this VoCoCache was extended outside generate(); use a fresh or kept cache")
+        batch_size = input_ids.shape[0]
+        if keep_turn and cache.batch_size != batch_size:
+            raise VoCoCacheError(f"keep_turn needs one question per cache row ({cache.batch_size}), got {batch_size}")
+        if not keep_turn:
+            cache = cache.clone()
+        if cache.batch_size == 1 and batch_size > 1:
+            cache = cache.repeat_rows(torch.zeros(batch_size, dtype=torch.long))
+        elif cache.batch_size != batch_size:
+            raise VoCoCacheError(f"the VoCoCache holds {cache.batch_size} rows, got {batch_size} questions")
+        full_attention_mask = cache.attention_mask_with(attention_mask.long())
+        output = super().generate(
+            input_ids=input_ids, attention_mask=full_attention_mask, past_key_values=cache, **kwargs
+        )
+        if keep_turn:
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            self._keep_turn(cache, sequences, attention_mask, kwargs.get("eos_token_id"))
+        return output
+
+    @torch.no_grad()
+    def _keep_turn(self, cache: VoCoCache, sequences, question_mask, eos_token_id=None) -> None:
+        """Make ``cache`` describe question + answer; feeds the last token, which generate never forwards."""
+        question_length = question_mask.shape[1]
+        answer = sequences[:, question_length:]
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=answer.device)
+        is_eos = torch.isin(answer, eos).long()
+        after_eos = (is_eos.cumsum(1) - is_eos) > 0  # tokens after the first EOS: padding of finished rows
+        answer_mask = (~after_eos).long()
+        new_ids = torch.cat([sequences[:, :question_length], answer], dim=1)
+        new_mask = torch.cat([question_mask.long(), answer_mask], dim=1)
+        if answer.shape[1] > 0:
+            full_mask = torch.cat([cache.attention_mask, new_mask], dim=1)
+            self(input_ids=answer[:, -1:], attention_mask=full_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.next_position = cache.next_position + new_mask.sum(1)
+        cache.token_ids = torch.cat([cache.token_ids, new_ids], dim=1)
+        cache.attention_mask = torch.cat([cache.attention_mask, new_mask], dim=1)
 
 
 __all__ = ["VoCoLlavaModel", "VoCoLlavaForConditionalGeneration"]

@@ -165,6 +165,34 @@ class VoCoLayout:
         text_start = torch.where(has_voco, last_voco + 1, torch.full_like(last_voco, NEVER_HIDDEN))
         return cls(key_visible_until, first_voco, text_start, images_per_sample, mode)
 
+    def after_cache(self, cache_length: int) -> "VoCoLayout":
+        """This layout (of new tokens) placed after ``cache_length`` cached positions, which every new
+        token may see: the cache already holds only what the rule lets later tokens read."""
+        if cache_length == 0:
+            return self
+        batch_size = self.key_visible_until.shape[0]
+        cached = self.key_visible_until.new_full((batch_size, cache_length), NEVER_HIDDEN)
+
+        def shift(positions: torch.Tensor) -> torch.Tensor:
+            return torch.where(positions < NEVER_HIDDEN, positions + cache_length, positions)
+
+        return VoCoLayout(
+            torch.cat([cached, shift(self.key_visible_until)], dim=1),
+            torch.where(self.text_start < NEVER_HIDDEN, self.first_voco + cache_length, self.first_voco),
+            shift(self.text_start),
+            self.num_images,
+            self.mode,
+        )
+
+    def visible_to(self, query_position: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, seq]``: which keys a query at ``query_position[b]`` may read: what a cache must keep."""
+        batch_size, seq_len = self.key_visible_until.shape
+        device = self.key_visible_until.device
+        batch_idx = torch.arange(batch_size, device=device)[:, None]
+        kv_idx = torch.arange(seq_len, device=device)[None, :]
+        head_idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+        return self.full_mask_function(attention_mask)(batch_idx, head_idx, query_position.to(device)[:, None], kv_idx)
+
     def mask_function(self) -> Callable:
         """The VoCo rule alone, as ``(batch, head, q_idx, kv_idx) -> bool`` (transformers / flex).
 

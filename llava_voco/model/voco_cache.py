@@ -1,0 +1,254 @@
+"""A compressed image as a KV cache: only the positions text may read, plus where text resumes.
+
+After one prefill over ``[prefix, V, VoCo]`` the vision keys/values are never read again (DESIGN 2.3),
+so :class:`VoCoCache` keeps ``prefix + k`` positions per image (just ``k`` in ``official`` mode) and
+the position id of the next token, which keeps its original value. It is a ``DynamicCache``, so
+transformers' ``generate`` continues from it; ``VoCoLlavaForConditionalGeneration.generate`` copies it
+first unless asked to keep the turn.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+FORMAT_VERSION = 1
+_SAMPLES_PER_PARAMETER = 4096
+
+
+class VoCoCacheError(ValueError):
+    """A stored cache cannot be used with this model (other model, corrupt file, unknown format)."""
+
+
+def model_fingerprint(model) -> str:
+    """Config hash plus a checksum of the weights, cheap enough to compute at every call on a 7B model.
+
+    Each parameter contributes its name, shape, dtype and ``_SAMPLES_PER_PARAMETER`` evenly spaced
+    values: any retraining, resizing or a different checkpoint changes it, while hashing all bytes of a
+    7B model (14 GB) at each compression would cost seconds.
+    """
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "torch_dtype", "dtype"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+            sample = flat[::step][:_SAMPLES_PER_PARAMETER].float().cpu()
+            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class VoCoCache(DynamicCache):
+    """``DynamicCache`` holding only the positions text may attend to, for a batch of prompts.
+
+    token_ids       [batch, cached]  ids of the cached positions (pad id where ``attention_mask`` is 0)
+    attention_mask  [batch, cached]  1 for real cached positions; rows of different lengths are left padded
+    next_position   [batch]          position id of the first token after the cache
+    Keys/values of later tokens (``generate`` appends them) come after these and are all real.
+    """
+
+    def __init__(self, config=None, *, voco_tokens: int = 0, mask_mode: str = "paper", fingerprint: str = ""):
+        super().__init__(config=config)
+        self.voco_tokens = voco_tokens
+        self.mask_mode = mask_mode
+        self.fingerprint = fingerprint
+        self.token_ids = torch.zeros(0, 0, dtype=torch.long)
+        self.attention_mask = torch.zeros(0, 0, dtype=torch.long)
+        self.next_position = torch.zeros(0, dtype=torch.long)
+        self.num_images = torch.zeros(0, dtype=torch.long)
+        self.vision_tokens_dropped = torch.zeros(0, dtype=torch.long)
+
+    # -- what the model reads ------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def described_length(self) -> int:
+        """Cached positions described by ``token_ids`` (later ones were appended by decoding)."""
+        return self.token_ids.shape[1]
+
+    def attention_mask_with(self, new_attention_mask: torch.Tensor) -> torch.Tensor:
+        """2D mask over (cache, new tokens) for a forward that continues this cache."""
+        appended = self.get_seq_length() - self.described_length
+        batch = new_attention_mask.shape[0]
+        cached = self.attention_mask.to(new_attention_mask.device).expand(batch, -1)
+        decoded = new_attention_mask.new_ones(batch, appended)
+        return torch.cat([cached, decoded, new_attention_mask], dim=1)
+
+    def position_ids_for(self, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+        """Position ids of the last ``query_length`` tokens, given the 2D mask over cache + new tokens.
+
+        Text resumes at ``next_position`` (its original position, counting the dropped vision tokens);
+        padding inside the new tokens does not advance positions, as in ``generate``.
+        """
+        after_cache = attention_mask[:, self.described_length :].long()
+        positions = self.next_position.to(attention_mask.device)[:, None] + after_cache.cumsum(-1) - 1
+        positions = positions.masked_fill(after_cache == 0, 0)
+        return positions[:, -query_length:]
+
+    # -- batch bookkeeping that generate() drives -----------------------------------------------
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.token_ids.device)
+        for name in ("token_ids", "attention_mask", "next_position", "num_images", "vision_tokens_dropped"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(torch.as_tensor(indices).reshape(-1))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def repeat_rows(self, rows: torch.Tensor) -> "VoCoCache":
+        """A copy whose row i is row ``rows[i]`` of this cache (several questions about one image)."""
+        out = copy.deepcopy(self)
+        for layer in out.layers:
+            if layer.get_seq_length() > 0:
+                layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+        out._select_rows(rows)
+        return out
+
+    def clone(self) -> "VoCoCache":
+        return copy.deepcopy(self)
+
+    @classmethod
+    def concatenate(cls, caches: list["VoCoCache"], pad_token_id: int = 0) -> "VoCoCache":
+        """One batched cache from several (e.g. different images), left padded to the longest."""
+        first = caches[0]
+        for other in caches[1:]:
+            if other.fingerprint != first.fingerprint or other.voco_tokens != first.voco_tokens:
+                raise VoCoCacheError("cannot batch caches made by different models or with different voco_tokens")
+            if other.get_seq_length() != other.described_length or first.get_seq_length() != first.described_length:
+                raise VoCoCacheError("cannot batch caches that decoding extended; keep the turn first")
+        length = max(c.described_length for c in caches)
+        out = cls(voco_tokens=first.voco_tokens, mask_mode=first.mask_mode, fingerprint=first.fingerprint)
+        out.layers = [type(layer)() for layer in first.layers]
+
+        def left_pad(tensor: torch.Tensor, dim: int, value) -> torch.Tensor:
+            missing = length - tensor.shape[dim]
+            if missing == 0:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_full(shape, value), tensor], dim=dim)
+
+        for i, layer in enumerate(out.layers):
+            keys = [left_pad(c.layers[i].keys, 2, 0) for c in caches]
+            values = [left_pad(c.layers[i].values, 2, 0) for c in caches]
+            layer.lazy_initialization(keys[0], values[0])
+            layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+        out.token_ids = torch.cat([left_pad(c.token_ids, 1, pad_token_id) for c in caches])
+        out.attention_mask = torch.cat([left_pad(c.attention_mask, 1, 0) for c in caches])
+        for name in ("next_position", "num_images", "vision_tokens_dropped"):
+            setattr(out, name, torch.cat([getattr(c, name) for c in caches]))
+        return out
+
+    # -- persistence ----------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {
+            "token_ids": self.token_ids,
+            "attention_mask": self.attention_mask,
+            "next_position": self.next_position,
+            "num_images": self.num_images,
+            "vision_tokens_dropped": self.vision_tokens_dropped,
+        }
+        for i, layer in enumerate(self.layers):
+            tensors[f"layers.{i}.keys"] = layer.keys
+            tensors[f"layers.{i}.values"] = layer.values
+        return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+
+    @staticmethod
+    def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Safetensors file with the layers' keys/values and metadata; written atomically."""
+        if self.get_seq_length() != self.described_length:
+            raise VoCoCacheError("this cache was extended by decoding without keeping the turn; save the original")
+        tensors = self._tensors()
+        metadata = {
+            "format": "llava_voco.VoCoCache",
+            "format_version": str(FORMAT_VERSION),
+            "fingerprint": self.fingerprint,
+            "voco_tokens": str(self.voco_tokens),
+            "mask_mode": self.mask_mode,
+            "num_layers": str(len(self.layers)),
+            "dtype": str(self.layers[0].keys.dtype) if self.layers else "",
+            "checksum": self._checksum(tensors),
+        }
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, device: torch.device | str | None = None) -> "VoCoCache":
+        """Load a cache saved by :meth:`save`, refusing one that does not belong to ``model``."""
+        path = Path(path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise VoCoCacheError(f"{path}: not a readable VoCo cache (truncated or corrupt?): {error}") from error
+        if metadata.get("format") != "llava_voco.VoCoCache":
+            raise VoCoCacheError(f"{path}: not a VoCo cache file (format {metadata.get('format')!r})")
+        if metadata.get("format_version") != str(FORMAT_VERSION):
+            raise VoCoCacheError(
+                f"{path}: cache format version {metadata.get('format_version')!r}, this llava_voco reads {FORMAT_VERSION}"
+            )
+        if cls._checksum(tensors) != metadata.get("checksum"):
+            raise VoCoCacheError(f"{path}: checksum mismatch, the file is corrupt")
+        expected = model_fingerprint(model)
+        if metadata.get("fingerprint") != expected:
+            raise VoCoCacheError(
+                f"{path}: the cache was made by another model or config (fingerprint "
+                f"{metadata.get('fingerprint', '')[:12]}..., this model {expected[:12]}...)"
+            )
+        device = device if device is not None else model.device
+        cache = cls(
+            config=model.config.text_config,
+            voco_tokens=int(metadata["voco_tokens"]),
+            mask_mode=metadata["mask_mode"],
+            fingerprint=metadata["fingerprint"],
+        )
+        if int(metadata["num_layers"]) != len(cache.layers):
+            raise VoCoCacheError(f"{path}: {metadata['num_layers']} layers, the model has {len(cache.layers)}")
+        for i, layer in enumerate(cache.layers):
+            keys, values = tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        for name in ("token_ids", "attention_mask", "next_position", "num_images", "vision_tokens_dropped"):
+            setattr(cache, name, tensors[name].to(device))
+        return cache
+
+    def __repr__(self) -> str:
+        return (
+            f"VoCoCache(batch={self.batch_size}, cached={self.get_seq_length()}, voco_tokens={self.voco_tokens}, "
+            f"images={self.num_images.tolist()}, next_position={self.next_position.tolist()})"
+        )
