@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -200,9 +201,16 @@ class VoCoCache(DynamicCache):
             "checksum": self._checksum(tensors),
         }
         path = Path(path)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        # A unique temporary name in the same directory, then an atomic rename: readers (and another
+        # process writing the same path) only ever see a complete file.
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, device: torch.device | str | None = None) -> "VoCoCache":

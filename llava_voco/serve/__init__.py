@@ -1,0 +1,1 @@
+"""Serving compressed images: the VoCo cache store and the chat CLI."""

@@ -1,0 +1,134 @@
+"""A content-addressed store of compressed images (``VoCoCache`` files) on disk.
+
+Directory layout::
+
+    ROOT/
+      <key[:2]>/<key>.voco.safetensors    one compressed prompt (VoCoCache.save format)
+
+``key = sha256(image digests, prompt text, model fingerprint)``, so the same image and prompt under
+the same weights hit, and anything else misses. Writes go to a temporary file in the same directory
+and are renamed into place (atomic on POSIX), so two processes writing the same key leave one valid
+file. With ``max_bytes`` set, each write evicts least recently used entries (by modification time,
+which a hit refreshes) until the store fits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from ..model.voco_cache import VoCoCache, VoCoCacheError, model_fingerprint
+
+logger = logging.getLogger(__name__)
+SUFFIX = ".voco.safetensors"
+
+
+def image_digest(image) -> str:
+    """sha256 of an image's bytes: file contents for a path or bytes, pixels + size + mode for PIL."""
+    if isinstance(image, (str, os.PathLike)):
+        return hashlib.sha256(Path(image).read_bytes()).hexdigest()
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
+    if isinstance(image, Image.Image):
+        header = f"{image.mode}:{image.size}".encode()
+        return hashlib.sha256(header + image.tobytes()).hexdigest()
+    raise TypeError(f"cannot digest an image of type {type(image).__name__}")
+
+
+class VoCoCacheStore:
+    def __init__(self, root: str | os.PathLike, max_bytes: int | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+
+    @staticmethod
+    def key(images: list, prompt: str, fingerprint: str) -> str:
+        digest = hashlib.sha256()
+        for image in images:
+            digest.update(image_digest(image).encode())
+        digest.update(b"\0prompt\0" + prompt.encode())
+        digest.update(b"\0model\0" + fingerprint.encode())
+        return digest.hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{SUFFIX}"
+
+    def get(self, key: str, model) -> VoCoCache | None:
+        """The stored cache, or None. A file that cannot be used (corrupt, other model) is removed."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            cache = VoCoCache.load(path, model)
+        except VoCoCacheError as error:
+            logger.warning("dropping unusable cache entry: %s", error)
+            path.unlink(missing_ok=True)
+            return None
+        except FileNotFoundError:  # evicted by another process meanwhile
+            return None
+        try:
+            os.utime(path)  # most recently used
+        except FileNotFoundError:
+            pass
+        return cache
+
+    def put(self, key: str, cache: VoCoCache) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cache.save(path)
+        self.evict(keep=path)
+        return path
+
+    def entries(self) -> list[Path]:
+        return sorted(self.root.glob(f"*/*{SUFFIX}"))
+
+    def size_bytes(self) -> int:
+        total = 0
+        for path in self.entries():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used entries until the store fits ``max_bytes``."""
+        if self.max_bytes is None:
+            return []
+        stats = []
+        for path in self.entries():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            stats.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in stats)
+        removed = []
+        for _, size, path in sorted(stats, key=lambda entry: entry[0]):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            removed.append(path)
+        return removed
+
+    def get_or_compress(self, model, processor, images: list, prompt: str) -> tuple[VoCoCache, bool]:
+        """(cache, hit): the stored compression of ``prompt`` with ``images``, made and stored on a miss."""
+        key = self.key(images, prompt, model_fingerprint(model))
+        cache = self.get(key, model)
+        if cache is not None:
+            return cache, True
+        pil_images = [Image.open(io.BytesIO(image)) if isinstance(image, bytes) else
+                      Image.open(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
+        inputs = processor(images=[im.convert("RGB") for im in pil_images], text=prompt, return_tensors="pt")
+        inputs = inputs.to(model.device)
+        cache = model.compress(**inputs)
+        self.put(key, cache)
+        return cache, False
