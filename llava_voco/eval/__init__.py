@@ -1,0 +1,1 @@
+"""Evaluation entries in LLaVA's file formats."""

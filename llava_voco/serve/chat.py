@@ -1,0 +1,161 @@
+"""Questions about an image, answered the VoCo way: compress the image once, answer from the cache.
+
+Shared by the chat CLI and the eval entry. The prompt text comes from LLaVA's conversation templates
+(``llava_voco.conversation``); the image goes at the start of the first human turn, as LLaVA's
+``model_vqa`` and ``cli`` put it. A model without VoCo (``voco_tokens=0``) is answered the plain way,
+re-reading the whole conversation with the image each turn, so the same tools evaluate both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, ConversationTemplate
+from ..model.voco_cache import VoCoCache
+
+_REPLY_PROBE = "x"  # a stand-in reply: rendering it shows where the assistant's text starts
+
+
+def prompt_for_reply(template: ConversationTemplate, turns: list[tuple[str, str]], num_images: int) -> str:
+    """The prompt that asks the model for the next reply after ``turns`` (which end with a human turn)."""
+    rendered = template.render([*turns, (GPT, _REPLY_PROBE)], num_images=num_images)
+    return rendered.text[: rendered.target_spans[-1][0]].rstrip(" ")
+
+
+def first_human_turn(question: str, num_images: int) -> str:
+    return (IMAGE_PLACEHOLDER + "\n") * num_images + question
+
+
+@contextlib.contextmanager
+def count_vision_passes(model):
+    """Counts forward passes of the vision tower (one per batch of images encoded)."""
+    counter = {"passes": 0}
+    handle = model.model.vision_tower.register_forward_hook(lambda *args: counter.__setitem__("passes", counter["passes"] + 1))
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+@dataclass
+class ImageChat:
+    """A conversation about ``images``; with VoCo the images are compressed once, at construction."""
+
+    model: object
+    processor: object
+    template: ConversationTemplate
+    images: list
+    store: object | None = None  # a VoCoCacheStore
+    generation_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.turns: list[tuple[str, str]] = []
+        self.uses_voco = getattr(self.model.config, "voco_tokens", 0) > 0 and len(self.images) > 0
+        self.cache: VoCoCache | None = None
+        self.loaded_from_store = False
+        if self.uses_voco:
+            probe = prompt_for_reply(self.template, [(HUMAN, first_human_turn("?", len(self.images)))], len(self.images))
+            self.head_text = probe[: probe.rindex(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)]
+            self.consumed_text = self.head_text  # prompt text the cache already holds
+            self.cache = self.compress(self.head_text)
+
+    # -- VoCo ----------------------------------------------------------------------------------
+    def compress(self, head_text: str) -> VoCoCache:
+        if self.store is not None:
+            cache, self.loaded_from_store = self.store.get_or_compress(self.model, self.processor, self.images, head_text)
+            return cache
+        inputs = self.processor(images=self.images, text=head_text, return_tensors="pt").to(self.model.device)
+        return self.model.compress(**inputs)
+
+    def cache_summary(self) -> str:
+        """Cached positions and what the image would have cost without compression."""
+        if not self.uses_voco:
+            return "no VoCo cache (voco_tokens=0 or no image): every turn re-reads the whole prompt"
+        vision = int(self.cache.vision_tokens_dropped.sum())
+        voco = self.model.config.voco_tokens * int(self.cache.num_images.sum())
+        cached = self.cache.get_seq_length()
+        return (
+            f"cached positions: {cached} (without compression: {cached + vision}); "
+            f"{vision} vision tokens -> {voco} VoCo token(s), compression ratio {vision / voco:.0f}x"
+        )
+
+    # -- asking ----------------------------------------------------------------------------------
+    def _turns_with(self, question: str) -> list[tuple[str, str]]:
+        text = first_human_turn(question, len(self.images)) if not self.turns else question
+        return [*self.turns, (HUMAN, text)]
+
+    def ask(self, question: str, keep_turn: bool = True, streamer=None) -> str:
+        """Answer one question; with ``keep_turn`` it becomes part of the conversation."""
+        turns = self._turns_with(question)
+        prompt = prompt_for_reply(self.template, turns, len(self.images))
+        tokenizer = self.processor.tokenizer
+        if self.uses_voco:
+            if not prompt.startswith(self.consumed_text):
+                raise RuntimeError("the conversation template re-wrote earlier turns; cannot continue the cache")
+            new_text = prompt[len(self.consumed_text) :]
+            inputs = tokenizer(new_text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
+            output = self.model.generate(
+                **inputs, past_key_values=self.cache, keep_turn=keep_turn, streamer=streamer, **self.generation_kwargs
+            )
+            answer_ids = output[0, inputs["input_ids"].shape[1] :]
+        else:
+            inputs = self.processor(images=self.images or None, text=prompt, return_tensors="pt").to(self.model.device)
+            output = self.model.generate(**inputs, streamer=streamer, **self.generation_kwargs)
+            answer_ids = output[0, inputs["input_ids"].shape[1] :]
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        if keep_turn:
+            self.turns = [*turns, (GPT, answer)]
+            if self.uses_voco:
+                rendered = self.template.render(self.turns, num_images=len(self.images))
+                self.consumed_text = rendered.text[: rendered.target_spans[-1][1]]
+        return answer
+
+    def ask_batch(self, questions: list[str]) -> list[tuple[str, str]]:
+        """(prompt, answer) for independent single-turn questions, in one batch."""
+        prompts = [prompt_for_reply(self.template, self._turns_with(q), len(self.images)) for q in questions]
+        tokenizer = self.processor.tokenizer
+        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            if self.uses_voco:
+                new_texts = [p[len(self.head_text) :] for p in prompts]
+                inputs = tokenizer(new_texts, add_special_tokens=False, return_tensors="pt", padding=True)
+                inputs = inputs.to(self.model.device)
+                output = self.model.generate(**inputs, past_key_values=self.cache, **self.generation_kwargs)
+            else:
+                images = self.images * len(prompts) or None
+                inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                inputs = inputs.to(self.model.device)
+                output = self.model.generate(**inputs, **self.generation_kwargs)
+        finally:
+            tokenizer.padding_side = previous_side
+        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [(prompt, answer.strip()) for prompt, answer in zip(prompts, answers)]
+
+
+def load_images(paths: list[str]):
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read image {path}: {error}") from error
+    return images
+
+
+def load_model(model_path: str, device: str | None = None, dtype: str | None = None):
+    """Any checkpoint this package saves (VoCo or plain Llava), with its processor."""
+    import llava_voco  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
+    if device:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(model_path)
+    return model, processor

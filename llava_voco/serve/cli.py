@@ -1,0 +1,69 @@
+"""Chat about an image from the terminal, like LLaVA's ``llava.serve.cli``; the image is compressed once.
+
+    python -m llava_voco.serve.cli --model-path DIR --image-file IMG [--conv-mode v1]
+        [--temperature 0.2] [--max-new-tokens 512] [--cache-dir DIR]
+
+Each turn is answered from the VoCo cache made at start (or loaded from ``--cache-dir``, a
+``VoCoCacheStore``), extended by the text of the conversation only. An empty line or end of input ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from transformers import TextStreamer
+
+from ..conversation import get_template
+from .cache_store import VoCoCacheStore
+from .chat import ImageChat, count_vision_passes, load_images, load_model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Chat about an image with a VoCo LLaVA model.")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--image-file", required=True, help="an image; several separated by commas")
+    parser.add_argument("--conv-mode", default="v1", help="conversation template (LLaVA's --version names)")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--cache-dir", default=None, help="VoCo cache store: reuse compressed images across sessions")
+    parser.add_argument("--device", default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    template = get_template(args.conv_mode)
+    model, processor = load_model(args.model_path, device=args.device)
+    image_paths = args.image_file.split(",")
+    images = load_images(image_paths)
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        generation["temperature"] = args.temperature
+    store = VoCoCacheStore(args.cache_dir) if args.cache_dir else None
+
+    with count_vision_passes(model) as vision:
+        chat = ImageChat(model, processor, template, images, store=store, generation_kwargs=generation)
+        source = "loaded from the cache store" if chat.loaded_from_store else "compressed"
+        if chat.uses_voco:
+            print(f"[{source} {len(images)} image(s)] {chat.cache_summary()}", flush=True)
+        else:
+            print(f"[{chat.cache_summary()}]", flush=True)
+        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        user, assistant = "USER", "ASSISTANT"
+        turns = 0
+        while True:
+            try:
+                question = input(f"{user}: ")
+            except EOFError:
+                question = ""
+            if not question.strip():
+                print("exit...")
+                break
+            print(f"{assistant}: ", end="", flush=True)
+            chat.ask(question, streamer=streamer)
+            turns += 1
+        print(f"[session: {turns} turn(s), {vision['passes']} vision tower pass(es)]")
+
+
+if __name__ == "__main__":
+    main()
