@@ -65,8 +65,9 @@ def test_the_offset_is_needed(voco_dir, digit_images):
     assert (right - wrong).abs().max() > 1e-3
 
 
-def test_several_images_compressed_one_after_another(voco_dir, digit_images):
-    model, processor = load_voco(voco_dir)
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_several_images_compressed_one_after_another(voco_dir, digit_images, implementation):
+    model, processor = load_voco(voco_dir, attn_implementation=implementation)
     full_text, head_text, question = split_prompt(processor, "Which digit is at the top left?", images=3)
     images = digit_images[6:9]
     full = processor(images=images, text=full_text, return_tensors="pt")
@@ -96,8 +97,9 @@ def test_several_images_compressed_one_after_another(voco_dir, digit_images):
     torch.testing.assert_close(from_cache, reference, atol=LOGIT_ATOL, rtol=0)
 
 
-def test_batches_of_questions_and_of_caches(voco_dir, digit_images):
-    model, processor = load_voco(voco_dir)
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_batches_of_questions_and_of_caches(voco_dir, digit_images, implementation):
+    model, processor = load_voco(voco_dir, attn_implementation=implementation)
     questions = ["Which digit is at the top left?", "What is the largest digit? Describe the picture."]
     texts = [split_prompt(processor, q) for q in questions]
     single = {}
@@ -141,8 +143,9 @@ def test_batches_of_questions_and_of_caches(voco_dir, digit_images):
         torch.testing.assert_close(ours.keys, theirs.keys, atol=LOGIT_ATOL, rtol=0)
 
 
-def test_multi_turn_keeps_the_turn(voco_dir, digit_images):
-    model, processor = load_voco(voco_dir)
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_multi_turn_keeps_the_turn(voco_dir, digit_images, implementation):
+    model, processor = load_voco(voco_dir, attn_implementation=implementation)
     _, head_text, question1 = split_prompt(processor, "Which digit is at the top left?")
     head = processor(images=digit_images[13], text=head_text, return_tensors="pt")
     cache = model.compress(**head)

@@ -60,9 +60,11 @@ class TinySizes:
     vision_layers: int = 2
     text_hidden: int = 64
     text_layers: int = 2
+    text_intermediate: int | None = None  # defaults to 2 x text_hidden
     heads: int = 4
     kv_heads: int = 2
-    vocab_size: int = 320
+    vocab_size: int = 320  # tokens the tokenizer learns
+    embedding_rows: int | None = None  # rows of the LLM's embedding (>= tokenizer size), e.g. 32000 like LLaMA
 
 
 def train_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 320) -> PreTrainedTokenizerFast:
@@ -117,11 +119,11 @@ def build_tiny_llava(
     )
     text_config = LlamaConfig(
         hidden_size=sizes.text_hidden,
-        intermediate_size=sizes.text_hidden * 2,
+        intermediate_size=sizes.text_intermediate or sizes.text_hidden * 2,
         num_hidden_layers=sizes.text_layers,
         num_attention_heads=sizes.heads,
         num_key_value_heads=sizes.kv_heads,
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), sizes.embedding_rows or 0),
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
