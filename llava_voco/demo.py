@@ -12,7 +12,6 @@ logit. The DigitGrid demo (a model trained to answer questions about digits) rep
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 
 import numpy as np
@@ -83,21 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     print("\nwho may attend to whom (rows: queries, columns: keys):")
     print("\n".join(block_summary(mask, segments)))
 
-    # Compress: prefill up to the last VoCo token, keep only the keys text may read, answer from them.
+    # Compress: one pass over everything up to the last VoCo token keeps only what text may read.
+    head = {key: value[:, :c1] if key in ("input_ids", "attention_mask") else value for key, value in batch.items()}
+    cache = model.compress(**head)
+    cached_after_drop = cache.get_seq_length()
     with torch.no_grad():
         full_logits = model(**batch).logits[:, c1:]
-        head = model(input_ids=batch["input_ids"][:, :c1], pixel_values=batch["pixel_values"], use_cache=True)
-        cache = copy.deepcopy(head.past_key_values)
-        keep = mask[c1, :c1].nonzero().squeeze(1)  # the keys the rule lets text read
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-        cached_after_drop = cache.get_seq_length()
-        hidden = model.model.language_model(
-            inputs_embeds=model.get_input_embeddings()(batch["input_ids"][:, c1:]),
-            past_key_values=cache,
-            position_ids=torch.arange(c1, len(ids))[None],
-        ).last_hidden_state
-        compressed_logits = model.lm_head(hidden)
+        compressed_logits = model(input_ids=batch["input_ids"][:, c1:], past_key_values=cache).logits
     before, after = c1, cached_after_drop
     print(f"\nKV cache the text reads: {before} positions with vision, {after} after dropping it "
           f"({v1 - v0} vision tokens -> {c1 - v1} VoCo token(s), {(v1 - v0) / (c1 - v1):.0f}x per image)")
