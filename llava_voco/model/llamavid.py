@@ -1,0 +1,128 @@
+"""LLaMA-VID's projector (DESIGN 3): each image or frame becomes one text-guided context token plus
+pooled content tokens.
+
+For frame ``t`` with patch features ``X_t`` (``[N, C]``, CLS dropped):
+
+* the text decoder, transformers' ``InstructBlipQFormerModel`` (BERT layers with cross-attention to
+  ``X_t``), reads the user's instruction and ``M`` learnable queries; its ``M`` query outputs are
+  projected to text queries ``Q_t`` (``[M, C]``);
+* context attention: ``E_t = mean_M(softmax(Q_t K_t^T / sqrt(C)) X_t)`` with ``K_t`` a linear map of
+  ``X_t``; a linear map of ``E_t`` to the LLM width is the **context token**;
+* content tokens: ``X_t`` pooled (``grid:g`` -> g x g average pooling over the patch grid, ``mean``
+  -> 1 token, ``none`` -> all N) and passed through the usual LLaVA projector.
+
+Frames go through in chunks of ``frame_chunk`` so that memory does not grow with the video's length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+
+
+class CompressTypeError(ValueError):
+    """A ``--compress_type`` that is malformed or does not fit the patch grid."""
+
+
+def parse_compress_type(spec: str) -> tuple[str, int]:
+    """``"none"`` | ``"mean"`` | ``"grid:g"`` -> (kind, g)."""
+    if spec in ("none", "mean"):
+        return spec, 0
+    kind, _, side = spec.partition(":")
+    if kind == "grid" and side.isdigit() and int(side) > 0:
+        return "grid", int(side)
+    raise CompressTypeError(f"compress_type {spec!r} is malformed: use 'none', 'mean' or 'grid:<g>' with g >= 1")
+
+
+def content_tokens_per_frame(spec: str, num_patches: int) -> int:
+    kind, side = parse_compress_type(spec)
+    return {"none": num_patches, "mean": 1, "grid": side * side}[kind]
+
+
+def pool_patches(patch_features: torch.Tensor, spec: str) -> torch.Tensor:
+    """``[frames, N, C]`` -> ``[frames, n, C]`` content features before the projector."""
+    kind, side = parse_compress_type(spec)
+    if kind == "none":
+        return patch_features
+    if kind == "mean":
+        return patch_features.mean(dim=1, keepdim=True)
+    frames, num_patches, channels = patch_features.shape
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise CompressTypeError(f"grid pooling needs a square patch grid, got {num_patches} patches")
+    if side > grid:
+        raise CompressTypeError(f"compress_type 'grid:{side}' is larger than the {grid} x {grid} patch grid")
+    patch_grid = patch_features.transpose(1, 2).reshape(frames, channels, grid, grid)
+    pooled = F.adaptive_avg_pool2d(patch_grid, side)  # [frames, C, side, side]
+    return pooled.flatten(2).transpose(1, 2)
+
+
+class LlamaVidProjector(nn.Module):
+    """Context token (text decoder + context attention) and content tokens for each frame."""
+
+    def __init__(
+        self,
+        qformer_config: InstructBlipQFormerConfig,
+        vision_hidden_size: int,
+        text_hidden_size: int,
+        content_projector: nn.Module,
+        num_query: int = 32,
+    ):
+        super().__init__()
+        if qformer_config.encoder_hidden_size != vision_hidden_size:
+            raise ValueError(
+                f"the text decoder cross-attends to vision features of width {vision_hidden_size}, "
+                f"but its encoder_hidden_size is {qformer_config.encoder_hidden_size}"
+            )
+        self.text_decoder = InstructBlipQFormerModel(qformer_config)
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query, qformer_config.hidden_size) * 0.02)
+        self.query_projection = nn.Linear(qformer_config.hidden_size, vision_hidden_size)
+        self.key_projection = nn.Linear(vision_hidden_size, vision_hidden_size)
+        self.context_projection = nn.Linear(vision_hidden_size, text_hidden_size)
+        self.content_projector = content_projector
+
+    def text_queries(self, patch_features, instruction_ids, instruction_mask) -> torch.Tensor:
+        """``Q_t``: ``[frames, M, C]``, the query outputs of the text decoder reading the instruction."""
+        frames = patch_features.shape[0]
+        query_embeds = self.query_tokens.expand(frames, -1, -1)
+        decoded = self.text_decoder(
+            input_ids=instruction_ids,
+            attention_mask=torch.cat(
+                [instruction_mask.new_ones(frames, query_embeds.shape[1]), instruction_mask], dim=1
+            ),
+            query_embeds=query_embeds,
+            encoder_hidden_states=patch_features,
+        ).last_hidden_state
+        return self.query_projection(decoded[:, : query_embeds.shape[1]])
+
+    def context_token(self, patch_features, instruction_ids, instruction_mask) -> torch.Tensor:
+        """``[frames, 1, D]``: ``context_projection(mean_M(softmax(Q K^T / sqrt(C)) X))``."""
+        queries = self.text_queries(patch_features, instruction_ids, instruction_mask)  # [F, M, C]
+        keys = self.key_projection(patch_features)  # [F, N, C]
+        scores = queries @ keys.transpose(1, 2) / math.sqrt(patch_features.shape[-1])  # [F, M, N]
+        attended = scores.softmax(dim=-1) @ patch_features  # [F, M, C]
+        return self.context_projection(attended.mean(dim=1, keepdim=True))
+
+    def forward(
+        self,
+        patch_features: torch.Tensor,  # [frames, N, C]
+        instruction_ids: torch.LongTensor,  # [frames, L] text decoder tokens of each frame's instruction
+        instruction_mask: torch.Tensor,  # [frames, L]
+        compress_type: str = "grid:2",
+        frame_chunk: int = 64,
+    ) -> torch.Tensor:
+        """``[frames, 1 + n, D]``: each frame's ``[context, content...]`` tokens, computed in chunks."""
+        parse_compress_type(compress_type)
+        chunks = []
+        for start in range(0, patch_features.shape[0], frame_chunk):
+            features = patch_features[start : start + frame_chunk]
+            context = self.context_token(
+                features, instruction_ids[start : start + frame_chunk], instruction_mask[start : start + frame_chunk]
+            )
+            content = self.content_projector(pool_patches(features, compress_type))
+            chunks.append(torch.cat([context, content], dim=1))
+        return torch.cat(chunks, dim=0)

@@ -1,0 +1,123 @@
+"""LLaMA-VID's projector: token counts, the context-attention formula, text guidance, gradients, chunks."""
+
+import math
+
+import pytest
+import torch
+from transformers import BertTokenizerFast, InstructBlipQFormerConfig, LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+from llava_voco.model.llamavid import (
+    CompressTypeError,
+    LlamaVidProjector,
+    content_tokens_per_frame,
+    parse_compress_type,
+    pool_patches,
+)
+
+VISION, TEXT, PATCHES = 32, 64, 16  # a 4 x 4 patch grid
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    """A small WordPiece tokenizer trained here, as LLaMA-VID's text decoder uses BERT's."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    corpus = ["which digit is at the top left", "what is the sum of the digits", "describe the picture",
+              "how many times does seven appear", "what is the largest digit in frame three"]
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))]
+    )
+    return BertTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.fixture
+def projector(bert_tokenizer):
+    torch.manual_seed(0)
+    qformer = InstructBlipQFormerConfig(vocab_size=len(bert_tokenizer), hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64, encoder_hidden_size=VISION,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    llava = LlavaConfig(vision_config={"model_type": "clip_vision_model", "hidden_size": VISION, "num_attention_heads": 4},
+                        text_config={"model_type": "llama", "hidden_size": TEXT, "num_attention_heads": 4})
+    return LlamaVidProjector(qformer, VISION, TEXT, LlavaMultiModalProjector(llava), num_query=4).eval()
+
+
+def instructions(tokenizer, texts):
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+@pytest.mark.parametrize("spec,count", [("mean", 1), ("grid:1", 1), ("grid:2", 4), ("grid:4", 16), ("none", PATCHES)])
+def test_token_counts(projector, bert_tokenizer, spec, count):
+    frames = torch.randn(3, PATCHES, VISION)
+    ids, mask = instructions(bert_tokenizer, ["what is the sum of the digits"] * 3)
+    tokens = projector(frames, ids, mask, compress_type=spec)
+    assert tokens.shape == (3, 1 + count, TEXT)
+    assert content_tokens_per_frame(spec, PATCHES) == count
+
+
+def test_grid_pooling_averages_each_cell():
+    features = torch.arange(16.0).reshape(1, 16, 1)  # patch (r, c) holds 4r + c
+    pooled = pool_patches(features, "grid:2")[0, :, 0]
+    assert pooled.tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_context_attention_is_the_design_formula(projector, bert_tokenizer):
+    frames = torch.randn(2, PATCHES, VISION)
+    ids, mask = instructions(bert_tokenizer, ["which digit is at the top left", "describe the picture"])
+    with torch.no_grad():
+        context = projector(frames, ids, mask, compress_type="mean")[:, 0]
+        queries = projector.text_queries(frames, ids, mask)  # Q_t, [2, M, C]
+        expected = []
+        for t in range(2):
+            keys = frames[t] @ projector.key_projection.weight.T + projector.key_projection.bias
+            weights = torch.softmax(queries[t] @ keys.T / math.sqrt(VISION), dim=-1)  # [M, N]
+            e_t = (weights @ frames[t]).mean(dim=0)
+            expected.append(projector.context_projection.weight @ e_t + projector.context_projection.bias)
+    torch.testing.assert_close(context, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_context_depends_on_the_instruction_content_does_not(projector, bert_tokenizer):
+    frame = torch.randn(1, PATCHES, VISION).expand(2, -1, -1)
+    ids, mask = instructions(bert_tokenizer, ["which digit is at the top left", "how many times does seven appear"])
+    with torch.no_grad():
+        tokens = projector(frame, ids, mask, compress_type="grid:2")
+    assert (tokens[0, 0] - tokens[1, 0]).abs().max() > 1e-4  # context tokens differ
+    assert torch.equal(tokens[0, 1:], tokens[1, 1:])  # content tokens identical
+
+
+def test_gradients_reach_queries_decoder_and_projections(projector, bert_tokenizer):
+    projector.train()
+    frames = torch.randn(2, PATCHES, VISION)
+    ids, mask = instructions(bert_tokenizer, ["what is the sum of the digits"] * 2)
+    projector(frames, ids, mask, compress_type="mean").square().sum().backward()
+    for name in ("query_tokens", "query_projection.weight", "key_projection.weight", "context_projection.weight",
+                 "content_projector.linear_1.weight"):
+        assert projector.get_parameter(name).grad.abs().sum() > 0, name
+    decoder_grads = [p.grad for p in projector.text_decoder.parameters() if p.grad is not None]
+    assert decoder_grads and sum(g.abs().sum() for g in decoder_grads) > 0
+
+
+def test_chunked_equals_unchunked(projector, bert_tokenizer):
+    frames = torch.randn(7, PATCHES, VISION)
+    ids, mask = instructions(bert_tokenizer, ["what is the largest digit in frame three"] * 7)
+    with torch.no_grad():
+        whole = projector(frames, ids, mask, compress_type="grid:2", frame_chunk=64)
+        chunked = projector(frames, ids, mask, compress_type="grid:2", frame_chunk=3)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["grid", "grid:0", "grid:x", "pool", "mean:2"])
+def test_malformed_compress_type(spec):
+    with pytest.raises(CompressTypeError, match="malformed"):
+        parse_compress_type(spec)
+
+
+def test_grid_larger_than_patch_grid():
+    with pytest.raises(CompressTypeError, match="larger than the 4 x 4 patch grid"):
+        pool_patches(torch.randn(1, PATCHES, VISION), "grid:5")
