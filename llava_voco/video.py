@@ -1,0 +1,63 @@
+"""Video frames for LLaMA-VID and VoCo video: decoded with PyAV, or read from a folder of images.
+
+Frames are taken at ``fps`` frames per second of video time (default 1, as LLaMA-VID does), and when
+that gives more than ``max_frames`` they are sampled uniformly over the whole video instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+class VideoError(ValueError):
+    """A video (file or frame folder) that yields no usable frames."""
+
+
+def sample_indices(total: int, step: float, max_frames: int | None) -> list[int]:
+    """Every ``step``-th frame, or ``max_frames`` spread uniformly over the video when that is fewer."""
+    if total <= 0:
+        return []
+    wanted = np.arange(0, total, max(step, 1e-9))
+    if max_frames is not None and len(wanted) > max_frames:
+        wanted = np.linspace(0, total - 1, max_frames)
+    return sorted({min(int(round(i)), total - 1) for i in wanted})
+
+
+def read_frame_folder(folder: str | os.PathLike, max_frames: int | None = None) -> list[Image.Image]:
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise VideoError(f"{folder}: the frame folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    frames = []
+    for index in sample_indices(len(paths), 1, max_frames):
+        try:
+            with Image.open(paths[index]) as image:
+                frames.append(image.convert("RGB"))
+        except OSError as error:
+            raise VideoError(f"{paths[index]}: unreadable frame: {error}") from error
+    return frames
+
+
+def decode_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | None = None) -> list[Image.Image]:
+    """Frames of a video file (PyAV) or a folder of frame images, at ``fps``, at most ``max_frames``."""
+    if Path(path).is_dir():
+        return read_frame_folder(path, max_frames)
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError("decoding video files needs PyAV: pip install 'llava-voco[video]'") from error
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            decoded = [frame.to_image() for frame in container.decode(stream)]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
+    except (av.error.FFmpegError, IndexError, OSError) as error:
+        raise VideoError(f"{path}: cannot decode video: {error}") from error
+    if not decoded:
+        raise VideoError(f"{path}: the video has no decodable frames")
+    return [decoded[i].convert("RGB") for i in sample_indices(len(decoded), rate / fps, max_frames)]
