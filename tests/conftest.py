@@ -59,3 +59,30 @@ def prompt(processor, question: str, images: int = 1, answer: str | None = None)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Chat markers that the real tokenizers of LLaVA's templates have as single special tokens.
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture
+def chat_processor(voco_dir):
+    """The VoCo processor with k=2 whose tokenizer also knows the chat templates' special tokens
+    (ids beyond the tiny model's vocabulary: for tokenisation tests, not for a forward pass)."""
+    from transformers import AddedToken
+
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir, voco_tokens=2)
+    processor.tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in CHAT_SPECIAL_TOKENS], special_tokens=True
+    )
+    return processor
+
+
+@pytest.fixture
+def image_folder(tmp_path, digit_images):
+    """Digits saved as PNG files digit0.png ... digit7.png in a fresh folder."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number, image in enumerate(digit_images[:8]):
+        image.save(folder / f"digit{number}.png")
+    return folder

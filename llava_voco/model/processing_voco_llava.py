@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from transformers import LlavaProcessor
 
 VOCO_TOKEN = "<voco>"
@@ -49,6 +51,41 @@ class VoCoLlavaProcessor(LlavaProcessor):
             image_token=image_token,
             num_additional_image_tokens=num_additional_image_tokens,
             **kwargs,
+        )
+
+    video_token = "<video>"
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        """As ``LlavaProcessor``, plus ``videos``: each a list of frames (PIL images), one per ``<video>``
+        in the text, in order. A video is its frames as consecutive images, so each frame gets its own
+        image tokens and ``voco_tokens`` VoCo tokens (VoCo video, DESIGN 2.2)."""
+        if videos is None:
+            return super().__call__(images=images, text=text, **kwargs)
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
+        pending_images, pending_videos = iter(images), iter(videos)
+        ordered_images, expanded = [], []
+        for sample in texts:
+            pieces = []
+            for piece in placeholder.split(sample):
+                if piece == self.image_token:
+                    ordered_images.append(next(pending_images))
+                    pieces.append(piece)
+                elif piece == self.video_token:
+                    frames = next(pending_videos, None)
+                    if not frames:
+                        raise ValueError(f"a {self.video_token} in the text has no video (or an empty one) to go with it")
+                    ordered_images.extend(frames)
+                    pieces.append(self.image_token * len(frames))
+                else:
+                    pieces.append(piece)
+            expanded.append("".join(pieces))
+        leftover = sum(1 for _ in pending_videos)
+        if leftover:
+            raise ValueError(f"{leftover} video(s) given beyond the {self.video_token} placeholders in the text")
+        return super().__call__(
+            images=ordered_images or None, text=expanded if not isinstance(text, str) else expanded[0], **kwargs
         )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

@@ -1,0 +1,531 @@
+"""LLaVA's training data (its JSON format, flags and templates) through a ``VoCoLlavaProcessor``.
+
+A sample is ``{"id", "image": str | [str] (optional), "conversations": [{"from": "human" | "gpt",
+"value"}]}``, in a JSON list or a JSONL file. The processor does everything that depends on the model:
+image preprocessing, expanding each ``<image>`` to the vision tokens and appending the VoCo tokens.
+Labels come from character spans (``llava_voco.conversation``) mapped through the tokenizer's
+offsets, so they are exact for any tokenizer.
+
+Dataset items (``LazySupervisedDataset.__getitem__``):
+    ``input_ids`` [seq] and ``labels`` [seq] (IGNORE_INDEX except assistant replies and their end of
+    turn), ``pixel_values`` [n_images, 3, H, W] only for samples with images (``image_sizes`` too if the
+    processor gives them), and the counters of ``BATCH_STAT_KEYS`` as ints.
+
+Batches (``DataCollatorForSupervisedDataset``): ``input_ids``, ``attention_mask``, ``labels`` [batch,
+seq] padded on ``tokenizer.padding_side``; ``pixel_values`` [images in the batch, 3, H, W] in sample
+order (absent when no sample has an image); ``image_sizes`` if given; and, as plain ints summed over
+the batch, the keys of ``BATCH_STAT_KEYS``, which must be popped before the model's forward
+(``pop_batch_stats``):
+    ``num_vision_tokens``      image tokens in the batch,
+    ``num_voco_tokens``        VoCo tokens in the batch,
+    ``num_samples_skipped``    samples skipped (bad, or image block beyond ``model_max_length``) to fill it,
+    ``num_samples_truncated``  samples in it whose text was cut at ``model_max_length``.
+They travel with the batch because DataLoader workers are other processes: ``dataset.stats`` only
+counts what this process built (all of it when ``dataloader_num_workers`` is 0).
+
+Truncation never cuts an image block or its VoCo tokens: a sample whose last image block would end
+beyond ``model_max_length`` is skipped with a warning; text after it is cut at the last round that
+fits, else at ``model_max_length``. Skips and cuts are logged with the sample id and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+from transformers import DataCollatorForSeq2Seq
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, ConversationError, RenderedConversation, get_template
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ASPECT_RATIOS = ("pad", "square")
+BATCH_STAT_KEYS = ("num_vision_tokens", "num_voco_tokens", "num_samples_skipped", "num_samples_truncated")
+
+
+@dataclass
+class DataArguments:
+    """LLaVA's data flags, same names and defaults, plus ``--skip_bad_samples``."""
+
+    data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file, LLaVA format."})
+    lazy_preprocess: bool = field(
+        default=False,
+        metadata={
+            "help": "True: check each sample when it is drawn. False: check every sample's structure and image "
+            "files once, before training (images are decoded lazily either way)."
+        },
+    )
+    is_multimodal: bool = field(
+        default=False,
+        metadata={
+            "help": "As in LLaVA, whose train.py sets it itself when the model has a vision tower (the train "
+            "entry should too): move a turn's single <image> to its start, followed by a newline. Otherwise "
+            "placeholders stay where the data puts them."
+        },
+    )
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
+    image_aspect_ratio: str = field(
+        default="square",
+        metadata={"help": "'pad': pad to a square with the image processor's mean colour; 'square': as the processor does."},
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Log, count and skip malformed samples and unreadable images instead of stopping."},
+    )
+
+    def __post_init__(self):
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(
+                f"--image_aspect_ratio {self.image_aspect_ratio!r} is not supported here (LLaVA-NeXT's 'anyres' "
+                f"tiling needs a LLaVA-NeXT model); use one of {ASPECT_RATIOS}"
+            )
+
+
+class DataError(ValueError):
+    """A sample that cannot be used, with where it is and why."""
+
+    def __init__(self, data_path: str, index: int, sample_id: Any, problem: str):
+        self.data_path, self.index, self.sample_id, self.problem = data_path, index, sample_id, problem
+        super().__init__(f"{data_path}: sample id {sample_id!r} (index {index}): {problem}")
+
+
+class _TooLong(Exception):
+    """The sample's image blocks (or every reply) do not fit in model_max_length: skipped, not an error."""
+
+
+@dataclass
+class _PreparedSample:
+    sample_id: Any
+    image_files: list[str]
+    rendered: RenderedConversation
+
+
+def load_samples(data_path: str) -> list:
+    """A JSON list, or JSONL (one sample per line), told apart by the first character."""
+    with open(data_path, encoding="utf-8") as handle:
+        content = handle.read()
+    if content.lstrip().startswith("["):
+        try:
+            return json.loads(content)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{data_path}: not valid JSON: {error}") from None
+    samples = []
+    for line_number, line in enumerate(content.splitlines(), start=1):
+        if line.strip():
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{data_path}: line {line_number} is not valid JSON: {error}") from None
+    return samples
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """Centre ``image`` on a square canvas of ``background`` colour (LLaVA's ``pad``), so that the
+    processor's centre crop keeps the whole image."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _image_files(sample) -> list:
+    """The sample's ``image`` as a list (a malformed entry stays in it, for ``_prepare`` to report)."""
+    files = sample.get("image") if isinstance(sample, dict) else None
+    if files is None:
+        return []
+    return files if isinstance(files, list) else [files]
+
+
+def _word_count(sample) -> int:
+    conversations = sample.get("conversations") if isinstance(sample, dict) else None
+    if not isinstance(conversations, list):
+        return 0
+    return sum(len(str(turn.get("value", "")).split()) for turn in conversations if isinstance(turn, dict))
+
+
+class LazySupervisedDataset(Dataset):
+    """LLaVA's samples, rendered with a ``--version`` template and processed one at a time.
+
+    ``stats`` (a ``Counter``) counts, in this process: ``items``, ``skipped_bad``, ``skipped_too_long``,
+    ``truncated``, ``vision_tokens``, ``voco_tokens``. A sample skipped when drawn is replaced by the
+    next usable one, so the epoch keeps its length; it is counted each time it is drawn.
+    """
+
+    def __init__(self, data_path: str, processor, data_args: DataArguments, *, version: str, model_max_length: int):
+        if model_max_length is None or model_max_length < 1:
+            raise ValueError(f"model_max_length must be a positive number of tokens, got {model_max_length}")
+        if not getattr(processor.tokenizer, "is_fast", False):
+            raise ValueError("the data pipeline labels tokens by their character offsets: it needs a fast tokenizer")
+        self.data_path = str(data_path)
+        self.processor = processor
+        self.data_args = data_args
+        self.template = get_template(version)
+        self.model_max_length = model_max_length
+        self.image_token_id = processor.image_token_id
+        self.voco_token_id = getattr(processor, "voco_token_id", None)
+        self.voco_token = getattr(processor, "voco_token", None)
+        self.stats: Counter = Counter()
+        self.samples = load_samples(self.data_path)
+        self._indices = list(range(len(self.samples)))  # positions in the file, after up-front skips
+        if not data_args.lazy_preprocess:
+            self._check_all()
+        if not self._indices:
+            raise ValueError(f"{self.data_path}: no usable samples")
+
+    # ---- lengths for --group_by_modality_length, from the JSON alone ------------------------------
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens plus VoCo tokens the processor gives one image, without an image: LLaVA's
+        processor resizes every image to its crop size, and ``_get_num_multimodal_tokens`` is its own
+        count for that size (the one serving engines read)."""
+        if not hasattr(self, "_tokens_per_image"):
+            crop = self.processor.image_processor.crop_size
+            counts = self.processor._get_num_multimodal_tokens(image_sizes=[[crop["height"], crop["width"]]])
+            self._tokens_per_image = counts.num_image_tokens[0] + getattr(self.processor, "voco_tokens", 0)
+        return self._tokens_per_image
+
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated tokens per sample: words of the turns plus image and VoCo tokens (as LLaVA estimates)."""
+        return [
+            _word_count(self.samples[i]) + len(_image_files(self.samples[i])) * self.tokens_per_image
+            for i in self._indices
+        ]
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """``lengths``, negated (and at least 1 in size) for text-only samples: LLaVA's modality sign."""
+        return [
+            length if _image_files(self.samples[i]) else -max(length, 1)
+            for i, length in zip(self._indices, self.lengths)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    # ---- checking and rendering ------------------------------------------------------------------
+
+    def _error(self, position: int, sample_id: Any, problem: str) -> DataError:
+        return DataError(self.data_path, position, sample_id, problem)
+
+    def _prepare(self, position: int) -> _PreparedSample:
+        """Structure of one sample, without opening its images; raises DataError."""
+        sample = self.samples[position]
+        if not isinstance(sample, dict):
+            raise self._error(position, None, f"not a JSON object: {type(sample).__name__}")
+        sample_id = sample.get("id", f"#{position}")
+        conversations = sample.get("conversations")
+        if not isinstance(conversations, list) or not conversations:
+            raise self._error(position, sample_id, "no 'conversations' (a non-empty list of turns is required)")
+        turns = []
+        for number, turn in enumerate(conversations):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise self._error(position, sample_id, f"turn {number} is not an object with 'from' and 'value'")
+            if not isinstance(turn["value"], str):
+                raise self._error(position, sample_id, f"turn {number} has a non-string 'value'")
+            turns.append((turn["from"], turn["value"]))
+        image_files = _image_files(sample)
+        if not all(isinstance(f, str) and f for f in image_files):
+            raise self._error(position, sample_id, f"'image' must be a path or a list of paths, got {sample['image']!r}")
+        for number, (role, value) in enumerate(turns):
+            if self.voco_token and self.voco_token in value:
+                raise self._error(position, sample_id, f"turn {number} contains the reserved VoCo token {self.voco_token!r}")
+            if role == GPT and IMAGE_PLACEHOLDER in value:
+                raise self._error(position, sample_id, f"turn {number} ({GPT}) contains {IMAGE_PLACEHOLDER}")
+
+        placeholders = sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
+        if placeholders == 0 and image_files:
+            # As LLaVA does: the images go before the first human turn's text.
+            first_human = next((n for n, (role, _) in enumerate(turns) if role == HUMAN), None)
+            if first_human is not None:
+                turns[first_human] = (HUMAN, (IMAGE_PLACEHOLDER + "\n") * len(image_files) + turns[first_human][1])
+                placeholders = len(image_files)
+        if placeholders != len(image_files):
+            raise self._error(
+                position, sample_id,
+                f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the turns but {len(image_files)} image(s) listed",
+            )
+        if self.data_args.is_multimodal:
+            turns = [
+                (role, (IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()).strip())
+                if value.count(IMAGE_PLACEHOLDER) == 1 else (role, value)
+                for role, value in turns
+            ]
+        try:
+            rendered = self.template.render(turns, len(image_files))
+        except ConversationError as error:
+            raise self._error(position, sample_id, str(error)) from None
+        return _PreparedSample(sample_id, image_files, rendered)
+
+    def _image_path(self, position: int, sample_id: Any, name: str) -> str:
+        if self.data_args.image_folder is None and not os.path.isabs(name):
+            raise ValueError(
+                f"{self.data_path}: sample id {sample_id!r} (index {position}) has images but --image_folder is not set"
+            )
+        return os.path.join(self.data_args.image_folder or "", name)
+
+    def _check_all(self) -> None:
+        """Eager mode (``--lazy_preprocess False``): every sample's structure and image files, up front."""
+        usable = []
+        for position in self._indices:
+            try:
+                prepared = self._prepare(position)
+                for name in prepared.image_files:
+                    path = self._image_path(position, prepared.sample_id, name)
+                    if not os.path.isfile(path):
+                        raise self._error(position, prepared.sample_id, f"missing image file {path}")
+            except DataError as error:
+                if not self.data_args.skip_bad_samples:
+                    raise
+                self._count_bad(error)
+                continue
+            usable.append(position)
+        self._indices = usable
+
+    def _load_image(self, position: int, sample_id: Any, name: str) -> Image.Image:
+        path = self._image_path(position, sample_id, name)
+        if not os.path.isfile(path):
+            raise self._error(position, sample_id, f"missing image file {path}")
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise self._error(position, sample_id, f"unreadable image file {path}: {error}") from None
+        if self.data_args.image_aspect_ratio == "pad":
+            mean = self.processor.image_processor.image_mean
+            image = expand_to_square(image, tuple(int(channel * 255) for channel in mean))
+        return image
+
+    # ---- items ----------------------------------------------------------------------------------
+
+    def _build(self, position: int) -> dict:
+        prepared = self._prepare(position)
+        images = [self._load_image(position, prepared.sample_id, name) for name in prepared.image_files]
+        rendered = prepared.rendered
+        encoded = self.processor(
+            images=images or None,
+            text=[rendered.text],
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            return_tensors="pt",
+        )
+        input_ids = encoded["input_ids"][0]  # [seq]
+        offsets = encoded["offset_mapping"][0]  # [seq, 2] character span of each token in the expanded text
+        replacements = encoded["text_replacement_offsets"][0]
+
+        def expanded(char: int) -> int:
+            """A character offset of the rendered text, in the text with each <image> expanded."""
+            return char + sum(
+                (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0])
+                for r in replacements
+                if r["span"][1] <= char
+            )
+
+        token_start, token_end = offsets[:, 0], offsets[:, 1]  # [seq]
+        is_image_block = input_ids == self.image_token_id
+        if self.voco_token_id is not None:
+            is_image_block |= input_ids == self.voco_token_id
+        learned = torch.zeros_like(input_ids, dtype=torch.bool)
+        for start, end in rendered.target_spans:
+            learned |= (token_end > expanded(start)) & (token_start < expanded(end))
+        labels = torch.where(learned & ~is_image_block, input_ids, IGNORE_INDEX)  # [seq]
+
+        truncated = 0
+        if len(input_ids) > self.model_max_length:
+            cut = self._cut_point(prepared, position, input_ids, labels, is_image_block, token_end, rendered, expanded)
+            input_ids, labels, truncated = input_ids[:cut], labels[:cut], 1
+
+        item = {"input_ids": input_ids, "labels": labels}
+        if images:
+            item["pixel_values"] = encoded["pixel_values"]  # [n_images, 3, H, W]
+            if "image_sizes" in encoded:
+                item["image_sizes"] = encoded["image_sizes"]
+        item["num_vision_tokens"] = int((input_ids == self.image_token_id).sum())
+        item["num_voco_tokens"] = int((input_ids == self.voco_token_id).sum()) if self.voco_token_id is not None else 0
+        item["num_samples_truncated"] = truncated
+        return item
+
+    def _cut_point(self, prepared, position, input_ids, labels, is_image_block, token_end, rendered, expanded) -> int:
+        """Where to cut a sample longer than model_max_length; raises _TooLong when nothing usable fits."""
+        limit = self.model_max_length
+        block_positions = is_image_block.nonzero().flatten()
+        image_end = int(block_positions[-1]) + 1 if len(block_positions) else 0
+        where = f"{self.data_path}: sample id {prepared.sample_id!r} (index {position})"
+        if image_end > limit:
+            raise _TooLong(
+                f"{where}: skipped, its image tokens and VoCo tokens end at token {image_end}, beyond "
+                f"model_max_length={limit} ({len(input_ids)} tokens in all)"
+            )
+        has_label = (labels != IGNORE_INDEX).cumsum(0)  # [seq] labelled tokens up to and including each
+        boundaries = []
+        for char in rendered.round_ends:
+            before = ((token_end <= expanded(char)) & (token_end > 0)).nonzero().flatten()
+            if len(before):
+                boundaries.append(int(before[-1]) + 1)
+        fitting = [b for b in boundaries if image_end <= b <= limit and has_label[b - 1] > 0]
+        if fitting:
+            cut = max(fitting)
+            logger.warning("%s: %d tokens, cut after round %d at token %d (model_max_length=%d)",
+                           where, len(input_ids), boundaries.index(cut) + 1, cut, limit)
+        elif has_label[limit - 1] > 0:
+            cut = limit
+            logger.warning("%s: %d tokens, no round ends after the images and within model_max_length=%d: "
+                           "cut at model_max_length", where, len(input_ids), limit)
+        else:
+            raise _TooLong(f"{where}: skipped, no reply token within model_max_length={limit}")
+        self.stats["truncated"] += 1
+        return cut
+
+    def _count_bad(self, error: DataError) -> None:
+        self.stats["skipped_bad"] += 1
+        logger.warning("skipping bad sample: %s", error)
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = 0
+        for attempt in range(len(self._indices)):
+            position = self._indices[(index + attempt) % len(self._indices)]
+            try:
+                item = self._build(position)
+            except _TooLong as reason:
+                self.stats["skipped_too_long"] += 1
+                logger.warning("%s", reason)
+            except DataError as error:
+                if not self.data_args.skip_bad_samples:
+                    raise
+                self._count_bad(error)
+            else:
+                item["num_samples_skipped"] = skipped
+                self.stats["items"] += 1
+                self.stats["vision_tokens"] += item["num_vision_tokens"]
+                self.stats["voco_tokens"] += item["num_voco_tokens"]
+                return item
+            skipped += 1
+        raise RuntimeError(f"{self.data_path}: every sample was skipped (see the warnings above)")
+
+
+@dataclass
+class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
+    """``DataCollatorForSeq2Seq`` (``tokenizer.pad`` for the ids and mask, -100 for the labels, both on
+    ``tokenizer.padding_side``) plus the images of the batch and the counters of ``BATCH_STAT_KEYS``."""
+
+    def __call__(self, features: Sequence[dict], return_tensors=None) -> dict:
+        # As lists: the parent pads labels with numpy, which is slow on a list of tensors.
+        text_features = [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
+        batch = dict(super().__call__(text_features, return_tensors="pt"))
+        pixel_values = [f["pixel_values"] for f in features if "pixel_values" in f]
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)  # [images in the batch, 3, H, W]
+        image_sizes = [f["image_sizes"] for f in features if "image_sizes" in f]
+        if image_sizes:
+            batch["image_sizes"] = torch.cat([torch.as_tensor(sizes) for sizes in image_sizes])
+        for key in BATCH_STAT_KEYS:
+            batch[key] = sum(int(f.get(key, 0)) for f in features)
+        return batch
+
+
+def pop_batch_stats(batch: dict) -> dict[str, int]:
+    """Remove the data counters from a collated batch (they are not model inputs) and return them."""
+    return {key: batch.pop(key) for key in BATCH_STAT_KEYS if key in batch}
+
+
+def modality_length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, world_size: int = 1, generator: torch.Generator | None = None
+) -> list[int]:
+    """LLaVA's grouping: image samples (positive length) and text-only samples (negative) are batched
+    apart, each grouped by length; megabatches of ``batch_size * world_size`` (one batch per rank) are
+    shuffled together. The leftovers of each modality come last, image then text, so at most one
+    batch of the epoch holds both."""
+    if any(length == 0 for length in lengths):
+        raise ValueError("a modality length of 0 is neither image (> 0) nor text-only (< 0)")
+    megabatch = batch_size * world_size
+    groups = [[i for i, length in enumerate(lengths) if length > 0], [i for i, length in enumerate(lengths) if length < 0]]
+    if not groups[0] or not groups[1]:
+        return get_length_grouped_indices([abs(length) for length in lengths], megabatch, generator=generator)
+    full, leftovers = [], []
+    for group in groups:
+        order = get_length_grouped_indices([abs(lengths[i]) for i in group], megabatch, generator=generator)
+        ordered = [group[j] for j in order]
+        complete = len(ordered) - len(ordered) % megabatch
+        full.extend(ordered[start : start + megabatch] for start in range(0, complete, megabatch))
+        leftovers.extend(ordered[complete:])
+    shuffled = torch.randperm(len(full), generator=generator).tolist()
+    return [i for k in shuffled for i in full[k]] + leftovers
+
+
+class LengthGroupedSampler(Sampler):
+    """``--group_by_length`` / ``--group_by_modality_length`` sampler for the Trainer.
+
+    ``lengths``: ``dataset.lengths``, or ``dataset.modality_lengths`` with ``group_by_modality=True``.
+    ``world_size``: ranks times gradient accumulation steps, as LLaVA passes it. Plain grouping is
+    transformers' ``get_length_grouped_indices``.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        world_size: int = 1,
+        lengths: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        group_by_modality: bool = False,
+    ):
+        if lengths is None:
+            raise ValueError("LengthGroupedSampler needs lengths (dataset.lengths or dataset.modality_lengths)")
+        self.batch_size, self.world_size, self.generator = batch_size, world_size, generator
+        self.lengths = list(lengths)
+        self.group_by_modality = group_by_modality
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        if self.group_by_modality:
+            indices = modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, self.generator)
+        else:
+            indices = get_length_grouped_indices(self.lengths, self.batch_size * self.world_size, generator=self.generator)
+        return iter(indices)
+
+
+def make_supervised_data_module(processor, data_args: DataArguments, *, version: str, model_max_length: int) -> dict:
+    """Dataset and collator for the Trainer, as LLaVA's function of the same name returns them."""
+    if not data_args.data_path:
+        raise ValueError("--data_path is required")
+    if processor.tokenizer.pad_token_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token; set one before building the data module "
+            "(LLaVA uses the unk token: tokenizer.pad_token = tokenizer.unk_token)"
+        )
+    dataset = LazySupervisedDataset(
+        data_args.data_path, processor, data_args, version=version, model_max_length=model_max_length
+    )
+    collator = DataCollatorForSupervisedDataset(tokenizer=processor.tokenizer, label_pad_token_id=IGNORE_INDEX)
+    return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
+
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "BATCH_STAT_KEYS",
+    "IGNORE_INDEX",
+    "DataArguments",
+    "DataCollatorForSupervisedDataset",
+    "DataError",
+    "LazySupervisedDataset",
+    "LengthGroupedSampler",
+    "expand_to_square",
+    "load_samples",
+    "make_supervised_data_module",
+    "modality_length_grouped_indices",
+    "pop_batch_stats",
+]
