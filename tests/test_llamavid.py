@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from transformers import BertTokenizerFast, InstructBlipQFormerConfig, LlavaConfig
+from transformers import InstructBlipQFormerConfig, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from llava_voco.model.llamavid import (
     CompressTypeError,
@@ -15,6 +14,7 @@ from llava_voco.model.llamavid import (
     parse_compress_type,
     pool_patches,
 )
+from llava_voco.model.tiny import train_wordpiece_tokenizer
 
 VISION, TEXT, PATCHES = 32, 64, 16  # a 4 x 4 patch grid
 
@@ -22,18 +22,7 @@ VISION, TEXT, PATCHES = 32, 64, 16  # a 4 x 4 patch grid
 @pytest.fixture(scope="module")
 def bert_tokenizer():
     """A small WordPiece tokenizer trained here, as LLaMA-VID's text decoder uses BERT's."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    corpus = ["which digit is at the top left", "what is the sum of the digits", "describe the picture",
-              "how many times does seven appear", "what is the largest digit in frame three"]
-    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))]
-    )
-    return BertTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]")
+    return train_wordpiece_tokenizer()
 
 
 @pytest.fixture

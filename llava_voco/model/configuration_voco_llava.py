@@ -8,7 +8,10 @@ from transformers import LlavaConfig
 from .projector import check_projector_type
 from .voco_mask import check_mask_mode
 
-VOCO_FIELDS = ("voco_tokens", "voco_token_id", "voco_mask_mode", "mm_projector_type")
+VOCO_FIELDS = (
+    "voco_tokens", "voco_token_id", "voco_mask_mode", "mm_projector_type", "llamavid_num_query", "llamavid_qformer",
+    "llamavid_compress_type", "llamavid_video_compress_type", "frame_chunk",
+)
 
 
 @strict
@@ -24,7 +27,11 @@ class VoCoLlavaConfig(LlavaConfig):
         ``"paper"`` (text may see the system prompt) or ``"official"`` (text sees nothing before the
         first VoCo token, as the released VoCo-LLaMA code does).
     mm_projector_type (`str`, defaults to ``"mlp2x_gelu"``):
-        LLaVA's projector name: ``"mlp2x_gelu"`` (Llava's own projector) or ``"linear"``.
+        LLaVA's projector name: ``"mlp2x_gelu"`` (Llava's own projector), ``"linear"`` or ``"llamavid"``.
+    llamavid_num_query, llamavid_qformer, llamavid_compress_type, llamavid_video_compress_type, frame_chunk:
+        LLaMA-VID (``mm_projector_type="llamavid"``, DESIGN 3): learnable queries of the text decoder, its
+        ``InstructBlipQFormerConfig`` fields, the content pooling of images and of video frames
+        (``none`` | ``mean`` | ``grid:g``), and how many frames go through the vision tower at once.
     """
 
     model_type = "voco_llava"
@@ -33,11 +40,21 @@ class VoCoLlavaConfig(LlavaConfig):
     voco_token_id: int | None = None
     voco_mask_mode: str = "paper"
     mm_projector_type: str = "mlp2x_gelu"
+    llamavid_num_query: int = 32
+    llamavid_qformer: dict | None = None
+    llamavid_compress_type: str = "grid:2"
+    llamavid_video_compress_type: str = "mean"
+    frame_chunk: int = 64
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         check_mask_mode(self.voco_mask_mode)
         check_projector_type(self.mm_projector_type)
+        if self.mm_projector_type == "llamavid":
+            from .llamavid import parse_compress_type
+
+            parse_compress_type(self.llamavid_compress_type)
+            parse_compress_type(self.llamavid_video_compress_type)
         if self.voco_tokens < 0:
             raise ValueError(f"voco_tokens must be >= 0, got {self.voco_tokens}")
         if self.voco_tokens > 0 and self.voco_token_id is None:

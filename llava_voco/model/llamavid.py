@@ -126,3 +126,35 @@ class LlamaVidProjector(nn.Module):
             content = self.content_projector(pool_patches(features, compress_type))
             chunks.append(torch.cat([context, content], dim=1))
         return torch.cat(chunks, dim=0)
+
+
+def build_llamavid_projector(config) -> LlamaVidProjector:
+    """The projector a ``VoCoLlavaConfig`` with ``mm_projector_type="llamavid"`` describes."""
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    vision_hidden = config.vision_config.hidden_size
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError("LLaMA-VID reads one vision feature layer; vision_feature_layer must be an int")
+    qformer_config = InstructBlipQFormerConfig(**{**(config.llamavid_qformer or {}), "encoder_hidden_size": vision_hidden})
+    return LlamaVidProjector(
+        qformer_config, vision_hidden, config.text_config.hidden_size, LlavaMultiModalProjector(config),
+        num_query=config.llamavid_num_query,
+    )
+
+
+def tokens_per_image(config, num_patches: int, video_frame: bool = False) -> int:
+    """Image tokens one image (or video frame) becomes: 1 context + its content tokens."""
+    spec = config.llamavid_video_compress_type if video_frame else config.llamavid_compress_type
+    return 1 + content_tokens_per_frame(spec, num_patches)
+
+
+def encode_instructions(tokenizer, instructions: list[str], max_length: int = 128) -> dict:
+    """The text decoder's inputs for each image's instruction, keeping the end of long ones (the
+    question is at the end of a turn): ``instruction_input_ids`` / ``instruction_attention_mask``."""
+    previous = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        encoded = tokenizer(list(instructions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    finally:
+        tokenizer.truncation_side = previous
+    return {"instruction_input_ids": encoded["input_ids"], "instruction_attention_mask": encoded["attention_mask"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     create_causal_mask,
@@ -54,7 +55,8 @@ class VoCoLlavaModel(LlavaModel):
         num_images = tokens_per_image = None
         if pixel_values is not None:
             num_images = len(image_sizes) if image_sizes is not None else pixel_values.shape[0]
-            if image_sizes is None and num_images:
+            # LLaMA-VID images and video frames may differ in size; Llava's total count check still holds
+            if image_sizes is None and num_images and self.config.mm_projector_type != "llamavid":
                 tokens_per_image = int((input_ids == self.config.image_token_id).sum()) // num_images
         return VoCoLayout.from_input_ids(
             input_ids,
@@ -66,6 +68,51 @@ class VoCoLlavaModel(LlavaModel):
             num_images=num_images,
             tokens_per_image=tokens_per_image,
         )
+
+    def llamavid_image_features(
+        self,
+        pixel_values: torch.Tensor,  # [images, 3, H, W]
+        instruction_input_ids: torch.LongTensor,  # [images, L] text decoder tokens of each image's instruction
+        instruction_attention_mask: torch.Tensor,  # [images, L]
+        video_frame_mask: torch.Tensor | None = None,  # [images] True for frames of a video
+    ) -> list[torch.Tensor]:
+        """Per image, ``[1 + content, D]``: LLaMA-VID's context and content tokens (DESIGN 3).
+
+        Images go through the vision tower ``frame_chunk`` at a time, so long videos keep memory flat."""
+        if instruction_input_ids is None or instruction_attention_mask is None:
+            raise ValueError(
+                "mm_projector_type='llamavid' needs instruction_input_ids / instruction_attention_mask: "
+                "each image's instruction tokenized with the text decoder's tokenizer"
+            )
+        if instruction_input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"{pixel_values.shape[0]} image(s) but {instruction_input_ids.shape[0]} instruction(s): "
+                "LLaMA-VID needs one instruction per image or frame"
+            )
+        chunk = self.config.frame_chunk
+        patch_features = []
+        for start in range(0, pixel_values.shape[0], chunk):
+            hidden = self.vision_tower(pixel_values[start : start + chunk], output_hidden_states=True).hidden_states
+            selected = hidden[self.config.vision_feature_layer]
+            patch_features.append(selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected)
+        patch_features = torch.cat(patch_features)  # [images, N, C]
+        is_frame = (
+            video_frame_mask.bool()
+            if video_frame_mask is not None
+            else torch.zeros(len(patch_features), dtype=torch.bool, device=patch_features.device)
+        )
+        features: list[torch.Tensor | None] = [None] * len(patch_features)
+        for frames, spec in ((~is_frame, self.config.llamavid_compress_type), (is_frame, self.config.llamavid_video_compress_type)):
+            rows = frames.nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            tokens = self.multi_modal_projector(
+                patch_features[rows], instruction_input_ids[rows], instruction_attention_mask[rows],
+                compress_type=spec, frame_chunk=chunk,
+            )
+            for row, image_tokens in zip(rows.tolist(), tokens):
+                features[row] = image_tokens
+        return features
 
     def voco_attention_mask(
         self,
@@ -105,9 +152,14 @@ class VoCoLlavaModel(LlavaModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         voco_layout: VoCoLayout | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         r"""
+        instruction_input_ids, instruction_attention_mask, video_frame_mask:
+            LLaMA-VID only: each image's instruction for the text decoder, and which images are video frames.
         voco_layout (`VoCoLayout`, *optional*):
             Layout of the whole sequence (cached tokens included). Derived from `input_ids` when they are
             the whole sequence; `generate` passes it at every step. Needed when continuing from a cache.
@@ -159,6 +211,13 @@ class VoCoLlavaModel(LlavaModel):
                 attention_mask = self.voco_attention_mask(
                     voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
                 )
+        if self.config.mm_projector_type == "llamavid" and pixel_values is not None:
+            # Llava's extension point for precomputed image features: it scatters them into the image tokens.
+            image_features = self.llamavid_image_features(
+                pixel_values, instruction_input_ids, instruction_attention_mask, video_frame_mask
+            )
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
+            pixel_values = None
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -193,11 +252,20 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         logits_to_keep: int | torch.Tensor = 0,
         image_sizes: torch.Tensor | None = None,
         voco_layout: VoCoLayout | None = None,
+        instruction_input_ids: torch.LongTensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
         **kwargs,
     ):
-        r"""Llava's forward; `voco_layout` as in `VoCoLlavaModel.forward` (named here so `generate` passes it)."""
-        if voco_layout is not None:
-            kwargs["voco_layout"] = voco_layout
+        r"""Llava's forward; the extra inputs as in `VoCoLlavaModel.forward` (named here so `generate`
+        passes them)."""
+        extra = {
+            "voco_layout": voco_layout,
+            "instruction_input_ids": instruction_input_ids,
+            "instruction_attention_mask": instruction_attention_mask,
+            "video_frame_mask": video_frame_mask,
+        }
+        kwargs.update({name: value for name, value in extra.items() if value is not None})
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -240,6 +308,7 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        **image_inputs,
     ) -> VoCoCache:
         """Prefill a prompt that contains images and keep only what later text may read (DESIGN 2.3).
 
@@ -247,6 +316,8 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         ``VoCoLlavaProcessor`` lays it out; a batch gives a batched cache (rows left padded). A prompt with
         several images is compressed one image at a time, each image's vision keys/values dropped as soon as
         its VoCo tokens are computed, so the cache peaks at prefix + VoCo so far + one image.
+        ``image_inputs`` are per-image inputs (rows follow the images: ``video_frame_mask``, and for LLaMA-VID
+        ``instruction_input_ids`` / ``instruction_attention_mask``).
         """
         if self.config.voco_tokens == 0:
             raise ValueError("compress() needs a model with voco_tokens > 0")
@@ -259,12 +330,16 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for row in range(input_ids.shape[0]):
             real = attention_mask[row].bool()
             row_ids = input_ids[row, real][None]  # [1, n]
-            row_pixels = pixel_values[images_before[row] : images_before[row + 1]] if pixel_values is not None else None
-            rows.append(self._compress_row(row_ids, row_pixels, fingerprint))
+            row_images = slice(int(images_before[row]), int(images_before[row + 1]))
+            row_pixels = pixel_values[row_images] if pixel_values is not None else None
+            row_inputs = {name: value[row_images] for name, value in image_inputs.items() if value is not None}
+            rows.append(self._compress_row(row_ids, row_pixels, fingerprint, row_inputs))
         pad_token_id = self.config.text_config.pad_token_id or 0
         return rows[0] if len(rows) == 1 else VoCoCache.concatenate(rows, pad_token_id=pad_token_id)
 
-    def _compress_row(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, fingerprint: str) -> VoCoCache:
+    def _compress_row(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, fingerprint: str, image_inputs: dict
+    ) -> VoCoCache:
         """One prompt (no padding): prefill image by image, dropping what the rule hides from later tokens."""
         layout = self.model.voco_layout(input_ids)
         length = input_ids.shape[1]
@@ -281,10 +356,13 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         start = 0
         for image, end in enumerate(ends):
             segment = input_ids[:, start:end]
-            segment_pixels = pixel_values[image : image + 1] if pixel_values is not None and image < len(voco_ends) else None
+            has_image = pixel_values is not None and image < len(voco_ends)
+            segment_pixels = pixel_values[image : image + 1] if has_image else None
+            segment_inputs = {name: value[image : image + 1] for name, value in image_inputs.items()} if has_image else {}
             self(
                 input_ids=segment,
                 pixel_values=segment_pixels,
+                **segment_inputs,
                 past_key_values=cache,
                 position_ids=torch.arange(start, end, device=input_ids.device)[None],
                 use_cache=True,

@@ -3,6 +3,8 @@
 - ``mlp2x_gelu``: Llava's own ``LlavaMultiModalProjector`` (``linear_1``, GELU, ``linear_2``), so Llava
   checkpoints load unchanged. This is LLaVA-1.5's projector.
 - ``linear``: one linear layer (LLaVA-1's projector), named ``linear_1`` as in Llava.
+- ``llamavid``: LLaMA-VID's context + content tokens (``llama_voco.model.llamavid``), its content
+  projector being Llava's.
 
 LLaVA (the original code) stores its projector as ``model.mm_projector.{0,2}.*`` (mlp2x_gelu) or
 ``model.mm_projector.*`` (linear); ``llava_projector_state_dict`` maps those names to ours.
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "llamavid")
 
 
 def check_projector_type(projector_type: str) -> None:
@@ -47,6 +49,10 @@ def build_projector(config) -> nn.Module:
     check_projector_type(projector_type)
     if projector_type == "linear":
         return LinearProjector(config)
+    if projector_type == "llamavid":
+        from .llamavid import build_llamavid_projector
+
+        return build_llamavid_projector(config)
     return LlavaMultiModalProjector(config)
 
 
@@ -65,6 +71,8 @@ def llava_projector_state_dict(state_dict: dict[str, torch.Tensor], projector_ty
     Raises ``ValueError`` naming ``source`` when a key is not a projector key of ``projector_type``.
     """
     check_projector_type(projector_type)
+    if projector_type not in _LLAVA_PROJECTOR_KEYS:
+        raise ValueError(f"{source}: LLaVA projector files hold 'linear' or 'mlp2x_gelu' weights, not {projector_type!r}")
     out = {}
     for key, tensor in state_dict.items():
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AddedToken,
+    BertTokenizerFast,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
@@ -85,6 +86,25 @@ def train_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 320) -
     fast.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     fast.chat_template = LLAVA_V1_CHAT_TEMPLATE
     return fast
+
+
+def train_wordpiece_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 200) -> BertTokenizerFast:
+    """A BERT-style WordPiece tokenizer trained in memory: LLaMA-VID's text decoder reads BERT tokens."""
+    from tokenizers import normalizers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def build_tiny_llava(
