@@ -107,3 +107,37 @@ def test_voco_on_llamavid_tokens(voco_dir, llava_dir, bert, digit_images):
     for layer in out.attentions:
         assert torch.all(layer[0][:, text_rows][:, :, image] == 0)
         assert torch.all(layer[0][:, text_rows][:, :, voco] > 0)
+
+
+def test_processor_encodes_instructions_and_saves_the_text_decoder_tokenizer(llava_dir, bert, digit_images, tmp_path):
+    model, processor = llamavid(llava_dir, bert)
+    processor.text_decoder_tokenizer = bert
+    processor.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    reloaded = llava_voco.VoCoLlavaProcessor.from_pretrained(tmp_path)
+    assert reloaded.text_decoder_tokenizer is not None and reloaded.llamavid_compress_type == "grid:2"
+    batch = reloaded(images=[digit_images[0]], videos=[digit_images[1:3]], text="USER: <image> and <video>",
+                     instructions=["which digit is at the top left", "what is the sum of the digits"],
+                     return_tensors="pt")
+    assert batch["instruction_input_ids"].shape[0] == 3  # the image, then each frame of the video
+    decoded = bert.batch_decode(batch["instruction_input_ids"], skip_special_tokens=True)
+    assert decoded == ["which digit is at the top left", "what is the sum of the digits", "what is the sum of the digits"]
+    with torch.no_grad():
+        assert torch.isfinite(AutoModelForImageTextToText.from_pretrained(tmp_path)(**batch).logits).all()
+    default = reloaded(images=[digit_images[0]], text="USER: <image>\nWhat is the sum?", return_tensors="pt")
+    assert bert.decode(default["instruction_input_ids"][0], skip_special_tokens=True) == "user : what is the sum?"
+
+
+def test_chat_and_eval_path_with_llamavid(llava_dir, bert, digit_images):
+    """The serve/eval path passes the question as each image's instruction."""
+    from llava_voco.conversation import get_template
+    from llava_voco.serve.chat import ImageChat
+
+    model, processor = llamavid(llava_dir, bert)
+    processor.text_decoder_tokenizer = bert
+    chat = ImageChat(model, processor, get_template("v1"), [digit_images[0]],
+                     generation_kwargs={"max_new_tokens": 3, "do_sample": False})
+    assert not chat.uses_voco
+    single = chat.ask("what is the sum of the digits", keep_turn=False)
+    batched = chat.ask_batch(["what is the sum of the digits", "which digit is at the top left"])
+    assert batched[0][1] == single

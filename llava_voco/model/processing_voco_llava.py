@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import torch
 from transformers import LlavaProcessor
 
 VOCO_TOKEN = "<voco>"
+TEXT_DECODER_TOKENIZER_DIR = "text_decoder_tokenizer"
 
 
 class VoCoLlavaProcessor(LlavaProcessor):
@@ -28,6 +31,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         voco_token: str = VOCO_TOKEN,
         llamavid_compress_type: str | None = None,
         llamavid_video_compress_type: str | None = None,
+        instruction_max_length: int = 128,
         **kwargs,
     ):
         if voco_tokens < 0:
@@ -38,6 +42,9 @@ class VoCoLlavaProcessor(LlavaProcessor):
         self.llamavid_compress_type = llamavid_compress_type
         self.llamavid_video_compress_type = llamavid_video_compress_type or llamavid_compress_type
         self._frame_flags: list[bool] | None = None
+        self.instruction_max_length = instruction_max_length
+        # LLaMA-VID's text decoder tokenizer (BERT WordPiece); saved in a subfolder, see save_pretrained
+        self.text_decoder_tokenizer = None
         self.voco_token_id = None
         if voco_tokens > 0:
             voco_ids = tokenizer.encode(voco_token, add_special_tokens=False)
@@ -61,11 +68,33 @@ class VoCoLlavaProcessor(LlavaProcessor):
 
     video_token = "<video>"
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Also writes LLaMA-VID's text decoder tokenizer, in ``TEXT_DECODER_TOKENIZER_DIR``."""
+        result = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if self.text_decoder_tokenizer is not None:
+            self.text_decoder_tokenizer.save_pretrained(Path(save_directory) / TEXT_DECODER_TOKENIZER_DIR)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path) / TEXT_DECODER_TOKENIZER_DIR
+        if folder.is_dir():
+            from transformers import AutoTokenizer
+
+            processor.text_decoder_tokenizer = AutoTokenizer.from_pretrained(folder)
+        return processor
+
+    def __call__(self, images=None, text=None, videos=None, instructions=None, **kwargs):
         """As ``LlavaProcessor``, plus ``videos``: each a list of frames (PIL images), one per ``<video>``
         in the text, in order. A video is its frames as consecutive images, so each frame gets its own
         image tokens and ``voco_tokens`` VoCo tokens (VoCo video, DESIGN 2.2). With videos (or LLaMA-VID)
-        the output has ``video_frame_mask``: which images are video frames."""
+        the output has ``video_frame_mask``: which images are video frames.
+
+        LLaMA-VID: ``instructions``, one per ``<image>`` / ``<video>`` placeholder in order (a video's
+        goes to each of its frames), become ``instruction_input_ids`` / ``instruction_attention_mask``
+        through ``text_decoder_tokenizer``; without them each image gets its sample's text, placeholders
+        removed (left-truncated, so the question at the end is kept)."""
         if videos is None and self.llamavid_compress_type is None:
             return super().__call__(images=images, text=text, **kwargs)
         texts = [text] if isinstance(text, str) else list(text)
@@ -73,16 +102,23 @@ class VoCoLlavaProcessor(LlavaProcessor):
         videos = [] if videos is None else list(videos)
         placeholder = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
         pending_images, pending_videos = iter(images), iter(videos)
-        ordered_images, frame_flags, expanded = [], [], []
+        pending_instructions = iter(instructions) if instructions is not None else None
+        ordered_images, frame_flags, expanded, image_instructions = [], [], [], []
         for sample in texts:
             pieces = []
+            sample_instruction = placeholder.sub("", sample).strip()
             for piece in placeholder.split(sample):
+                if piece in (self.image_token, self.video_token):
+                    instruction = next(pending_instructions, None) if pending_instructions is not None else sample_instruction
+                    if instruction is None:
+                        raise ValueError("fewer instructions than <image>/<video> placeholders: LLaMA-VID needs one each")
                 if piece == self.image_token:
                     image = next(pending_images, None)
                     if image is None:
                         raise ValueError(f"more {self.image_token} placeholders in the text than images given")
                     ordered_images.append(image)
                     frame_flags.append(False)
+                    image_instructions.append(instruction)
                     pieces.append(piece)
                 elif piece == self.video_token:
                     frames = next(pending_videos, None)
@@ -90,6 +126,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
                         raise ValueError(f"a {self.video_token} in the text has no video (or an empty one) to go with it")
                     ordered_images.extend(frames)
                     frame_flags.extend([True] * len(frames))
+                    image_instructions.extend([instruction] * len(frames))
                     pieces.append(self.image_token * len(frames))
                 else:
                     pieces.append(piece)
@@ -107,9 +144,13 @@ class VoCoLlavaProcessor(LlavaProcessor):
         finally:
             self._frame_flags = None
         if ordered_images:
-            import torch
+            as_tensors = kwargs.get("return_tensors") == "pt"
+            output["video_frame_mask"] = torch.tensor(frame_flags) if as_tensors else frame_flags
+            if self.llamavid_compress_type is not None and self.text_decoder_tokenizer is not None:
+                from .llamavid import encode_instructions
 
-            output["video_frame_mask"] = torch.tensor(frame_flags) if kwargs.get("return_tensors") == "pt" else frame_flags
+                encoded = encode_instructions(self.text_decoder_tokenizer, image_instructions, self.instruction_max_length)
+                output.update(encoded if as_tensors else {k: v.tolist() for k, v in encoded.items()})
         return output
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

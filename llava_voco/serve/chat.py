@@ -83,6 +83,12 @@ class ImageChat:
         )
 
     # -- asking ----------------------------------------------------------------------------------
+    def _instructions(self, questions: list[str]) -> dict:
+        """LLaMA-VID reads each image's instruction: the question asked about it."""
+        if getattr(self.processor, "llamavid_compress_type", None) is None or not self.images:
+            return {}
+        return {"instructions": [q for q in questions for _ in self.images]}
+
     def _turns_with(self, question: str) -> list[tuple[str, str]]:
         text = first_human_turn(question, len(self.images)) if not self.turns else question
         return [*self.turns, (HUMAN, text)]
@@ -102,7 +108,8 @@ class ImageChat:
             )
             answer_ids = output[0, inputs["input_ids"].shape[1] :]
         else:
-            inputs = self.processor(images=self.images or None, text=prompt, return_tensors="pt").to(self.model.device)
+            inputs = self.processor(images=self.images or None, text=prompt, return_tensors="pt",
+                                    **self._instructions([question])).to(self.model.device)
             output = self.model.generate(**inputs, streamer=streamer, **self.generation_kwargs)
             answer_ids = output[0, inputs["input_ids"].shape[1] :]
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
@@ -126,7 +133,8 @@ class ImageChat:
                 output = self.model.generate(**inputs, past_key_values=self.cache, **self.generation_kwargs)
             else:
                 images = self.images * len(prompts) or None
-                inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+                inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True,
+                                        **self._instructions(questions))
                 inputs = inputs.to(self.model.device)
                 output = self.model.generate(**inputs, **self.generation_kwargs)
         finally:

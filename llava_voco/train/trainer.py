@@ -1,0 +1,248 @@
+"""``transformers.Trainer`` with what LLaVA's trainer changes, and nothing else:
+
+- the sampler: ``--group_by_modality_length`` batches image and text-only samples apart, by length;
+- the optimizer: ``--mm_projector_lr`` (and ``--mm_vision_tower_lr``) give those parameters their own
+  learning rate in their own parameter groups;
+- saving in the pretrain stage (``--tune_mm_mlp_adapter``): checkpoints hold the projector only
+  (``mm_projector.safetensors``) plus the Trainer's optimizer / scheduler / RNG state, so they stay small
+  and still resume.
+
+It also logs, beside the Trainer's metrics, what the compression does to each batch (see
+``CompressionStats``); they reach every ``--report_to`` integration (wandb: ``train/<name>``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .data import LengthGroupedSampler, pop_batch_stats
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "mm_projector.safetensors"
+PROJECTOR_MARKER = "multi_modal_projector."
+VISION_TOWER_MARKER = "vision_tower."
+
+
+def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's entries of a model state dict (names as in the model)."""
+    return {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in state_dict.items()
+        if PROJECTOR_MARKER in name
+    }
+
+
+class CompressionStats:
+    """What the compression does to the batches, from the counters the data collator puts in each batch
+    (``llava_voco.train.data.BATCH_STAT_KEYS``; they are popped before the forward).
+
+    Logged with each training loss, summed over ranks:
+    ``vision_tokens_per_sample``, ``voco_tokens_per_sample``, ``image_token_share`` (vision tokens /
+    non-padding tokens) and ``compression_ratio`` (vision tokens / VoCo tokens, only when VoCo is on),
+    over the batches since the previous log; ``samples_skipped`` and ``samples_truncated``, totals since
+    the start of this run (``skipped_up_front``: samples the dataset dropped before training, when it
+    checks every sample first).
+    """
+
+    def __init__(self, skipped_up_front: int = 0):
+        self.samples = self.vision = self.voco = self.tokens = 0
+        self.skipped = self.truncated = 0
+        self.skipped_up_front = skipped_up_front
+
+    def update(self, batch_stats: dict[str, int], attention_mask: torch.Tensor | None, batch_size: int, seq_len: int):
+        self.samples += batch_size
+        self.vision += int(batch_stats.get("num_vision_tokens", 0))
+        self.voco += int(batch_stats.get("num_voco_tokens", 0))
+        self.tokens += int(attention_mask.sum()) if attention_mask is not None else batch_size * seq_len
+        self.skipped += int(batch_stats.get("num_samples_skipped", 0))
+        self.truncated += int(batch_stats.get("num_samples_truncated", 0))
+
+    def totals(self, device) -> torch.Tensor:
+        values = [self.samples, self.vision, self.voco, self.tokens, self.skipped, self.truncated]
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    def reset_window(self):
+        self.samples = self.vision = self.voco = self.tokens = 0
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        """``totals`` summed over ranks."""
+        samples, vision, voco, tokens, skipped, truncated = totals.tolist()
+        metrics = {"samples_skipped": skipped + self.skipped_up_front, "samples_truncated": truncated}
+        if samples:
+            metrics["vision_tokens_per_sample"] = vision / samples
+            metrics["voco_tokens_per_sample"] = voco / samples
+            metrics["image_token_share"] = vision / tokens if tokens else 0.0
+            if voco > 0:
+                metrics["compression_ratio"] = vision / voco
+        return metrics
+
+
+class VoCoLlavaTrainer(Trainer):
+    def __init__(
+        self,
+        *args,
+        group_by_modality_length: bool = False,
+        mm_projector_lr: float | None = None,
+        mm_vision_tower_lr: float | None = None,
+        save_projector_only: bool = False,
+        compression_stats: CompressionStats | None = None,
+        blank_image_for_text_batches: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.group_by_modality_length = group_by_modality_length
+        self.mm_projector_lr = mm_projector_lr
+        self.mm_vision_tower_lr = mm_vision_tower_lr
+        self.save_projector_only = save_projector_only
+        self.save_full_model_too = False  # set for the final save of the pretrain stage
+        self.compression_stats = compression_stats
+        self.blank_image_for_text_batches = blank_image_for_text_batches
+
+    # ---- sampler ------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # Every rank builds the same order (same seed); the dataloader then shards the batches.
+        return LengthGroupedSampler(
+            self.args.train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            lengths=dataset.modality_lengths,
+            group_by_modality=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        own_lrs = [
+            (marker, lr)
+            for marker, lr in ((PROJECTOR_MARKER, self.mm_projector_lr), (VISION_TOWER_MARKER, self.mm_vision_tower_lr))
+            if lr is not None
+        ]
+        if self.optimizer is not None or not own_lrs:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple, list] = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = next((lr for marker, lr in own_lrs if marker in name), None)
+            groups.setdefault((lr, name in decay), []).append(param)
+        param_groups = []
+        for (lr, decays), params in groups.items():
+            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if lr is not None:
+                group["lr"] = lr
+            param_groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- projector-only saving (pretrain stage) -----------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        if not self.save_projector_only:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            save_file(
+                projector_state(state_dict),
+                os.path.join(output_dir, PROJECTOR_FILE),
+                metadata={"format": "pt", "mm_projector_type": model.config.mm_projector_type},
+            )
+        if self.save_full_model_too:
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).config.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        projector_file = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
+        if self.save_projector_only and os.path.isfile(projector_file):
+            model = model if model is not None else self.model
+            # Only the projector trains in this stage: the rest of the model is as loaded at start.
+            result = model.load_state_dict(load_file(projector_file), strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"{projector_file}: unexpected keys {result.unexpected_keys}")
+            return
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        weights = [os.path.join(resume_from_checkpoint, name) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)]
+        if isinstance(unwrapped, PreTrainedModel) and any(os.path.isfile(w) for w in weights):
+            # save_pretrained writes Llava's on-disk key layout (transformers' checkpoint conversion mapping);
+            # the Trainer's own loader reads it with load_state_dict(strict=False), which would skip every
+            # renamed key without a word. from_pretrained converts the keys back; strict=True checks it.
+            loaded = type(unwrapped).from_pretrained(
+                resume_from_checkpoint, config=copy.deepcopy(unwrapped.config), dtype=unwrapped.dtype
+            )
+            unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+            logger.info("model weights loaded from %s", resume_from_checkpoint)
+            return
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    # ---- compression stats --------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch_stats = pop_batch_stats(inputs)  # data counters, not model inputs
+        if self.compression_stats is not None and model.training:
+            input_ids = inputs["input_ids"]
+            self.compression_stats.update(batch_stats, inputs.get("attention_mask"), *input_ids.shape[:2])
+        if self.blank_image_for_text_batches and "pixel_values" not in inputs:
+            inputs = self.with_blank_image_row(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def with_blank_image_row(self, inputs: dict) -> dict:
+        """A text-only batch plus one row holding a blank image and no labels.
+
+        Under ZeRO-3 every rank must run the same modules in the same order (each module's weights are
+        gathered from all ranks as it runs), so a rank whose batch has no image cannot skip the vision
+        tower and projector while another rank runs them (it hangs). LLaVA feeds such batches a blank
+        image whose features it slices away; here the blank image gets its own row: its labels are all
+        ignored and rows do not attend to each other, so the loss and the gradients are those of the
+        text rows alone.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        config = model.config
+        vision = config.vision_config
+        image_tokens = (vision.image_size // vision.patch_size) ** 2
+        if config.vision_feature_select_strategy == "full":
+            image_tokens += 1
+        row = [config.image_token_id] * image_tokens + [config.voco_token_id] * config.voco_tokens
+        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        length = max(input_ids.shape[1], len(row))
+        pad_id = self.processing_class.tokenizer.pad_token_id
+
+        def widen(tensor, value):
+            return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
+
+        blank_ids = widen(input_ids.new_tensor([row]), pad_id)
+        blank_mask = widen(attention_mask.new_ones((1, len(row))), 0)
+        inputs = dict(inputs)
+        inputs["input_ids"] = torch.cat([widen(input_ids, pad_id), blank_ids])
+        inputs["attention_mask"] = torch.cat([widen(attention_mask, 0), blank_mask])
+        inputs["labels"] = torch.cat([widen(labels, -100), torch.full_like(blank_ids, -100)])
+        inputs["pixel_values"] = torch.zeros(
+            1, vision.num_channels, vision.image_size, vision.image_size, dtype=model.dtype, device=input_ids.device
+        )
+        return inputs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.compression_stats is not None and "loss" in logs:
+            totals = self.compression_stats.totals(self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            logs.update(self.compression_stats.metrics(totals))
+            self.compression_stats.reset_window()
+        super().log(logs, start_time)
