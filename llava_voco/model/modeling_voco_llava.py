@@ -114,6 +114,26 @@ class VoCoLlavaModel(LlavaModel):
                 features[row] = image_tokens
         return features
 
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes=None, **image_inputs) -> list[torch.Tensor]:
+        """Each image's (or frame's) features for the LLM, ``frame_chunk`` images through the tower at a time."""
+        if self.config.mm_projector_type == "llamavid":
+            return self.llamavid_image_features(
+                pixel_values, image_inputs.get("instruction_input_ids"), image_inputs.get("instruction_attention_mask"),
+                image_inputs.get("video_frame_mask"),
+            )
+        features = []
+        for start in range(0, pixel_values.shape[0], self.config.frame_chunk):
+            chunk_sizes = image_sizes[start : start + self.config.frame_chunk] if image_sizes is not None else None
+            output = self.get_image_features(
+                pixel_values=pixel_values[start : start + self.config.frame_chunk],
+                vision_feature_layer=self.config.vision_feature_layer,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                image_sizes=chunk_sizes,
+                return_dict=True,
+            )
+            features.extend(output.pooler_output)
+        return features
+
     def voco_attention_mask(
         self,
         voco_layout: VoCoLayout,
@@ -133,6 +153,15 @@ class VoCoLlavaModel(LlavaModel):
                 "(its mask builder ignores mask functions); use 'sdpa', 'eager' or 'flex_attention'"
             )
         embedding = self.get_input_embeddings().weight
+        if builder in (sdpa_mask, eager_mask) and (attention_mask is None or attention_mask.ndim == 2):
+            # The rule evaluated by broadcasting (VoCoLayout.dense_mask), in the format sdpa_mask / eager_mask
+            # give: what create_causal_mask would build, without its per-element vmap (costly per call).
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            allowed = voco_layout.dense_mask(attention_mask, q_offset=past_length, q_length=query_length)
+            if builder is sdpa_mask:
+                return allowed
+            zero = torch.zeros((), dtype=embedding.dtype, device=allowed.device)
+            return torch.where(allowed, zero, torch.finfo(embedding.dtype).min)
         shape_only = torch.empty((batch_size, query_length, 0), dtype=embedding.dtype, device=embedding.device)
         return create_causal_mask(
             config=text_config,
@@ -213,8 +242,11 @@ class VoCoLlavaModel(LlavaModel):
                 )
         if self.config.mm_projector_type == "llamavid" and pixel_values is not None:
             # Llava's extension point for precomputed image features: it scatters them into the image tokens.
-            image_features = self.llamavid_image_features(
-                pixel_values, instruction_input_ids, instruction_attention_mask, video_frame_mask
+            image_features = self.encode_images(
+                pixel_values,
+                instruction_input_ids=instruction_input_ids,
+                instruction_attention_mask=instruction_attention_mask,
+                video_frame_mask=video_frame_mask,
             )
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
             pixel_values = None
@@ -353,15 +385,20 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             fingerprint=fingerprint,
         )
         cached_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        zero = torch.zeros((), dtype=torch.long, device=input_ids.device)
+        # All images through the vision tower first, in chunks (a video's frames batch well); then the LLM
+        # reads one image at a time so that its vision keys/values can be dropped before the next.
+        image_features = self.model.encode_images(pixel_values, **image_inputs) if pixel_values is not None else []
         start = 0
         for image, end in enumerate(ends):
             segment = input_ids[:, start:end]
-            has_image = pixel_values is not None and image < len(voco_ends)
-            segment_pixels = pixel_values[image : image + 1] if has_image else None
-            segment_inputs = {name: value[image : image + 1] for name, value in image_inputs.items()} if has_image else {}
+            segment_inputs = {}
+            if image < len(image_features):
+                segment_inputs["mm_encoder_outputs"] = {
+                    "image": BaseModelOutputWithPooling(pooler_output=[image_features[image]])
+                }
             self(
                 input_ids=segment,
-                pixel_values=segment_pixels,
                 **segment_inputs,
                 past_key_values=cache,
                 position_ids=torch.arange(start, end, device=input_ids.device)[None],
@@ -369,11 +406,13 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 logits_to_keep=1,
             )
             cached_positions = torch.cat([cached_positions, torch.arange(start, end, device=input_ids.device)])
-            keep = layout.visible_to(torch.tensor([end], device=input_ids.device))[0, cached_positions]
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-            cached_positions = cached_positions[keep]
-            # Between segments the cache is always described, so the next forward sees it whole.
+            # What the next token (at `end`) may read, by the rule; only the cached positions are asked.
+            keep = layout.full_mask_function()(zero, zero, torch.tensor(end, device=zero.device), cached_positions)
+            if not bool(keep.all()):
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+                cached_positions = cached_positions[keep]
+            # Between segments the cache holds exactly what the next forward may read, described here.
             cache.token_ids = input_ids[:, cached_positions]
             cache.attention_mask = torch.ones_like(cache.token_ids)
             cache.next_position = torch.tensor([end], device=input_ids.device)
