@@ -1,6 +1,6 @@
 """A short, runnable look at VoCo on a tiny LLaVA built here (no downloads).
 
-    python -m llava_voco.demo [--voco-tokens 1] [--mask-mode paper]
+    python -m llava_voco.demo [--voco-tokens 1] [--mask-mode paper]   (this module: llava_voco.demo.mask)
 
 Builds a plain LLaVA checkpoint from configs (CLIP tower, Llama, a tokenizer trained on the spot),
 turns it into a VoCo checkpoint with ``add_voco_to_llava``, runs a real handwritten digit from
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .model.builder import add_voco_to_llava
-from .model.tiny import build_tiny_llava
+from ..model.builder import add_voco_to_llava
+from ..model.tiny import build_tiny_llava
 
 
 def digit_image(index: int = 0) -> Image.Image:

@@ -1,0 +1,3 @@
+from .mask import main
+
+main()
