@@ -28,10 +28,15 @@ AutoConfig.register(VoCoLlavaConfig.model_type, VoCoLlavaConfig, exist_ok=True)
 AutoModel.register(VoCoLlavaConfig, VoCoLlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(VoCoLlavaConfig, VoCoLlavaProcessor, exist_ok=True)
-# Checkpoints keep Llava's on-disk key layout, so Llava and VoCo state dicts load into each other.
-register_checkpoint_conversion_mapping(
-    VoCoLlavaConfig.model_type, get_checkpoint_conversion_mapping("llava"), overwrite=True
-)
+# Checkpoints keep Llava's on-disk key layout, so Llava and VoCo state dicts load into each other. By class
+# name as well as model type: a config read from a plain Llava checkpoint still says model_type "llava",
+# whose mapping transformers does not apply to classes outside the library.
+for _name, _source in (
+    (VoCoLlavaConfig.model_type, "llava"),
+    (VoCoLlavaForConditionalGeneration.__name__, "llava"),
+    (VoCoLlavaModel.__name__, "LlavaModel"),
+):
+    register_checkpoint_conversion_mapping(_name, get_checkpoint_conversion_mapping(_source), overwrite=True)
 
 __all__ = [
     "VoCoCache",

@@ -77,3 +77,16 @@ def test_add_voco_script(llava_dir, tmp_path):
     )
     assert "voco_tokens=4" in result.stdout
     assert AutoModelForImageTextToText.from_pretrained(tmp_path).config.voco_tokens == 4
+
+
+def test_plain_llava_checkpoint_loads_into_our_classes(llava_dir):
+    """from_pretrained(<plain Llava dir>) gets every weight (transformers applies Llava's key mapping to
+    our classes too), for the full model and for the base model."""
+
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    ours = VoCoLlavaForConditionalGeneration.from_pretrained(llava_dir)
+    for name, tensor in llava.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    base = llava_voco.VoCoLlavaModel.from_pretrained(llava_dir)
+    for name, tensor in llava.model.state_dict().items():
+        assert torch.equal(base.state_dict()[name], tensor), name

@@ -22,7 +22,8 @@ Read top to bottom, the recipe is:
      ``--freeze_backbone``, ``--freeze_mm_mlp_adapter``, LoRA (``--lora_enable``, through PEFT);
   5. the data (``llava_voco.train.data``): LLaVA's JSON, templates, truncation and collator;
   6. the Trainer (``VoCoLlavaTrainer``: LLaVA's sampler, projector learning rate, projector saving),
-     resuming from the last ``checkpoint-*`` in ``--output_dir`` as LLaVA does;
+     resuming from the last ``checkpoint-*`` in ``--output_dir`` as LLaVA does (or from
+     ``--resume_from_checkpoint``);
   7. save: a directory that loads with ``from_pretrained`` (after ``import llava_voco``), with its
      processor; the pretrain stage also writes ``mm_projector.safetensors`` for the next stage's
      ``--pretrain_mm_mlp_adapter``; LoRA is merged into the weights on save (``--lora_merge_on_save``).
@@ -61,13 +62,12 @@ from transformers.integrations.deepspeed import (
 )
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-import llava_voco
 from llava_voco import VOCO_TOKEN, VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.model.configuration_voco_llava import VOCO_FIELDS
 from llava_voco.model.projector import PROJECTOR_TYPES, build_projector, llava_projector_state_dict
 
 from .data import DataArguments, make_supervised_data_module
-from .trainer import PROJECTOR_FILE, CompressionStats, VoCoLlavaTrainer
+from .trainer import CompressionStats, VoCoLlavaTrainer
 
 logger = logging.getLogger("llava_voco.train")
 
@@ -166,11 +166,8 @@ def build_parser() -> HfArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = build_parser()
-    if argv is not None and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = os.path.abspath(argv[0])
-        return parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
-    return parser.parse_args_into_dataclasses(args=argv)
+    """(ModelArguments, DataArguments, TrainingArguments) from ``argv`` (default: the command line)."""
+    return build_parser().parse_args_into_dataclasses(args=argv)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@
   (``mm_projector.safetensors``) plus the Trainer's optimizer / scheduler / RNG state, so they stay small
   and still resume.
 
+Two more things LLaVA does elsewhere (its dataset and model) are done here: under ZeRO-3 a text-only
+batch gets a blank image row, so every rank runs the vision tower and projector at every step
+(``with_blank_image_row``); and a checkpoint resumes with its weights (``_load_from_checkpoint``).
+
 It also logs, beside the Trainer's metrics, what the compression does to each batch (see
 ``CompressionStats``); they reach every ``--report_to`` integration (wandb: ``train/<name>``).
 """
