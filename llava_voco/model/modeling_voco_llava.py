@@ -215,7 +215,10 @@ class VoCoLlavaModel(LlavaModel):
                 )
             if position_ids is None:
                 position_ids = past_key_values.position_ids_for(attention_mask, query_length)
-            if voco_layout is None and self.config.voco_tokens > 0 and input_ids is not None:
+            new_has_images = input_ids is not None and bool(
+                ((input_ids == self.config.image_token_id) | (input_ids == self.config.voco_token_id)).any()
+            )
+            if voco_layout is None and self.config.voco_tokens > 0 and new_has_images:
                 new_layout = self.voco_layout(
                     input_ids, attention_mask[:, -query_length:], pixel_values, kwargs.get("image_sizes")
                 )

@@ -120,7 +120,7 @@ class VoCoCache(DynamicCache):
 
     def repeat_rows(self, rows: torch.Tensor) -> "VoCoCache":
         """A copy whose row i is row ``rows[i]`` of this cache (several questions about one image)."""
-        out = copy.deepcopy(self)
+        out = self.clone()
         for layer in out.layers:
             if layer.get_seq_length() > 0:
                 layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
@@ -129,7 +129,11 @@ class VoCoCache(DynamicCache):
         return out
 
     def clone(self) -> "VoCoCache":
-        return copy.deepcopy(self)
+        """An independent cache sharing the tensors: a cache never changes a tensor in place (decoding
+        concatenates into new ones), so answering from the clone leaves this cache as it was, at no copy."""
+        out = copy.copy(self)
+        out.layers = [copy.copy(layer) for layer in self.layers]
+        return out
 
     @classmethod
     def concatenate(cls, caches: list["VoCoCache"], pad_token_id: int = 0) -> "VoCoCache":
