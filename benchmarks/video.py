@@ -2,9 +2,9 @@
 
     python benchmarks/video.py [--frames 60 600 3600] [--out benchmarks/video.json]
 
-Each (stage, frame count) runs in a fresh process, so its peak resident memory (ru_maxrss) is its own;
-the figure reported is the peak minus the process's resident size right before the stage, i.e. what the
-stage itself added. Stages, on a tiny model (16 patch tokens per 16 px frame):
+Each (stage, frame count) runs in a fresh process; right before the stage its peak resident size is
+reset (Linux ``/proc/self/clear_refs``), and the figure reported is the peak during the stage minus the
+resident size at its start, i.e. what the stage itself added. Stages, on a tiny model (16 patch tokens per 16 px frame):
 
 * ``llamavid``: precomputed frame features (``[frames, patches, dim]``, safetensors, as
   ``scripts/extract_video_features.py`` would write) -> LLaMA-VID's context + mean-pooled content token
@@ -19,26 +19,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+def status_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def start_measuring() -> float:
+    """Reset the process's peak resident size (Linux: clear_refs 5) and return the current size."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return status_mb("VmRSS")
 
 
 def run_stage(stage: str, frames: int, workdir: str) -> dict:
     import numpy as np
     import torch
     from PIL import Image
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import llava_voco
-    from llava_voco.model.llamavid import encode_instructions
+    from llava_voco.model.llamavid import FrameFeatures, encode_instructions
     from llava_voco.model.tiny import build_tiny_llava, train_wordpiece_tokenizer
 
     torch.manual_seed(0)
@@ -56,11 +65,11 @@ def run_stage(stage: str, frames: int, workdir: str) -> dict:
         model = llava_voco.VoCoLlavaForConditionalGeneration(config).eval()
         features_path = f"{workdir}/features.safetensors"
         save_file({"features": torch.randn(frames, 16, config.vision_config.hidden_size)}, features_path)
-        features = load_file(features_path)["features"]
+        features = FrameFeatures(features_path)  # read a chunk at a time
         instruction = encode_instructions(bert, ["what is the sum of the digits in the video"])
         ids = instruction["instruction_input_ids"].expand(frames, -1)
         mask = instruction["instruction_attention_mask"].expand(frames, -1)
-        before = rss_mb()
+        before = start_measuring()
         start = time.perf_counter()
         tokens = model.model.multi_modal_projector(features, ids, mask, compress_type="mean",
                                                    frame_chunk=config.frame_chunk)
@@ -72,12 +81,12 @@ def run_stage(stage: str, frames: int, workdir: str) -> dict:
         rng = np.random.default_rng(0)
         video = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(frames)]
         inputs = processor(videos=[video], text="A chat. USER: <video>", return_tensors="pt")
-        before = rss_mb()
+        before = start_measuring()
         start = time.perf_counter()
         cache = model.compress(**inputs)
         seconds = time.perf_counter() - start
         produced = cache.get_seq_length()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     return {"stage": stage, "frames": frames, "seconds": seconds, "added_peak_mb": max(peak - before, 0.0),
             "tokens": produced}
 

@@ -110,3 +110,18 @@ def test_malformed_compress_type(spec):
 def test_grid_larger_than_patch_grid():
     with pytest.raises(CompressTypeError, match="larger than the 4 x 4 patch grid"):
         pool_patches(torch.randn(1, PATCHES, VISION), "grid:5")
+
+
+def test_frame_features_file_in_chunks_equals_in_memory(projector, bert_tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    from llava_voco.model.llamavid import FrameFeatures
+
+    frames = torch.randn(10, PATCHES, VISION)
+    save_file({"features": frames}, tmp_path / "clip.safetensors")
+    stored = FrameFeatures(tmp_path / "clip.safetensors")
+    assert len(stored) == 10 and torch.equal(stored[3:7], frames[3:7])
+    ids, mask = instructions(bert_tokenizer, ["what is the sum of the digits"] * 10)
+    with torch.no_grad():
+        torch.testing.assert_close(projector(stored, ids, mask, "mean", frame_chunk=4),
+                                   projector(frames, ids, mask, "mean", frame_chunk=64), atol=1e-6, rtol=1e-5)

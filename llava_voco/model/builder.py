@@ -54,16 +54,7 @@ def add_voco_to_llava(
             for embedding in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
                 embedding[voco_token_id] = embedding[:rows_of_known_tokens].mean(dim=0)
 
-    processor = VoCoLlavaProcessor(
-        image_processor=processor.image_processor,
-        tokenizer=tokenizer,
-        patch_size=processor.patch_size,
-        vision_feature_select_strategy=processor.vision_feature_select_strategy,
-        chat_template=processor.chat_template,
-        image_token=processor.image_token,
-        num_additional_image_tokens=processor.num_additional_image_tokens,
-        voco_tokens=voco_tokens,
-    )
+    processor = VoCoLlavaProcessor.from_llava_processor(processor, voco_tokens, tokenizer=tokenizer)
     if output_dir is not None:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)

@@ -115,17 +115,70 @@ class LlamaVidProjector(nn.Module):
         compress_type: str = "grid:2",
         frame_chunk: int = 64,
     ) -> torch.Tensor:
-        """``[frames, 1 + n, D]``: each frame's ``[context, content...]`` tokens, computed in chunks."""
+        """``[frames, 1 + n, D]``: each frame's ``[context, content...]`` tokens, computed in chunks.
+
+        ``patch_features`` may also be a :class:`FrameFeatures` file: then only one chunk of features is
+        in memory at a time, and the output (written in place, no concatenation) is the only thing that
+        grows with the number of frames."""
         parse_compress_type(compress_type)
-        chunks = []
-        for start in range(0, patch_features.shape[0], frame_chunk):
+        total = len(patch_features)
+        tokens = None
+        for start in range(0, total, frame_chunk):
             features = patch_features[start : start + frame_chunk]
-            context = self.context_token(
-                features, instruction_ids[start : start + frame_chunk], instruction_mask[start : start + frame_chunk]
-            )
+            chunk_ids = instruction_ids[start : start + frame_chunk]
+            chunk_mask = instruction_mask[start : start + frame_chunk]
+            context = self.context_token(features, chunk_ids, chunk_mask)
             content = self.content_projector(pool_patches(features, compress_type))
-            chunks.append(torch.cat([context, content], dim=1))
-        return torch.cat(chunks, dim=0)
+            if tokens is None:
+                tokens = context.new_empty(total, 1 + content.shape[1], context.shape[-1])
+            tokens[start : start + len(features), :1] = context
+            tokens[start : start + len(features), 1:] = content
+        return tokens
+
+
+class FrameFeatures:
+    """Precomputed frame features in a safetensors file (one tensor ``[frames, patches, dim]``), read a
+    slice of frames at a time with plain file reads (no memory map, whose pages would stay resident), so
+    that hour-long videos never sit in memory whole."""
+
+    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+    def __init__(self, path, name: str | None = None):
+        import json
+        import struct
+
+        self.path = str(path)
+        with open(self.path, "rb") as handle:
+            try:
+                (header_length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_length))
+            except (struct.error, ValueError) as error:
+                raise ValueError(f"{self.path}: not a safetensors file: {error}") from error
+        names = [key for key in header if key != "__metadata__"]
+        if name is None and len(names) != 1:
+            raise ValueError(f"{self.path}: expected one tensor [frames, patches, dim], found {names}")
+        self.name = name or names[0]
+        entry = header[self.name]
+        self.shape = tuple(entry["shape"])
+        if len(self.shape) != 3:
+            raise ValueError(f"{self.path}: {self.name} has shape {self.shape}, expected [frames, patches, dim]")
+        if entry["dtype"] not in self._DTYPES:
+            raise ValueError(f"{self.path}: unsupported dtype {entry['dtype']}")
+        self.dtype = self._DTYPES[entry["dtype"]]
+        self._row_bytes = self.shape[1] * self.shape[2] * torch.empty((), dtype=self.dtype).element_size()
+        self._data_start = 8 + header_length + entry["data_offsets"][0]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise ValueError("FrameFeatures reads contiguous slices of frames")
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + start * self._row_bytes)
+            data = bytearray(handle.read((stop - start) * self._row_bytes))
+        return torch.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
 
 
 def build_llamavid_projector(config) -> LlamaVidProjector:

@@ -68,6 +68,20 @@ class VoCoLlavaProcessor(LlavaProcessor):
 
     video_token = "<video>"
 
+    @classmethod
+    def from_llava_processor(cls, processor: LlavaProcessor, voco_tokens: int, tokenizer=None) -> "VoCoLlavaProcessor":
+        """The same image processor, tokenizer (or ``tokenizer``), template and image-token settings, with VoCo."""
+        return cls(
+            image_processor=processor.image_processor,
+            tokenizer=tokenizer if tokenizer is not None else processor.tokenizer,
+            patch_size=processor.patch_size,
+            vision_feature_select_strategy=processor.vision_feature_select_strategy,
+            chat_template=processor.chat_template,
+            image_token=processor.image_token,
+            num_additional_image_tokens=processor.num_additional_image_tokens,
+            voco_tokens=voco_tokens,
+        )
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Also writes LLaMA-VID's text decoder tokenizer, in ``TEXT_DECODER_TOKENIZER_DIR``."""
         result = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)

@@ -459,16 +459,7 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
 
 
 def rebuild_processor(processor, voco_tokens: int) -> VoCoLlavaProcessor:
-    return VoCoLlavaProcessor(
-        image_processor=processor.image_processor,
-        tokenizer=processor.tokenizer,
-        patch_size=processor.patch_size,
-        vision_feature_select_strategy=processor.vision_feature_select_strategy,
-        chat_template=processor.chat_template,
-        image_token=processor.image_token,
-        num_additional_image_tokens=processor.num_additional_image_tokens,
-        voco_tokens=voco_tokens,
-    )
+    return VoCoLlavaProcessor.from_llava_processor(processor, voco_tokens)
 
 
 def build_model_and_processor(model_args: ModelArguments, training_args: TrainingArguments):
