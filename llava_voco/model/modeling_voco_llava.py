@@ -389,16 +389,25 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
         cached_positions = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         zero = torch.zeros((), dtype=torch.long, device=input_ids.device)
-        # All images through the vision tower first, in chunks (a video's frames batch well); then the LLM
-        # reads one image at a time so that its vision keys/values can be dropped before the next.
-        image_features = self.model.encode_images(pixel_values, **image_inputs) if pixel_values is not None else []
+        # Images go through the vision tower frame_chunk at a time (a video's frames batch well), a chunk
+        # only when the LLM reaches it; the LLM reads one image at a time so that its vision keys/values
+        # are dropped before the next: memory stays flat however long the video.
+        chunk = self.config.frame_chunk
+        encoded, encoded_from = [], 0
+        num_images = len(voco_ends) if pixel_values is not None else 0
         start = 0
         for image, end in enumerate(ends):
             segment = input_ids[:, start:end]
             segment_inputs = {}
-            if image < len(image_features):
+            if image < num_images:
+                if image >= encoded_from + len(encoded):
+                    rows = slice(image, image + chunk)
+                    encoded_from = image
+                    encoded = self.model.encode_images(
+                        pixel_values[rows], **{name: value[rows] for name, value in image_inputs.items()}
+                    )
                 segment_inputs["mm_encoder_outputs"] = {
-                    "image": BaseModelOutputWithPooling(pooler_output=[image_features[image]])
+                    "image": BaseModelOutputWithPooling(pooler_output=[encoded[image - encoded_from]])
                 }
             self(
                 input_ids=segment,
