@@ -141,3 +141,39 @@ def test_chat_and_eval_path_with_llamavid(llava_dir, bert, digit_images):
     single = chat.ask("what is the sum of the digits", keep_turn=False)
     batched = chat.ask_batch(["what is the sum of the digits", "which digit is at the top left"])
     assert batched[0][1] == single
+
+
+def test_extract_video_features_script(llava_dir, bert, tmp_path):
+    """Features written by the script, read back a chunk at a time, give the tokens the pixels give."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llava_voco.model.llamavid import FrameFeatures
+    from llava_voco.video import decode_video
+    from test_video import write_video
+
+    model, processor = llamavid(llava_dir, bert)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.mp4", frames=12, rate=4)  # 3 frames at 1 fps
+    script = Path(__file__).parents[1] / "scripts" / "extract_video_features.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [sys.executable, str(script), "--model-path", str(tmp_path / "model"), "--video-folder", str(videos),
+               "--output-folder", str(tmp_path / "features")]
+    assert "wrote 1 feature file(s)" in subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    assert "1 already there" in subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+
+    stored = FrameFeatures(tmp_path / "features" / "clip.safetensors")
+    assert stored.shape == (3, 16, model.config.vision_config.hidden_size)
+    frames = decode_video(videos / "clip.mp4", fps=1)
+    pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
+    instructions = encode_instructions(bert, ["what is the sum"] * 3)
+    with torch.no_grad():
+        from_pixels = model.model.llamavid_image_features(pixels, **instructions, video_frame_mask=torch.ones(3, dtype=torch.bool))
+        from_file = model.model.multi_modal_projector(stored, instructions["instruction_input_ids"],
+                                                      instructions["instruction_attention_mask"], "mean", frame_chunk=2)
+    torch.testing.assert_close(from_file, torch.stack(from_pixels), atol=1e-5, rtol=1e-5)

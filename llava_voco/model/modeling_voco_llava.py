@@ -69,6 +69,16 @@ class VoCoLlavaModel(LlavaModel):
             tokens_per_image=tokens_per_image,
         )
 
+    def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[images, N, C]``: the selected vision layer's patch features (what LLaMA-VID reads and
+        ``scripts/extract_video_features.py`` stores), ``frame_chunk`` images through the tower at a time."""
+        chunks = []
+        for start in range(0, pixel_values.shape[0], self.config.frame_chunk):
+            hidden = self.vision_tower(pixel_values[start : start + self.config.frame_chunk], output_hidden_states=True)
+            selected = hidden.hidden_states[self.config.vision_feature_layer]
+            chunks.append(selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected)
+        return torch.cat(chunks)
+
     def llamavid_image_features(
         self,
         pixel_values: torch.Tensor,  # [images, 3, H, W]
@@ -90,12 +100,7 @@ class VoCoLlavaModel(LlavaModel):
                 "LLaMA-VID needs one instruction per image or frame"
             )
         chunk = self.config.frame_chunk
-        patch_features = []
-        for start in range(0, pixel_values.shape[0], chunk):
-            hidden = self.vision_tower(pixel_values[start : start + chunk], output_hidden_states=True).hidden_states
-            selected = hidden[self.config.vision_feature_layer]
-            patch_features.append(selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected)
-        patch_features = torch.cat(patch_features)  # [images, N, C]
+        patch_features = self.vision_patch_features(pixel_values)  # [images, N, C]
         is_frame = (
             video_frame_mask.bool()
             if video_frame_mask is not None

@@ -1,0 +1,71 @@
+"""Precompute the vision tower's frame features of long videos, for LLaMA-VID.
+
+    python scripts/extract_video_features.py --model-path DIR --video-folder videos/ --output-folder features/
+        [--video-fps 1] [--max-frames N]
+
+Every video file (or folder of frame images) in ``--video-folder`` becomes
+``<output-folder>/<name>.safetensors`` holding one tensor ``features`` ``[frames, patches, dim]`` (the
+model's selected vision layer, CLS dropped as its config says), which
+``llava_voco.model.llamavid.FrameFeatures`` reads a chunk at a time. Frames go through the tower
+``frame_chunk`` at a time; existing outputs are skipped, so an interrupted run resumes.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from llava_voco.serve.chat import load_model
+from llava_voco.video import IMAGE_SUFFIXES, VideoError, decode_video
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+def videos_in(folder: Path) -> list[Path]:
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+            found.append(path)
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            found.append(path)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--video-folder", required=True)
+    parser.add_argument("--output-folder", required=True)
+    parser.add_argument("--video-fps", type=float, default=1.0)
+    parser.add_argument("--max-frames", type=int, default=None)
+    args = parser.parse_args()
+
+    model, processor = load_model(args.model_path)
+    output = Path(args.output_folder)
+    output.mkdir(parents=True, exist_ok=True)
+    videos = videos_in(Path(args.video_folder))
+    if not videos:
+        raise SystemExit(f"{args.video_folder}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) or frame folders")
+    written = 0
+    for video in tqdm(videos, desc="videos", unit="video"):
+        target = output / f"{video.stem if video.is_file() else video.name}.safetensors"
+        if target.exists():
+            continue
+        try:
+            frames = decode_video(video, fps=args.video_fps, max_frames=args.max_frames)
+        except VideoError as error:
+            raise SystemExit(str(error)) from error
+        pixel_values = processor.image_processor(frames, return_tensors="pt")["pixel_values"].to(model.device)
+        with torch.no_grad():
+            features = model.model.vision_patch_features(pixel_values).to("cpu").contiguous()
+        save_file({"features": features}, target, metadata={
+            "source": str(video), "video_fps": str(args.video_fps), "model": str(args.model_path),
+        })
+        written += 1
+    print(f"wrote {written} feature file(s) to {output} ({len(videos) - written} already there)")
+
+
+if __name__ == "__main__":
+    main()
