@@ -118,10 +118,13 @@ class VoCoLlavaProcessor(LlavaProcessor):
         pending_images, pending_videos = iter(images), iter(videos)
         pending_instructions = iter(instructions) if instructions is not None else None
         ordered_images, frame_flags, expanded, image_instructions = [], [], [], []
+        placeholders_per_sample = []  # (span in the caller's text, images it stands for)
         for sample in texts:
-            pieces = []
+            pieces, placeholders, cursor = [], [], 0
             sample_instruction = placeholder.sub("", sample).strip()
             for piece in placeholder.split(sample):
+                span = (cursor, cursor + len(piece))
+                cursor += len(piece)
                 if piece in (self.image_token, self.video_token):
                     instruction = next(pending_instructions, None) if pending_instructions is not None else sample_instruction
                     if instruction is None:
@@ -134,6 +137,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
                     frame_flags.append(False)
                     image_instructions.append(instruction)
                     pieces.append(piece)
+                    placeholders.append((span, piece, 1))
                 elif piece == self.video_token:
                     frames = next(pending_videos, None)
                     if not frames:
@@ -142,9 +146,11 @@ class VoCoLlavaProcessor(LlavaProcessor):
                     frame_flags.extend([True] * len(frames))
                     image_instructions.extend([instruction] * len(frames))
                     pieces.append(self.image_token * len(frames))
+                    placeholders.append((span, piece, len(frames)))
                 else:
                     pieces.append(piece)
             expanded.append("".join(pieces))
+            placeholders_per_sample.append(placeholders)
         leftover_images, leftover_videos = sum(1 for _ in pending_images), sum(1 for _ in pending_videos)
         if leftover_images or leftover_videos:
             raise ValueError(
@@ -157,6 +163,12 @@ class VoCoLlavaProcessor(LlavaProcessor):
             )
         finally:
             self._frame_flags = None
+        if "text_replacement_offsets" in output:
+            # Offsets against the caller's text: a <video> is one replacement covering its frames.
+            output["text_replacement_offsets"] = [
+                self._merge_replacements(offsets, placeholders)
+                for offsets, placeholders in zip(output["text_replacement_offsets"], placeholders_per_sample)
+            ]
         if ordered_images:
             as_tensors = kwargs.get("return_tensors") == "pt"
             output["video_frame_mask"] = torch.tensor(frame_flags) if as_tensors else frame_flags
@@ -166,6 +178,21 @@ class VoCoLlavaProcessor(LlavaProcessor):
                 encoded = encode_instructions(self.text_decoder_tokenizer, image_instructions, self.instruction_max_length)
                 output.update(encoded if as_tensors else {k: v.tolist() for k, v in encoded.items()})
         return output
+
+    @staticmethod
+    def _merge_replacements(offsets: list[dict], placeholders: list) -> list[dict]:
+        merged, taken = [], iter(offsets)
+        for span, text, images in placeholders:
+            parts = [next(taken) for _ in range(images)]
+            replacement = "".join(part["replacement"] for part in parts)
+            merged.append({
+                "type": "video" if images != 1 or text != parts[0]["text"] else "image",
+                "span": span,
+                "new_span": (parts[0]["new_span"][0], parts[-1]["new_span"][1]),
+                "text": text,
+                "replacement": replacement,
+            })
+        return merged
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         image_tokens = super().replace_image_token(image_inputs, image_idx, **kwargs)

@@ -1,7 +1,9 @@
 """LLaVA's training data (its JSON format, flags and templates) through a ``VoCoLlavaProcessor``.
 
-A sample is ``{"id", "image": str | [str] (optional), "conversations": [{"from": "human" | "gpt",
-"value"}]}``, in a JSON list or a JSONL file. The processor does everything that depends on the model:
+A sample is ``{"id", "image": str | [str] (optional), "video": str (optional: a file PyAV decodes or a
+folder of frames, at ``--video_fps`` up to ``--max_frames``), "conversations": [{"from": "human" | "gpt",
+"value"}]}``, in a JSON list or a JSONL file. A video's placeholder is ``<video>`` (an ``<image>`` in a
+sample with a video and no images is read as it); each frame becomes an image with its own VoCo tokens. The processor does everything that depends on the model:
 image preprocessing, expanding each ``<image>`` to the vision tokens and appending the VoCo tokens.
 Labels come from character spans (``llava_voco.conversation``) mapped through the tokenizer's
 offsets, so they are exact for any tokenizer.
@@ -9,7 +11,8 @@ offsets, so they are exact for any tokenizer.
 Dataset items (``LazySupervisedDataset.__getitem__``):
     ``input_ids`` [seq] and ``labels`` [seq] (IGNORE_INDEX except assistant replies and their end of
     turn), ``pixel_values`` [n_images, 3, H, W] only for samples with images (``image_sizes`` too if the
-    processor gives them), and the counters of ``BATCH_STAT_KEYS`` as ints.
+    processor gives them), ``video_frame_mask`` [n_images] with videos, ``instruction_input_ids`` /
+    ``instruction_attention_mask`` [n_images, L] for LLaMA-VID, and the counters of ``BATCH_STAT_KEYS`` as ints.
 
 Batches (``DataCollatorForSupervisedDataset``): ``input_ids``, ``attention_mask``, ``labels`` [batch,
 seq] padded on ``tokenizer.padding_side``; ``pixel_values`` [images in the batch, 3, H, W] in sample
@@ -33,22 +36,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 from transformers import DataCollatorForSeq2Seq
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, ConversationError, RenderedConversation, get_template
+from ..video import VideoError, decode_video
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ASPECT_RATIOS = ("pad", "square")
+VIDEO_PLACEHOLDER = "<video>"
+# Per-image inputs the processor may give (video frames, LLaMA-VID instructions), collated across the batch.
+PER_IMAGE_KEYS = ("video_frame_mask", "instruction_input_ids", "instruction_attention_mask")
 BATCH_STAT_KEYS = ("num_vision_tokens", "num_voco_tokens", "num_samples_skipped", "num_samples_truncated")
 
 
@@ -81,8 +90,17 @@ class DataArguments:
         default=False,
         metadata={"help": "Log, count and skip malformed samples and unreadable images instead of stopping."},
     )
+    video_folder: str | None = field(
+        default=None, metadata={"help": "Folder the samples' video paths are relative to (default: --image_folder)."}
+    )
+    video_fps: float = field(default=1.0, metadata={"help": "Frames taken per second of video."})
+    max_frames: int | None = field(
+        default=None, metadata={"help": "At most this many frames per video, sampled uniformly over it."}
+    )
 
     def __post_init__(self):
+        if self.video_fps <= 0:
+            raise ValueError(f"--video_fps must be positive, got {self.video_fps}")
         if self.image_aspect_ratio not in ASPECT_RATIOS:
             raise ValueError(
                 f"--image_aspect_ratio {self.image_aspect_ratio!r} is not supported here (LLaVA-NeXT's 'anyres' "
@@ -107,6 +125,8 @@ class _PreparedSample:
     sample_id: Any
     image_files: list[str]
     rendered: RenderedConversation
+    video_file: str | None = None
+    turns: list = field(default_factory=list)
 
 
 def load_samples(data_path: str) -> list:
@@ -146,6 +166,10 @@ def _image_files(sample) -> list:
     if files is None:
         return []
     return files if isinstance(files, list) else [files]
+
+
+def _video_file(sample):
+    return sample.get("video") if isinstance(sample, dict) else None
 
 
 def _word_count(sample) -> int:
@@ -200,8 +224,10 @@ class LazySupervisedDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Estimated tokens per sample: words of the turns plus image and VoCo tokens (as LLaVA estimates)."""
+        frames = self.data_args.max_frames or 8  # without decoding: the cap, or a typical short clip
         return [
-            _word_count(self.samples[i]) + len(_image_files(self.samples[i])) * self.tokens_per_image
+            _word_count(self.samples[i])
+            + (len(_image_files(self.samples[i])) + (frames if _video_file(self.samples[i]) else 0)) * self.tokens_per_image
             for i in self._indices
         ]
 
@@ -209,7 +235,7 @@ class LazySupervisedDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """``lengths``, negated (and at least 1 in size) for text-only samples: LLaVA's modality sign."""
         return [
-            length if _image_files(self.samples[i]) else -max(length, 1)
+            length if _image_files(self.samples[i]) or _video_file(self.samples[i]) else -max(length, 1)
             for i, length in zip(self._indices, self.lengths)
         ]
 
@@ -246,6 +272,25 @@ class LazySupervisedDataset(Dataset):
             if role == GPT and IMAGE_PLACEHOLDER in value:
                 raise self._error(position, sample_id, f"turn {number} ({GPT}) contains {IMAGE_PLACEHOLDER}")
 
+        video_file = _video_file(sample)
+        if video_file is not None:
+            if not isinstance(video_file, str) or not video_file:
+                raise self._error(position, sample_id, f"'video' must be a path, got {video_file!r}")
+            if self.template.style in ("plain", "voco_official"):
+                raise self._error(position, sample_id, f"the {self.template.name!r} template lays out images only, not videos")
+            video_placeholders = sum(value.count(VIDEO_PLACEHOLDER) for _, value in turns)
+            if video_placeholders == 0 and not image_files and sum(v.count(IMAGE_PLACEHOLDER) for _, v in turns) == 1:
+                turns = [(role, value.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for role, value in turns]
+                video_placeholders = 1
+            if video_placeholders == 0:
+                first_human = next((n for n, (role, _) in enumerate(turns) if role == HUMAN), None)
+                if first_human is not None:
+                    turns[first_human] = (HUMAN, VIDEO_PLACEHOLDER + "\n" + turns[first_human][1])
+                    video_placeholders = 1
+            if video_placeholders != 1:
+                raise self._error(position, sample_id, f"{video_placeholders} {VIDEO_PLACEHOLDER} placeholders for one video")
+        elif any(VIDEO_PLACEHOLDER in value for _, value in turns):
+            raise self._error(position, sample_id, f"{VIDEO_PLACEHOLDER} in the turns but no 'video' in the sample")
         placeholders = sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
         if placeholders == 0 and image_files:
             # As LLaVA does: the images go before the first human turn's text.
@@ -268,7 +313,7 @@ class LazySupervisedDataset(Dataset):
             rendered = self.template.render(turns, len(image_files))
         except ConversationError as error:
             raise self._error(position, sample_id, str(error)) from None
-        return _PreparedSample(sample_id, image_files, rendered)
+        return _PreparedSample(sample_id, image_files, rendered, video_file, turns)
 
     def _image_path(self, position: int, sample_id: Any, name: str) -> str:
         if self.data_args.image_folder is None and not os.path.isabs(name):
@@ -287,6 +332,10 @@ class LazySupervisedDataset(Dataset):
                     path = self._image_path(position, prepared.sample_id, name)
                     if not os.path.isfile(path):
                         raise self._error(position, prepared.sample_id, f"missing image file {path}")
+                if prepared.video_file:
+                    path = self._video_path(position, prepared.sample_id, prepared.video_file)
+                    if not os.path.exists(path):
+                        raise self._error(position, prepared.sample_id, f"missing video {path}")
             except DataError as error:
                 if not self.data_args.skip_bad_samples:
                     raise
@@ -309,18 +358,57 @@ class LazySupervisedDataset(Dataset):
             image = expand_to_square(image, tuple(int(channel * 255) for channel in mean))
         return image
 
+    def _video_path(self, position: int, sample_id: Any, name: str) -> str:
+        folder = self.data_args.video_folder or self.data_args.image_folder
+        if folder is None and not os.path.isabs(name):
+            raise ValueError(
+                f"{self.data_path}: sample id {sample_id!r} (index {position}) has a video but neither "
+                "--video_folder nor --image_folder is set"
+            )
+        return os.path.join(folder or "", name)
+
+    def _load_video(self, position: int, sample_id: Any, name: str) -> list[Image.Image]:
+        path = self._video_path(position, sample_id, name)
+        if not os.path.exists(path):
+            raise self._error(position, sample_id, f"missing video {path}")
+        try:
+            frames = decode_video(path, fps=self.data_args.video_fps, max_frames=self.data_args.max_frames)
+        except VideoError as error:
+            raise self._error(position, sample_id, str(error)) from None
+        if self.data_args.image_aspect_ratio == "pad":
+            mean = self.processor.image_processor.image_mean
+            frames = [expand_to_square(frame, tuple(int(channel * 255) for channel in mean)) for frame in frames]
+        return frames
+
+    def _instructions(self, turns: list) -> list[str] | None:
+        """LLaMA-VID reads, for each image or video, the human turn that shows it (placeholders removed)."""
+        if getattr(self.processor, "llamavid_compress_type", None) is None:
+            return None
+        placeholder = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+        instructions = []
+        for role, value in turns:
+            text = placeholder.sub("", value).strip()
+            instructions.extend([text] * len(placeholder.findall(value)))
+        return instructions
+
     # ---- items ----------------------------------------------------------------------------------
 
     def _build(self, position: int) -> dict:
         prepared = self._prepare(position)
         images = [self._load_image(position, prepared.sample_id, name) for name in prepared.image_files]
+        frames = self._load_video(position, prepared.sample_id, prepared.video_file) if prepared.video_file else None
         rendered = prepared.rendered
+        media = {"videos": [frames]} if frames else {}
+        instructions = self._instructions(prepared.turns)
+        if instructions is not None:
+            media["instructions"] = instructions
         encoded = self.processor(
             images=images or None,
             text=[rendered.text],
             return_offsets_mapping=True,
             return_text_replacement_offsets=True,
             return_tensors="pt",
+            **media,
         )
         input_ids = encoded["input_ids"][0]  # [seq]
         offsets = encoded["offset_mapping"][0]  # [seq, 2] character span of each token in the expanded text
@@ -349,10 +437,11 @@ class LazySupervisedDataset(Dataset):
             input_ids, labels, truncated = input_ids[:cut], labels[:cut], 1
 
         item = {"input_ids": input_ids, "labels": labels}
-        if images:
-            item["pixel_values"] = encoded["pixel_values"]  # [n_images, 3, H, W]
-            if "image_sizes" in encoded:
-                item["image_sizes"] = encoded["image_sizes"]
+        if images or frames:
+            item["pixel_values"] = encoded["pixel_values"]  # [n_images (video frames included), 3, H, W]
+            for key in ("image_sizes", *PER_IMAGE_KEYS):
+                if key in encoded:
+                    item[key] = encoded[key]
         item["num_vision_tokens"] = int((input_ids == self.image_token_id).sum())
         item["num_voco_tokens"] = int((input_ids == self.voco_token_id).sum()) if self.voco_token_id is not None else 0
         item["num_samples_truncated"] = truncated
@@ -431,6 +520,18 @@ class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
         image_sizes = [f["image_sizes"] for f in features if "image_sizes" in f]
         if image_sizes:
             batch["image_sizes"] = torch.cat([torch.as_tensor(sizes) for sizes in image_sizes])
+        if any("video_frame_mask" in f for f in features):
+            batch["video_frame_mask"] = torch.cat(
+                [f["video_frame_mask"] if "video_frame_mask" in f else torch.zeros(len(f["pixel_values"]), dtype=torch.bool)
+                 for f in features if "pixel_values" in f]
+            )
+        if any("instruction_input_ids" in f for f in features):  # LLaMA-VID: one row per image, right padded
+            width = max(f["instruction_input_ids"].shape[1] for f in features if "instruction_input_ids" in f)
+            ids = [F.pad(f["instruction_input_ids"], (0, width - f["instruction_input_ids"].shape[1]))
+                   for f in features if "instruction_input_ids" in f]
+            masks = [F.pad(f["instruction_attention_mask"], (0, width - f["instruction_attention_mask"].shape[1]))
+                     for f in features if "instruction_input_ids" in f]
+            batch["instruction_input_ids"], batch["instruction_attention_mask"] = torch.cat(ids), torch.cat(masks)
         for key in BATCH_STAT_KEYS:
             batch[key] = sum(int(f.get(key, 0)) for f in features)
         return batch
