@@ -439,3 +439,66 @@ def test_console_script_is_declared():
     scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
     module, function = scripts["llava-voco-train"].split(":")
     assert getattr(importlib.import_module(module), function) is __import__("llava_voco.train.train", fromlist=["cli"]).cli
+
+
+# ---- LLaMA-VID and video through the same entry ---------------------------------------------------------
+def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
+    """--mm_projector_type llamavid, set-up (a), image and video samples (a real mp4 and a frame folder):
+    the loss falls, the text decoder trains (or stays frozen with --freeze_text_decoder), the output
+    reloads with its text decoder tokenizer and answers."""
+    from llava_voco.model.tiny import train_wordpiece_tokenizer
+    from test_video import write_video
+
+    bert_dir = tmp_path / "bert"
+    train_wordpiece_tokenizer().save_pretrained(bert_dir)
+    qformer = tmp_path / "qformer.json"
+    qformer.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                   "intermediate_size": 64}))
+    videos = tiny.image_folder / "videos"
+    videos.mkdir(exist_ok=True)
+    write_video(videos / "clip.mp4", frames=8, rate=4)  # 2 frames at 1 fps
+    frames = videos / "frames"
+    frames.mkdir(exist_ok=True)
+    for n in range(3):
+        shutil.copy(tiny.image_folder / f"digits/{n}.png", frames / f"{n:03d}.png")
+    samples = json.loads(tiny.data_path.read_text())[:24]
+    samples += [{"id": f"video-{i}", "video": "videos/clip.mp4" if i % 2 else "videos/frames", "conversations": [
+        {"from": "human", "value": "<video>\nWhat is in the clip?"}, {"from": "gpt", "value": WORDS[i % 10]}]}
+        for i in range(8)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    llamavid = ["--mm_projector_type", "llamavid", "--text_decoder_tokenizer", bert_dir, "--text_decoder_config", qformer,
+                "--num_query", "4", "--compress_type", "grid:2", "--video_compress_type", "mean"]
+    base = ["--model_name_or_path", str(tiny.llm), "--vision_tower", str(tiny.clip), "--mm_vision_select_layer", "-2"]
+
+    output_dir = tmp_path / "out"
+    run_cli(base + llamavid + common_args(tiny, output_dir, data_path=data, max_steps=20, save_steps=100))
+    curve = losses(output_dir)
+    assert np.mean([curve[s] for s in range(16, 21)]) < np.mean([curve[s] for s in range(1, 6)]) - 0.3, curve
+
+    model = AutoModelForImageTextToText.from_pretrained(output_dir).eval()
+    processor = AutoProcessor.from_pretrained(output_dir)
+    assert model.config.mm_projector_type == "llamavid" and processor.text_decoder_tokenizer is not None
+    fresh = llava_voco.model.llamavid.build_llamavid_projector(model.config)
+    trained = model.model.multi_modal_projector.text_decoder.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.text_decoder.state_dict().items())
+    batch = processor(images=[Image.open(tiny.image_folder / "digits/0.png")], text="USER: <image>\nWhat is in the image? ASSISTANT:",
+                      instructions=["What is in the image?"], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 1 + 4
+    assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] > batch["input_ids"].shape[1]
+
+    # --freeze_text_decoder: the Q-Former stays as it is, the queries and projections still train
+    from llava_voco.train.train import build_model_and_processor, set_trainable
+
+    model_args, data_args, training_args = parse_args([str(arg) for arg in (
+        base + llamavid + ["--freeze_text_decoder", "True"] + common_args(tiny, tmp_path / "frozen", data_path=data))])
+    model, _ = build_model_and_processor(model_args, training_args)
+    model = set_trainable(model, model_args, training_args)
+    projector = model.model.multi_modal_projector
+    assert not any(p.requires_grad for p in projector.text_decoder.parameters())
+    assert projector.query_tokens.requires_grad and projector.context_projection.weight.requires_grad
+
+
+def test_llamavid_flags_need_llamavid(tiny, tmp_path):
+    with pytest.raises(TrainConfigError, match="only applies with --mm_projector_type llamavid"):
+        refuse_flags_without_effect(*parse_args(layout_a(tiny) + ["--compress_type", "mean"] + common_args(tiny, tmp_path)))

@@ -71,7 +71,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
     @classmethod
     def from_llava_processor(cls, processor: LlavaProcessor, voco_tokens: int, tokenizer=None) -> "VoCoLlavaProcessor":
         """The same image processor, tokenizer (or ``tokenizer``), template and image-token settings, with VoCo."""
-        return cls(
+        rebuilt = cls(
             image_processor=processor.image_processor,
             tokenizer=tokenizer if tokenizer is not None else processor.tokenizer,
             patch_size=processor.patch_size,
@@ -80,7 +80,12 @@ class VoCoLlavaProcessor(LlavaProcessor):
             image_token=processor.image_token,
             num_additional_image_tokens=processor.num_additional_image_tokens,
             voco_tokens=voco_tokens,
+            llamavid_compress_type=getattr(processor, "llamavid_compress_type", None),
+            llamavid_video_compress_type=getattr(processor, "llamavid_video_compress_type", None),
+            instruction_max_length=getattr(processor, "instruction_max_length", 128),
         )
+        rebuilt.text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
+        return rebuilt
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Also writes LLaMA-VID's text decoder tokenizer, in ``TEXT_DECODER_TOKENIZER_DIR``."""

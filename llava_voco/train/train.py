@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (``deepspeed llava_voco/train/train.py``), as LLaVA's scripts do
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -118,6 +120,20 @@ class ModelArguments:
     )
     voco_mask_mode: str | None = field(default=None, metadata={"help": "paper (default) or official."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention."})
+    # LLaMA-VID (--mm_projector_type llamavid, set-up (a))
+    text_decoder_tokenizer: str | None = field(
+        default=None, metadata={"help": "LLaMA-VID: the text decoder's BERT WordPiece tokenizer directory."}
+    )
+    text_decoder_config: str | None = field(
+        default=None,
+        metadata={"help": "LLaMA-VID: a JSON file of InstructBlipQFormerConfig fields (default: BERT-base sized)."},
+    )
+    num_query: int = field(default=32, metadata={"help": "LLaMA-VID: learnable queries of the text decoder."})
+    compress_type: str = field(default="grid:2", metadata={"help": "LLaMA-VID content tokens of an image: none, mean or grid:g."})
+    video_compress_type: str = field(default="mean", metadata={"help": "LLaMA-VID content tokens of a video frame."})
+    instruction_max_length: int = field(default=128, metadata={"help": "LLaMA-VID: instruction tokens kept (from the end)."})
+    freeze_text_decoder: bool = field(default=False, metadata={"help": "LLaMA-VID: keep the text decoder (Q-Former) frozen."})
+    frame_chunk: int = field(default=64, metadata={"help": "Images or frames through the vision tower at once."})
 
 
 @dataclass
@@ -203,6 +219,12 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
         refuse(f"--lora_bias {training_args.lora_bias}", "must be none, all or lora_only (PEFT's values)")
     if not training_args.lora_enable and not training_args.lora_merge_on_save:
         refuse("--lora_merge_on_save False", "only means something with --lora_enable True")
+    if model_args.mm_projector_type != "llamavid":
+        for flag, default in (("text_decoder_tokenizer", None), ("text_decoder_config", None), ("num_query", 32),
+                              ("compress_type", "grid:2"), ("video_compress_type", "mean"),
+                              ("freeze_text_decoder", False), ("instruction_max_length", 128)):
+            if getattr(model_args, flag) != default:
+                refuse(f"--{flag} {getattr(model_args, flag)}", "it only applies with --mm_projector_type llamavid")
     if model_args.mm_projector_type is not None and model_args.mm_projector_type not in PROJECTOR_TYPES:
         refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(PROJECTOR_TYPES)}")
     if model_args.mm_vision_select_feature is not None and model_args.mm_vision_select_feature not in SELECT_FEATURE:
@@ -353,6 +375,8 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         voco_tokens=voco_tokens,
         voco_token_id=tokenizer.convert_tokens_to_ids(VOCO_TOKEN) if voco_tokens else None,
         voco_mask_mode=model_args.voco_mask_mode or "paper",
+        frame_chunk=model_args.frame_chunk,
+        **llamavid_fields(model_args),
     )
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
     config._attn_implementation = attn
@@ -379,8 +403,37 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         num_additional_image_tokens=1 if has_cls else 0,
         chat_template=tokenizer.chat_template,
         voco_tokens=voco_tokens,
+        llamavid_compress_type=config.llamavid_compress_type if config.mm_projector_type == "llamavid" else None,
+        llamavid_video_compress_type=config.llamavid_video_compress_type if config.mm_projector_type == "llamavid" else None,
+        instruction_max_length=model_args.instruction_max_length,
     )
+    if config.mm_projector_type == "llamavid":
+        processor.text_decoder_tokenizer = AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer)
     return model, processor
+
+
+def llamavid_fields(model_args: ModelArguments) -> dict:
+    """The config fields of LLaMA-VID's projector from its flags (set-up (a))."""
+    if model_args.mm_projector_type != "llamavid":
+        return {}
+    if model_args.text_decoder_tokenizer is None:
+        raise TrainConfigError("--mm_projector_type llamavid needs --text_decoder_tokenizer (a BERT tokenizer directory)")
+    qformer = {}
+    if model_args.text_decoder_config is not None:
+        try:
+            qformer = json.loads(Path(model_args.text_decoder_config).read_text())
+        except (OSError, ValueError) as error:
+            raise TrainConfigError(f"--text_decoder_config {model_args.text_decoder_config}: {error}") from None
+    vocab = len(AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer))
+    if qformer.get("vocab_size", vocab) < vocab:
+        raise TrainConfigError(f"--text_decoder_config vocab_size {qformer['vocab_size']} < the tokenizer's {vocab}")
+    qformer.setdefault("vocab_size", vocab)
+    return {
+        "llamavid_num_query": model_args.num_query,
+        "llamavid_qformer": qformer,
+        "llamavid_compress_type": model_args.compress_type,
+        "llamavid_video_compress_type": model_args.video_compress_type,
+    }
 
 
 def build_from_llava_checkpoint(model_args: ModelArguments, training_args: TrainingArguments):
@@ -502,6 +555,8 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
         model.model.vision_tower.requires_grad_(False)
     if training_args.freeze_mm_mlp_adapter:
         model.model.multi_modal_projector.requires_grad_(False)
+    if model_args.freeze_text_decoder and model.config.mm_projector_type == "llamavid":
+        model.model.multi_modal_projector.text_decoder.requires_grad_(False)
 
     if training_args.lora_enable:
         from peft import LoraConfig, get_peft_model
