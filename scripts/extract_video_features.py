@@ -18,9 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llava_voco.serve.chat import load_model
-from llava_voco.video import IMAGE_SUFFIXES, VideoError, decode_video
-
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+from llava_voco.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, decode_video
 
 
 def videos_in(folder: Path) -> list[Path]:

@@ -81,7 +81,7 @@ def test_eval_one_compression_per_image_and_resume(voco_dir, digit_images, tmp_p
     args = ["--model-path", voco_dir, "--question-file", question_file, "--image-folder", images,
             "--answers-file", answers_file, "--batch-size", "2", "--max-new-tokens", "5"]
     out = run("llava_voco.eval.model_vqa", *args)
-    assert "answered 6 question(s) (0 already" in out and "2 distinct image(s), 2 vision tower pass(es)" in out
+    assert "answered 6 question(s) (0 already" in out and "2 distinct image(s)/video(s), 2 vision tower pass(es)" in out
     lines = answers_file.read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["question_id"] for r in records] == ["q0", "q2", "q4", "q1", "q3", "q5"]
@@ -104,3 +104,29 @@ def test_eval_one_compression_per_image_and_resume(voco_dir, digit_images, tmp_p
     assert sorted(r["question_id"] for r in resumed) == sorted(q["question_id"] for q in questions)
     by_id = {r["question_id"]: r["text"] for r in records}
     assert all(by_id[r["question_id"]] == r["text"] for r in resumed)
+
+
+def test_cli_and_eval_take_a_video(voco_dir, tmp_path):
+    from test_video import write_video
+
+    write_video(tmp_path / "clip.mp4", frames=12, rate=4)  # 3 frames at 1 fps
+    out = run("llava_voco.serve.cli", "--model-path", voco_dir, "--video-file", tmp_path / "clip.mp4",
+              "--temperature", "0", "--max-new-tokens", "4", stdin="What is the sum?\n")
+    assert "[video: 3 frames, 17 tokens per frame]" in out  # 16 image tokens + 1 VoCo token
+    assert "[compressed 0 image(s) and a 3-frame video]" in out and "48 vision tokens -> 3 VoCo token(s)" in out
+    assert "1 vision tower pass(es)" in out  # the frames go through the tower as one chunk
+    same = run("llava_voco.serve.cli", "--model-path", voco_dir, "--image-file", tmp_path / "clip.mp4",
+               "--temperature", "0", "--max-new-tokens", "4", stdin="What is the sum?\n")
+    answer = lambda text: text.split("ASSISTANT: ")[1].split("\n")[0]
+    assert answer(same) == answer(out)
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "video": "clip.mp4", "text": t}) + "\n"
+                                 for i, t in enumerate(["What is the sum?", "Which digit is in frame 2?"])))
+    answers = tmp_path / "a.jsonl"
+    report = run("llava_voco.eval.model_vqa", "--model-path", voco_dir, "--question-file", questions,
+                 "--image-folder", tmp_path, "--answers-file", answers, "--max-new-tokens", "4")
+    assert "1 distinct image(s)/video(s), 1 vision tower pass(es)" in report
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["question_id"] for r in records] == [0, 1] and "<video>" in records[0]["prompt"]
+    assert records[0]["text"] == answer(out)

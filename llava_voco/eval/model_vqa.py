@@ -3,7 +3,7 @@
     python -m llava_voco.eval.model_vqa --model-path DIR --question-file q.jsonl --image-folder DIR
         --answers-file a.jsonl [--conv-mode v1] [--batch-size 8] [--temperature 0] [--max-new-tokens 128]
 
-Reads LLaVA's question JSONL (``question_id``, ``image``, ``text``) and writes LLaVA's answers JSONL
+Reads LLaVA's question JSONL (``question_id``, ``image`` or ``video``, ``text``) and writes LLaVA's answers JSONL
 (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``), one line per answer,
 flushed as it goes. Rerunning with the same answers file resumes: answered questions are skipped and a
 half-written last line (an interrupted run) is dropped first.
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..conversation import get_template
 from ..serve.chat import ImageChat, count_vision_passes, load_images, load_model
+from ..video import decode_video
 
 
 def read_questions(path: str) -> list[dict]:
@@ -72,6 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--video-folder", default=None, help="where questions' 'video' paths are (default: --image-folder)")
+    parser.add_argument("--video-fps", type=float, default=1.0)
+    parser.add_argument("--max-frames", type=int, default=None)
     args = parser.parse_args(argv)
     if args.model_base:
         raise SystemExit("--model-base (LoRA weights over a base model) is not supported: merge the LoRA first")
@@ -87,16 +91,22 @@ def main(argv=None) -> None:
     Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
     done = answered_ids(args.answers_file)
     pending = [q for q in questions if q["question_id"] not in done]
-    by_image: OrderedDict[str, list[dict]] = OrderedDict()
-    for question in pending:
-        by_image.setdefault(question.get("image") or "", []).append(question)
+    by_image: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
+    for question in pending:  # an image, a video (file or frame folder), or neither
+        media = ("video", question["video"]) if question.get("video") else ("image", question.get("image") or "")
+        by_image.setdefault(media, []).append(question)
 
     with count_vision_passes(model) as vision, open(args.answers_file, "a", encoding="utf-8") as out, tqdm(
         total=len(pending), desc="answering", unit="q"
     ) as progress:
-        for image_name, image_questions in by_image.items():
-            images = load_images([os.path.join(args.image_folder, image_name)]) if image_name else []
-            chat = ImageChat(model, processor, template, images, generation_kwargs=generation)
+        for (kind, name), image_questions in by_image.items():
+            images, video = [], None
+            if kind == "video":
+                video = decode_video(os.path.join(args.video_folder or args.image_folder, name),
+                                     fps=args.video_fps, max_frames=args.max_frames)
+            elif name:
+                images = load_images([os.path.join(args.image_folder, name)])
+            chat = ImageChat(model, processor, template, images, generation_kwargs=generation, video=video)
             for start in range(0, len(image_questions), args.batch_size):
                 batch = image_questions[start : start + args.batch_size]
                 for question, (prompt, answer) in zip(batch, chat.ask_batch([q["text"] for q in batch])):
@@ -113,7 +123,7 @@ def main(argv=None) -> None:
                 progress.update(len(batch))
     print(
         f"answered {len(pending)} question(s) ({len(done)} already in {args.answers_file}); "
-        f"{len(by_image)} distinct image(s), {vision['passes']} vision tower pass(es)"
+        f"{len(by_image)} distinct image(s)/video(s), {vision['passes']} vision tower pass(es)"
     )
 
 

@@ -25,8 +25,11 @@ def prompt_for_reply(template: ConversationTemplate, turns: list[tuple[str, str]
     return rendered.text[: rendered.target_spans[-1][0]].rstrip(" ")
 
 
-def first_human_turn(question: str, num_images: int) -> str:
-    return (IMAGE_PLACEHOLDER + "\n") * num_images + question
+VIDEO_PLACEHOLDER = "<video>"
+
+
+def first_human_turn(question: str, num_images: int, has_video: bool = False) -> str:
+    return (IMAGE_PLACEHOLDER + "\n") * num_images + (VIDEO_PLACEHOLDER + "\n" if has_video else "") + question
 
 
 @contextlib.contextmanager
@@ -50,25 +53,38 @@ class ImageChat:
     images: list
     store: object | None = None  # a VoCoCacheStore
     generation_kwargs: dict = field(default_factory=dict)
+    video: list | None = None  # frames of one video, after the images
 
     def __post_init__(self):
         self.turns: list[tuple[str, str]] = []
-        self.uses_voco = getattr(self.model.config, "voco_tokens", 0) > 0 and len(self.images) > 0
+        self.media = len(self.images) + (1 if self.video else 0)  # placeholders in the first turn
+        self.uses_voco = getattr(self.model.config, "voco_tokens", 0) > 0 and self.media > 0
         self.cache: VoCoCache | None = None
         self.loaded_from_store = False
         if self.uses_voco:
-            probe = prompt_for_reply(self.template, [(HUMAN, first_human_turn("?", len(self.images)))], len(self.images))
-            self.head_text = probe[: probe.rindex(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER)]
+            probe = prompt_for_reply(self.template, [(HUMAN, self._first_turn("?"))], len(self.images))
+            last = VIDEO_PLACEHOLDER if self.video else IMAGE_PLACEHOLDER
+            self.head_text = probe[: probe.rindex(last) + len(last)]
             self.consumed_text = self.head_text  # prompt text the cache already holds
             self.cache = self.compress(self.head_text)
 
     # -- VoCo ----------------------------------------------------------------------------------
     def compress(self, head_text: str) -> VoCoCache:
-        if self.store is not None:
+        if self.store is not None and not self.video:
             cache, self.loaded_from_store = self.store.get_or_compress(self.model, self.processor, self.images, head_text)
             return cache
-        inputs = self.processor(images=self.images, text=head_text, return_tensors="pt").to(self.model.device)
+        inputs = self.processor(text=head_text, return_tensors="pt", **self._media(1)).to(self.model.device)
         return self.model.compress(**inputs)
+
+    def _first_turn(self, question: str) -> str:
+        return first_human_turn(question, len(self.images), has_video=bool(self.video))
+
+    def _media(self, copies: int) -> dict:
+        """The processor's image/video arguments for ``copies`` prompts."""
+        media = {"images": self.images * copies or None}
+        if self.video:
+            media["videos"] = [self.video] * copies
+        return media
 
     def cache_summary(self) -> str:
         """Cached positions and what the image would have cost without compression."""
@@ -85,12 +101,12 @@ class ImageChat:
     # -- asking ----------------------------------------------------------------------------------
     def _instructions(self, questions: list[str]) -> dict:
         """LLaMA-VID reads each image's instruction: the question asked about it."""
-        if getattr(self.processor, "llamavid_compress_type", None) is None or not self.images:
+        if getattr(self.processor, "llamavid_compress_type", None) is None or not self.media:
             return {}
-        return {"instructions": [q for q in questions for _ in self.images]}
+        return {"instructions": [q for q in questions for _ in range(self.media)]}
 
     def _turns_with(self, question: str) -> list[tuple[str, str]]:
-        text = first_human_turn(question, len(self.images)) if not self.turns else question
+        text = self._first_turn(question) if not self.turns else question
         return [*self.turns, (HUMAN, text)]
 
     def ask(self, question: str, keep_turn: bool = True, streamer=None) -> str:
@@ -108,7 +124,7 @@ class ImageChat:
             )
             answer_ids = output[0, inputs["input_ids"].shape[1] :]
         else:
-            inputs = self.processor(images=self.images or None, text=prompt, return_tensors="pt",
+            inputs = self.processor(text=prompt, return_tensors="pt", **self._media(1),
                                     **self._instructions([question])).to(self.model.device)
             output = self.model.generate(**inputs, streamer=streamer, **self.generation_kwargs)
             answer_ids = output[0, inputs["input_ids"].shape[1] :]
@@ -132,8 +148,7 @@ class ImageChat:
                 inputs = inputs.to(self.model.device)
                 output = self.model.generate(**inputs, past_key_values=self.cache, **self.generation_kwargs)
             else:
-                images = self.images * len(prompts) or None
-                inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True,
+                inputs = self.processor(text=prompts, return_tensors="pt", padding=True, **self._media(len(prompts)),
                                         **self._instructions(questions))
                 inputs = inputs.to(self.model.device)
                 output = self.model.generate(**inputs, **self.generation_kwargs)
@@ -141,6 +156,12 @@ class ImageChat:
             tokenizer.padding_side = previous_side
         answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return [(prompt, answer.strip()) for prompt, answer in zip(prompts, answers)]
+
+
+def image_tokens_per_frame(processor, frames: list) -> int:
+    """Tokens one video frame becomes in the LLM's sequence (image or LLaMA-VID tokens, plus VoCo)."""
+    ids = processor(videos=[frames[:1]], text="<video>")["input_ids"][0]
+    return sum(1 for token in ids if token in (processor.image_token_id, processor.voco_token_id))
 
 
 def load_images(paths: list[str]):

@@ -1,7 +1,7 @@
 """Chat about an image from the terminal, like LLaVA's ``llava.serve.cli``; the image is compressed once.
 
-    python -m llava_voco.serve.cli --model-path DIR --image-file IMG [--conv-mode v1]
-        [--temperature 0.2] [--max-new-tokens 512] [--cache-dir DIR]
+    python -m llava_voco.serve.cli --model-path DIR --image-file IMG [--video-file VIDEO] [--conv-mode v1]
+        [--temperature 0.2] [--max-new-tokens 512] [--cache-dir DIR] [--video-fps 1] [--max-frames N]
 
 Each turn is answered from the VoCo cache made at start (or loaded from ``--cache-dir``, a
 ``VoCoCacheStore``), extended by the text of the conversation only. An empty line or end of input ends.
@@ -10,18 +10,23 @@ Each turn is answered from the VoCo cache made at start (or loaded from ``--cach
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from transformers import TextStreamer
 
 from ..conversation import get_template
 from .cache_store import VoCoCacheStore
-from .chat import ImageChat, count_vision_passes, load_images, load_model
+from .chat import ImageChat, count_vision_passes, image_tokens_per_frame, load_images, load_model
+from ..video import VIDEO_SUFFIXES, decode_video
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat about an image with a VoCo LLaVA model.")
     parser.add_argument("--model-path", required=True)
-    parser.add_argument("--image-file", required=True, help="an image; several separated by commas")
+    parser.add_argument("--image-file", default=None, help="an image; several separated by commas")
+    parser.add_argument("--video-file", default=None, help="a video file or a folder of frames (PyAV decodes files)")
+    parser.add_argument("--video-fps", type=float, default=1.0)
+    parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--conv-mode", default="v1", help="conversation template (LLaVA's --version names)")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -34,18 +39,30 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     template = get_template(args.conv_mode)
     model, processor = load_model(args.model_path, device=args.device)
-    image_paths = args.image_file.split(",")
-    images = load_images(image_paths)
+    images, video = [], None
+    for path in (args.image_file.split(",") if args.image_file else []):
+        if Path(path).is_dir() or Path(path).suffix.lower() in VIDEO_SUFFIXES:  # a video given as --image-file
+            video = decode_video(path, fps=args.video_fps, max_frames=args.max_frames)
+        else:
+            images += load_images([path])
+    if args.video_file:
+        video = decode_video(args.video_file, fps=args.video_fps, max_frames=args.max_frames)
+    if not images and not video:
+        raise SystemExit("give --image-file and/or --video-file")
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         generation["temperature"] = args.temperature
     store = VoCoCacheStore(args.cache_dir) if args.cache_dir else None
 
     with count_vision_passes(model) as vision:
-        chat = ImageChat(model, processor, template, images, store=store, generation_kwargs=generation)
+        chat = ImageChat(model, processor, template, images, store=store, generation_kwargs=generation, video=video)
+        if video:
+            per_frame = image_tokens_per_frame(processor, video)
+            print(f"[video: {len(video)} frames, {per_frame} tokens per frame]", flush=True)
         source = "loaded from the cache store" if chat.loaded_from_store else "compressed"
         if chat.uses_voco:
-            print(f"[{source} {len(images)} image(s)] {chat.cache_summary()}", flush=True)
+            what = f"{len(images)} image(s)" + (f" and a {len(video)}-frame video" if video else "")
+            print(f"[{source} {what}] {chat.cache_summary()}", flush=True)
         else:
             print(f"[{chat.cache_summary()}]", flush=True)
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
