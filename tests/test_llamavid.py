@@ -122,6 +122,43 @@ def test_frame_features_file_in_chunks_equals_in_memory(projector, bert_tokenize
     stored = FrameFeatures(tmp_path / "clip.safetensors")
     assert len(stored) == 10 and torch.equal(stored[3:7], frames[3:7])
     ids, mask = instructions(bert_tokenizer, ["what is the sum of the digits"] * 10)
+    save_file({"features": torch.randn(10, PATCHES, VISION + 1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="other.safetensors: features of width 33, but this model's vision tower gives 32"):
+        projector(FrameFeatures(tmp_path / "other.safetensors"), ids, mask, "mean")
     with torch.no_grad():
         torch.testing.assert_close(projector(stored, ids, mask, "mean", frame_chunk=4),
                                    projector(frames, ids, mask, "mean", frame_chunk=64), atol=1e-6, rtol=1e-5)
+
+
+def test_text_decoder_loads_from_an_instructblip_checkpoint(tmp_path):
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from llava_voco.model.llamavid import load_text_decoder_from_instructblip
+
+    qformer = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = InstructBlipConfig(
+        vision_config={"hidden_size": VISION, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 16, "patch_size": 4},
+        qformer_config={**qformer, "encoder_hidden_size": VISION},
+        text_config={"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                     "ffn_dim": 64, "vocab_size": 100, "word_embed_proj_dim": 32},
+        num_query_tokens=4,
+    )
+    instructblip = InstructBlipForConditionalGeneration(config)
+    with torch.no_grad():
+        instructblip.query_tokens.normal_()
+    instructblip.save_pretrained(tmp_path / "instructblip")
+
+    llava = LlavaConfig(vision_config={"model_type": "clip_vision_model", "hidden_size": VISION, "num_attention_heads": 4},
+                        text_config={"model_type": "llama", "hidden_size": TEXT, "num_attention_heads": 4})
+    projector = LlamaVidProjector(InstructBlipQFormerConfig(**qformer, encoder_hidden_size=VISION), VISION, TEXT,
+                                  LlavaMultiModalProjector(llava), num_query=4)
+    load_text_decoder_from_instructblip(projector, tmp_path / "instructblip")
+    for name, tensor in instructblip.qformer.state_dict().items():
+        assert torch.equal(projector.text_decoder.state_dict()[name], tensor), name
+    assert torch.equal(projector.query_tokens, instructblip.query_tokens)
+
+    wider = LlamaVidProjector(InstructBlipQFormerConfig(**qformer, encoder_hidden_size=VISION * 2), VISION * 2, TEXT,
+                              LlavaMultiModalProjector(llava), num_query=4)
+    with pytest.raises(ValueError, match="does not fit this text decoder"):
+        load_text_decoder_from_instructblip(wider, tmp_path / "instructblip")

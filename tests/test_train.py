@@ -502,3 +502,38 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
 def test_llamavid_flags_need_llamavid(tiny, tmp_path):
     with pytest.raises(TrainConfigError, match="only applies with --mm_projector_type llamavid"):
         refuse_flags_without_effect(*parse_args(layout_a(tiny) + ["--compress_type", "mean"] + common_args(tiny, tmp_path)))
+
+
+def test_llamavid_text_decoder_from_instructblip(tiny, tmp_path):
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from llava_voco.model.tiny import train_wordpiece_tokenizer
+    from llava_voco.train.train import build_model_and_processor
+
+    bert = train_wordpiece_tokenizer()
+    bert.save_pretrained(tmp_path / "bert")
+    vision_width = CLIPVisionModel.from_pretrained(tiny.clip).config.hidden_size
+    config = InstructBlipConfig(
+        vision_config={"hidden_size": vision_width, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 4, "image_size": 16, "patch_size": 4},
+        qformer_config={"vocab_size": len(bert), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                        "intermediate_size": 64, "encoder_hidden_size": vision_width},
+        text_config={"model_type": "opt", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                     "ffn_dim": 64, "vocab_size": 100, "word_embed_proj_dim": 32},
+        num_query_tokens=4,
+    )
+    instructblip = InstructBlipForConditionalGeneration(config)
+    instructblip.save_pretrained(tmp_path / "instructblip")
+    args = ["--model_name_or_path", tiny.llm, "--vision_tower", tiny.clip, "--mm_projector_type", "llamavid",
+            "--text_decoder_tokenizer", tmp_path / "bert", "--text_decoder_path", tmp_path / "instructblip",
+            "--num_query", "4"] + common_args(tiny, tmp_path / "out")
+    model_args, _, training_args = parse_args([str(a) for a in args])
+    model, processor = build_model_and_processor(model_args, training_args)
+    decoder = model.model.multi_modal_projector.text_decoder.state_dict()
+    for name, tensor in instructblip.qformer.state_dict().items():
+        assert torch.equal(decoder[name], tensor), name
+    wrong = [str(a) for a in args[:-len(common_args(tiny, tmp_path / "out"))]]
+    wrong[wrong.index("4")] = "8"  # --num_query 8: InstructBLIP has 4 queries
+    model_args, _, training_args = parse_args(wrong + common_args(tiny, tmp_path / "out"))
+    with pytest.raises(TrainConfigError, match="--text_decoder_path: .*query_tokens"):
+        build_model_and_processor(model_args, training_args)

@@ -121,6 +121,13 @@ class LlamaVidProjector(nn.Module):
         in memory at a time, and the output (written in place, no concatenation) is the only thing that
         grows with the number of frames."""
         parse_compress_type(compress_type)
+        width = patch_features.shape[-1]
+        if width != self.key_projection.in_features:
+            where = getattr(patch_features, "path", "the frame features")
+            raise ValueError(
+                f"{where}: features of width {width}, but this model's vision tower gives "
+                f"{self.key_projection.in_features} (extracted with another vision tower?)"
+            )
         total = len(patch_features)
         tokens = None
         for start in range(0, total, frame_chunk):
@@ -211,3 +218,44 @@ def encode_instructions(tokenizer, instructions: list[str], max_length: int = 12
     finally:
         tokenizer.truncation_side = previous
     return {"instruction_input_ids": encoded["input_ids"], "instruction_attention_mask": encoded["attention_mask"]}
+
+
+def load_text_decoder_from_instructblip(projector: LlamaVidProjector, path) -> None:
+    """Start LLaMA-VID's text decoder from an InstructBLIP checkpoint's Q-Former and queries (as
+    LLaMA-VID does). Reads only those tensors from the safetensors files; raises if they do not fit
+    (e.g. a vision tower of another width than InstructBLIP's, whose cross-attention could not load)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    decoder, queries = {}, None
+    for name in files:
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder}: no {name} (an InstructBLIP checkpoint in safetensors is needed)")
+        with safe_open(folder / name, framework="pt") as handle:
+            for key in handle.keys():
+                bare = key.removeprefix("model.")
+                if bare.startswith("qformer."):
+                    decoder[bare[len("qformer."):]] = handle.get_tensor(key)
+                elif bare == "query_tokens":
+                    queries = handle.get_tensor(key)
+    if not decoder or queries is None:
+        raise ValueError(f"{folder}: no InstructBLIP Q-Former (qformer.*) and query_tokens found")
+    expected = projector.text_decoder.state_dict()
+    wrong = [k for k in decoder if k in expected and decoder[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(decoder))
+    if wrong or missing:
+        raise ValueError(
+            f"{folder}: the InstructBLIP Q-Former does not fit this text decoder: shapes differ for {wrong[:3]}, "
+            f"missing {missing[:3]} (its cross-attention reads vision features of width "
+            f"{decoder[wrong[0]].shape[-1] if wrong else '?'})"
+        )
+    if queries.shape != projector.query_tokens.shape:
+        raise ValueError(f"{folder}: query_tokens {tuple(queries.shape)}, this text decoder has {tuple(projector.query_tokens.shape)}")
+    projector.text_decoder.load_state_dict({k: v for k, v in decoder.items() if k in expected})
+    with torch.no_grad():
+        projector.query_tokens.copy_(queries)

@@ -128,6 +128,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "LLaMA-VID: a JSON file of InstructBlipQFormerConfig fields (default: BERT-base sized)."},
     )
+    text_decoder_path: str | None = field(
+        default=None,
+        metadata={"help": "LLaMA-VID: an InstructBLIP checkpoint whose Q-Former and queries start the text decoder."},
+    )
     num_query: int = field(default=32, metadata={"help": "LLaMA-VID: learnable queries of the text decoder."})
     compress_type: str = field(default="grid:2", metadata={"help": "LLaMA-VID content tokens of an image: none, mean or grid:g."})
     video_compress_type: str = field(default="mean", metadata={"help": "LLaMA-VID content tokens of a video frame."})
@@ -220,7 +224,8 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
     if not training_args.lora_enable and not training_args.lora_merge_on_save:
         refuse("--lora_merge_on_save False", "only means something with --lora_enable True")
     if model_args.mm_projector_type != "llamavid":
-        for flag, default in (("text_decoder_tokenizer", None), ("text_decoder_config", None), ("num_query", 32),
+        for flag, default in (("text_decoder_tokenizer", None), ("text_decoder_config", None),
+                              ("text_decoder_path", None), ("num_query", 32),
                               ("compress_type", "grid:2"), ("video_compress_type", "mean"),
                               ("freeze_text_decoder", False), ("instruction_max_length", 128)):
             if getattr(model_args, flag) != default:
@@ -389,6 +394,13 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     model.lm_head = llm.lm_head
     model.model.vision_tower = vision_tower
     model.model.multi_modal_projector = build_projector(config)  # nn.Linear's own init, as LLaVA's projector
+    if model_args.text_decoder_path is not None:
+        from llava_voco.model.llamavid import load_text_decoder_from_instructblip
+
+        try:
+            load_text_decoder_from_instructblip(model.model.multi_modal_projector, model_args.text_decoder_path)
+        except (ValueError, FileNotFoundError) as error:
+            raise TrainConfigError(f"--text_decoder_path: {error}") from None
     model.config.text_config = llm.config
     model.config.vision_config = vision_config
     on_meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -419,6 +431,12 @@ def llamavid_fields(model_args: ModelArguments) -> dict:
     if model_args.text_decoder_tokenizer is None:
         raise TrainConfigError("--mm_projector_type llamavid needs --text_decoder_tokenizer (a BERT tokenizer directory)")
     qformer = {}
+    if model_args.text_decoder_path is not None and model_args.text_decoder_config is None:
+        from transformers import InstructBlipConfig
+
+        qformer = InstructBlipConfig.from_pretrained(model_args.text_decoder_path).qformer_config.to_dict()
+        for key in ("model_type", "encoder_hidden_size", "transformers_version", "architectures"):
+            qformer.pop(key, None)
     if model_args.text_decoder_config is not None:
         try:
             qformer = json.loads(Path(model_args.text_decoder_config).read_text())
