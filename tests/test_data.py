@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 from transformers import HfArgumentParser
 
 import llava_voco

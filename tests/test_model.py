@@ -10,7 +10,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.modeling_utils import AttentionInterface
 
-from llava_voco import VoCoLayout, VoCoLayoutError, VoCoLlavaConfig, VoCoLlavaForConditionalGeneration
+from llava_voco import VoCoLayoutError, VoCoLlavaConfig, VoCoLlavaForConditionalGeneration
 
 from conftest import load_voco, prompt
 

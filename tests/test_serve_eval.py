@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from llava_voco.conversation import GPT, HUMAN, get_template
 from llava_voco.serve.chat import ImageChat, first_human_turn, prompt_for_reply

@@ -1,7 +1,5 @@
 """VoCo on video: k VoCo tokens per frame, the mask per frame, streaming compression == full forward."""
 
-import av
-import numpy as np
 import torch
 
 from llava_voco.video import decode_video
