@@ -39,7 +39,6 @@ def test_tokens_per_image_and_per_frame(llava_dir, bert, digit_images):
     batch = processor(images=[digit_images[0]], videos=[digit_images[1:4]], text="USER: <image> and <video> sum?",
                       return_tensors="pt")
     image_id = model.config.image_token_id
-    runs = torch.diff(torch.nonzero(batch["input_ids"][0] == image_id).squeeze(1))
     assert int((batch["input_ids"] == image_id).sum()) == (1 + 4) + 3 * (1 + 1)  # grid:2 image, mean frames
     assert batch["video_frame_mask"].tolist() == [False, True, True, True]
     instructions = encode_instructions(bert, ["what is the sum of the digits"] * 4)
@@ -48,7 +47,7 @@ def test_tokens_per_image_and_per_frame(llava_dir, bert, digit_images):
                                                        video_frame_mask=batch["video_frame_mask"])
         logits = model(**batch, **instructions).logits
     assert [f.shape[0] for f in features] == [5, 2, 2, 2]
-    assert torch.isfinite(logits).all() and runs.numel() > 0
+    assert torch.isfinite(logits).all()
 
 
 def test_context_token_follows_the_instruction(llava_dir, bert, digit_images):
