@@ -299,6 +299,40 @@ def test_linear_projector_cls_patch_and_unfrozen_vision_tower(tiny, tmp_path):
     assert not torch.equal(model.model.vision_tower.state_dict()[name], clip.state_dict()[name])
 
 
+def test_vision_token_pooling_mean_is_one_token_per_image(tiny, tmp_path):
+    """--vision_token_pooling mean (the VoCo paper's pooling baseline): one <image> token per image, whose
+    embedding is the projector applied to the mean of the patch features; it saves as our type (stock Llava
+    would expand 16 tokens) and reloads with the same logits; a second run from it keeps the pooling."""
+    args = layout_a(tiny) + ["--vision_token_pooling", "mean"]
+    main(args + common_args(tiny, tmp_path / "out", max_steps=2, save_strategy="no"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "voco_llava" and config["vision_token_pooling"] == "mean"
+    assert config["image_seq_length"] == 1
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    image = Image.open(tiny.image_folder / "digits" / "0.png")
+    batch = processor(images=image, text="<image>\nWhat is in the image?", return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 1
+    with torch.no_grad():
+        patch_features = model.model.vision_patch_features(batch["pixel_values"])  # [1, 16, C]
+        expected = model.model.multi_modal_projector(patch_features.mean(dim=1))  # [1, D]
+        (encoded,) = model.model.encode_images(batch["pixel_values"])
+        logits = model(**batch).logits
+    assert encoded.shape == (1, model.config.text_config.hidden_size)
+    torch.testing.assert_close(encoded, expected, rtol=0, atol=1e-6)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, logits)
+    # finetuning from the pooled checkpoint (set-up b) keeps its pooling; asking for another is refused
+    main(["--model_name_or_path", str(tmp_path / "out")] + common_args(tiny, tmp_path / "ft", max_steps=1, save_strategy="no"))
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["vision_token_pooling"] == "mean"
+    with pytest.raises(TrainConfigError, match="vision_token_pooling"):
+        main(["--model_name_or_path", str(tmp_path / "out"), "--vision_token_pooling", "grid:2"]
+             + common_args(tiny, tmp_path / "ft2", max_steps=1))
+    with pytest.raises(TrainConfigError, match="malformed"):
+        main(layout_a(tiny) + ["--vision_token_pooling", "grid"] + common_args(tiny, tmp_path / "bad", max_steps=1))
+
+
 def test_freeze_backbone(tiny, tmp_path):
     """--freeze_backbone: the LLM body stays, lm_head and the projector train (as in LLaVA)."""
     main(["--model_name_or_path", str(tiny.llava), "--freeze_backbone", "True"]

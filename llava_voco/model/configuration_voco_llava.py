@@ -10,7 +10,7 @@ from .voco_mask import check_mask_mode
 
 VOCO_FIELDS = (
     "voco_tokens", "voco_token_id", "voco_mask_mode", "mm_projector_type", "llamavid_num_query", "llamavid_qformer",
-    "llamavid_compress_type", "llamavid_video_compress_type", "frame_chunk",
+    "llamavid_compress_type", "llamavid_video_compress_type", "frame_chunk", "vision_token_pooling",
 )
 
 
@@ -32,6 +32,9 @@ class VoCoLlavaConfig(LlavaConfig):
         LLaMA-VID (``mm_projector_type="llamavid"``, DESIGN 3): learnable queries of the text decoder, its
         ``InstructBlipQFormerConfig`` fields, the content pooling of images and of video frames
         (``none`` | ``mean`` | ``grid:g``), and how many frames go through the vision tower at once.
+    vision_token_pooling (`str`, defaults to ``"none"``):
+        Average pooling of each image's patch features before a ``linear`` / ``mlp2x_gelu`` projector:
+        ``"none"``, ``"mean"`` (1 token per image: the VoCo paper's pooling baseline) or ``"grid:g"``.
     """
 
     model_type = "voco_llava"
@@ -45,6 +48,7 @@ class VoCoLlavaConfig(LlavaConfig):
     llamavid_compress_type: str = "grid:2"
     llamavid_video_compress_type: str = "mean"
     frame_chunk: int = 64
+    vision_token_pooling: str = "none"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -55,6 +59,13 @@ class VoCoLlavaConfig(LlavaConfig):
 
             parse_compress_type(self.llamavid_compress_type)
             parse_compress_type(self.llamavid_video_compress_type)
+        if self.vision_token_pooling != "none":
+            from .llamavid import parse_compress_type
+
+            parse_compress_type(self.vision_token_pooling)
+            if self.mm_projector_type == "llamavid":
+                raise ValueError("vision_token_pooling is for linear/mlp2x_gelu projectors; LLaMA-VID pools with "
+                                 "llamavid_compress_type")
         if self.voco_tokens < 0:
             raise ValueError(f"voco_tokens must be >= 0, got {self.voco_tokens}")
         if self.voco_tokens > 0 and self.voco_token_id is None:
@@ -65,7 +76,7 @@ class VoCoLlavaConfig(LlavaConfig):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """With VoCo off the checkpoint is written as plain LLaVA (DESIGN 4), unless its projector is one
         Llava does not have (``linear``): stock Llava would then load it with a wrong projector."""
-        if self.voco_tokens == 0 and self.mm_projector_type == "mlp2x_gelu":
+        if self.voco_tokens == 0 and self.mm_projector_type == "mlp2x_gelu" and self.vision_token_pooling == "none":
             return self.to_llava_config().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 

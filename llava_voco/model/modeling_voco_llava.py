@@ -127,6 +127,14 @@ class VoCoLlavaModel(LlavaModel):
                 image_inputs.get("video_frame_mask"),
             )
         features = []
+        if self.config.vision_token_pooling != "none":  # pooled before the projector, as LLaMA-VID's content tokens
+            from .llamavid import pool_patches
+
+            for start in range(0, pixel_values.shape[0], self.config.frame_chunk):
+                patch_features = self.vision_patch_features(pixel_values[start : start + self.config.frame_chunk])
+                pooled_features = pool_patches(patch_features, self.config.vision_token_pooling)  # [images, n, C]
+                features.extend(self.multi_modal_projector(pooled_features))
+            return features
         for start in range(0, pixel_values.shape[0], self.config.frame_chunk):
             chunk_sizes = image_sizes[start : start + self.config.frame_chunk] if image_sizes is not None else None
             output = self.get_image_features(
@@ -248,7 +256,8 @@ class VoCoLlavaModel(LlavaModel):
                 attention_mask = self.voco_attention_mask(
                     voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
                 )
-        if self.config.mm_projector_type == "llamavid" and pixel_values is not None:
+        pooled = self.config.mm_projector_type == "llamavid" or self.config.vision_token_pooling != "none"
+        if pooled and pixel_values is not None:
             # Llava's extension point for precomputed image features: it scatters them into the image tokens.
             image_features = self.encode_images(
                 pixel_values,

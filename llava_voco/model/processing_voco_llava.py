@@ -32,6 +32,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         llamavid_compress_type: str | None = None,
         llamavid_video_compress_type: str | None = None,
         instruction_max_length: int = 128,
+        vision_token_pooling: str = "none",
         **kwargs,
     ):
         if voco_tokens < 0:
@@ -43,6 +44,8 @@ class VoCoLlavaProcessor(LlavaProcessor):
         self.llamavid_video_compress_type = llamavid_video_compress_type or llamavid_compress_type
         self._frame_flags: list[bool] | None = None
         self.instruction_max_length = instruction_max_length
+        # Average pooling before a linear / mlp2x_gelu projector (VoCoLlavaConfig.vision_token_pooling)
+        self.vision_token_pooling = vision_token_pooling
         # LLaMA-VID's text decoder tokenizer (BERT WordPiece); saved in a subfolder, see save_pretrained
         self.text_decoder_tokenizer = None
         self.voco_token_id = None
@@ -83,6 +86,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             llamavid_compress_type=getattr(processor, "llamavid_compress_type", None),
             llamavid_video_compress_type=getattr(processor, "llamavid_video_compress_type", None),
             instruction_max_length=getattr(processor, "instruction_max_length", 128),
+            vision_token_pooling=getattr(processor, "vision_token_pooling", "none"),
         )
         rebuilt.text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
         return rebuilt
@@ -207,6 +211,11 @@ class VoCoLlavaProcessor(LlavaProcessor):
             is_frame = bool(self._frame_flags and self._frame_flags[image_idx])
             spec = self.llamavid_video_compress_type if is_frame else self.llamavid_compress_type
             image_tokens = self.image_token * (1 + content_tokens_per_frame(spec, len(image_tokens) // len(self.image_token)))
+        elif self.vision_token_pooling != "none":
+            from .llamavid import content_tokens_per_frame
+
+            patches = len(image_tokens) // len(self.image_token)
+            image_tokens = self.image_token * content_tokens_per_frame(self.vision_token_pooling, patches)
         return image_tokens + self.voco_token * self.voco_tokens
 
 

@@ -138,6 +138,11 @@ class ModelArguments:
     instruction_max_length: int = field(default=128, metadata={"help": "LLaMA-VID: instruction tokens kept (from the end)."})
     freeze_text_decoder: bool = field(default=False, metadata={"help": "LLaMA-VID: keep the text decoder (Q-Former) frozen."})
     frame_chunk: int = field(default=64, metadata={"help": "Images or frames through the vision tower at once."})
+    vision_token_pooling: str = field(
+        default="none",
+        metadata={"help": "Average-pool each image's patches before a linear/mlp2x_gelu projector: none, mean "
+                  "(1 token per image, the VoCo paper's pooling baseline) or grid:g."},
+    )
 
 
 @dataclass
@@ -230,6 +235,16 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
                               ("freeze_text_decoder", False), ("instruction_max_length", 128)):
             if getattr(model_args, flag) != default:
                 refuse(f"--{flag} {getattr(model_args, flag)}", "it only applies with --mm_projector_type llamavid")
+    if model_args.vision_token_pooling != "none":
+        from llava_voco.model.llamavid import CompressTypeError, parse_compress_type
+
+        if model_args.mm_projector_type == "llamavid":
+            refuse(f"--vision_token_pooling {model_args.vision_token_pooling}",
+                   "LLaMA-VID pools its content tokens with --compress_type / --video_compress_type")
+        try:
+            parse_compress_type(model_args.vision_token_pooling)
+        except CompressTypeError as error:
+            refuse(f"--vision_token_pooling {model_args.vision_token_pooling}", str(error))
     if model_args.mm_projector_type is not None and model_args.mm_projector_type not in PROJECTOR_TYPES:
         refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(PROJECTOR_TYPES)}")
     if model_args.mm_vision_select_feature is not None and model_args.mm_vision_select_feature not in SELECT_FEATURE:
@@ -368,11 +383,16 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     if select_feature == "cls_patch" and not has_cls:
         raise TrainConfigError(f"--mm_vision_select_feature cls_patch: {model_args.vision_tower} has no CLS token")
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    image_tokens = patches + (1 if strategy == "full" else 0)
+    if model_args.vision_token_pooling != "none":
+        from llava_voco.model.llamavid import content_tokens_per_frame
+
+        image_tokens = content_tokens_per_frame(model_args.vision_token_pooling, image_tokens)
     config = VoCoLlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=llm.config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=patches + (1 if strategy == "full" else 0),
+        image_seq_length=image_tokens,
         vision_feature_layer=model_args.mm_vision_select_layer if model_args.mm_vision_select_layer is not None else -1,
         vision_feature_select_strategy=strategy,
         tie_word_embeddings=llm.config.tie_word_embeddings,
@@ -381,6 +401,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         voco_token_id=tokenizer.convert_tokens_to_ids(VOCO_TOKEN) if voco_tokens else None,
         voco_mask_mode=model_args.voco_mask_mode or "paper",
         frame_chunk=model_args.frame_chunk,
+        vision_token_pooling=model_args.vision_token_pooling,
         **llamavid_fields(model_args),
     )
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
@@ -418,6 +439,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         llamavid_compress_type=config.llamavid_compress_type if config.mm_projector_type == "llamavid" else None,
         llamavid_video_compress_type=config.llamavid_video_compress_type if config.mm_projector_type == "llamavid" else None,
         instruction_max_length=model_args.instruction_max_length,
+        vision_token_pooling=model_args.vision_token_pooling,
     )
     if config.mm_projector_type == "llamavid":
         processor.text_decoder_tokenizer = AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer)
@@ -472,6 +494,12 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
             f"--mm_projector_type {model_args.mm_projector_type}: {path} has a {saved_type} projector; the flag "
             "only chooses the projector of a model built from an LLM and a vision tower"
         )
+    saved_pooling = getattr(saved, "vision_token_pooling", "none")
+    if model_args.vision_token_pooling != "none" and model_args.vision_token_pooling != saved_pooling:
+        raise TrainConfigError(
+            f"--vision_token_pooling {model_args.vision_token_pooling}: {path} was built with "
+            f"vision_token_pooling={saved_pooling}; the flag only applies to a model built from an LLM and a vision tower"
+        )
     saved_mode = getattr(saved, "voco_mask_mode", "paper")
     if saved_voco and model_args.voco_mask_mode is not None and model_args.voco_mask_mode != saved_mode:
         raise TrainConfigError(
@@ -480,6 +508,7 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
 
     values = {k: v for k, v in saved.to_dict().items() if k not in ("model_type", "architectures", *VOCO_FIELDS)}
     values["mm_projector_type"] = saved_type
+    values["vision_token_pooling"] = saved_pooling
     if saved_voco:
         values.update(voco_tokens=saved_voco, voco_token_id=saved.voco_token_id, voco_mask_mode=saved_mode)
     config = VoCoLlavaConfig(**values)
