@@ -1,7 +1,9 @@
-"""Video frames for LLaMA-VID and VoCo video: decoded with PyAV, or read from a folder of images.
+"""Video frames for LLaMA-VID and VoCo video: decoded with PyAV, read from a folder of images, or, for
+long videos, precomputed frame features (a ``.safetensors`` file of ``scripts/extract_video_features.py``).
 
 Frames are taken at ``fps`` frames per second of video time (default 1, as LLaMA-VID does), and when
-that gives more than ``max_frames`` they are sampled uniformly over the whole video instead.
+that gives more than ``max_frames`` they are sampled uniformly over the whole video instead. A features
+file was sampled when it was written: only ``max_frames`` applies to it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+FRAME_FEATURES_SUFFIX = ".safetensors"
 
 
 class VideoError(ValueError):
@@ -62,3 +65,42 @@ def decode_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | No
     if not decoded:
         raise VideoError(f"{path}: the video has no decodable frames")
     return [decoded[i].convert("RGB") for i in sample_indices(len(decoded), rate / fps, max_frames)]
+
+
+def is_frame_features(path) -> bool:
+    """A video given as precomputed frame features rather than pixels."""
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(FRAME_FEATURES_SUFFIX)
+
+
+def read_frame_features(path: str | os.PathLike, max_frames: int | None = None, width: int | None = None):
+    """``[frames, patches, dim]`` from a features file, at most ``max_frames`` sampled uniformly (as for
+    decoded video); only the sampled frames are read. ``width``: the vision tower's hidden size, checked
+    so that features of another tower are refused here, naming the file."""
+    import torch
+
+    from .model.llamavid import FrameFeatures
+
+    try:
+        stored = FrameFeatures(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise VideoError(f"{path}: cannot read frame features: {error}") from error
+    frames, patches, dim = stored.shape
+    if frames == 0 or patches == 0:
+        raise VideoError(f"{path}: the frame features are empty (shape {stored.shape})")
+    if width is not None and dim != width:
+        raise VideoError(
+            f"{path}: frame features of width {dim}, but the model's vision tower gives {width} "
+            "(extracted with another vision tower?)"
+        )
+    indices = sample_indices(frames, 1, max_frames)
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return stored[indices[0] : indices[-1] + 1]
+    return torch.cat([stored[index : index + 1] for index in indices])
+
+
+def load_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | None = None, width: int | None = None):
+    """A video as the processor takes it: frames (PIL images) of a file or folder, or, for a ``.safetensors``
+    file, its precomputed frame features ``[frames, patches, dim]``."""
+    if is_frame_features(path):
+        return read_frame_features(path, max_frames, width)
+    return decode_video(path, fps=fps, max_frames=max_frames)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..conversation import get_template
 from ..serve.chat import ImageChat, count_vision_passes, load_images, load_model
-from ..video import decode_video
+from ..video import load_video
 
 
 def read_questions(path: str) -> list[dict]:
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     done = answered_ids(args.answers_file)
     pending = [q for q in questions if q["question_id"] not in done]
     by_image: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
-    for question in pending:  # an image, a video (file or frame folder), or neither
+    for question in pending:  # an image, a video (file, frame folder or .safetensors features), or neither
         media = ("video", question["video"]) if question.get("video") else ("image", question.get("image") or "")
         by_image.setdefault(media, []).append(question)
 
@@ -102,8 +102,9 @@ def main(argv=None) -> None:
         for (kind, name), image_questions in by_image.items():
             images, video = [], None
             if kind == "video":
-                video = decode_video(os.path.join(args.video_folder or args.image_folder, name),
-                                     fps=args.video_fps, max_frames=args.max_frames)
+                # a file, a folder of frames, or precomputed frame features (.safetensors)
+                video = load_video(os.path.join(args.video_folder or args.image_folder, name), fps=args.video_fps,
+                                   max_frames=args.max_frames, width=model.config.vision_config.hidden_size)
             elif name:
                 images = load_images([os.path.join(args.image_folder, name)])
             chat = ImageChat(model, processor, template, images, generation_kwargs=generation, video=video)

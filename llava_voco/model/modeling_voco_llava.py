@@ -23,7 +23,7 @@ from transformers.masking_utils import (
 )
 
 from .configuration_voco_llava import VoCoLlavaConfig
-from .projector import build_projector
+from .projector import build_projector, projector_input_size
 from .voco_cache import VoCoCache, VoCoCacheError, model_fingerprint
 from .voco_mask import VoCoLayout
 
@@ -38,6 +38,10 @@ class VoCoLlavaModel(LlavaModel):
 
     def __init__(self, config: VoCoLlavaConfig):
         super().__init__(config)
+        # False only to train the VoCo paper's lower bound (``--voco_mask_in_training False``): VoCo tokens in
+        # the sequence but plain causal attention, so text learns to read the vision tokens; the saved model
+        # is then evaluated with the mask. Not a config field: a checkpoint always loads with the mask on.
+        self.apply_voco_mask = True
         if getattr(config, "mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
             self.multi_modal_projector = build_projector(config)
             self.post_init()
@@ -48,13 +52,19 @@ class VoCoLlavaModel(LlavaModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
     ) -> VoCoLayout | None:
         """The layout of the full sequence in ``input_ids``, or None when VoCo is off."""
         if self.config.voco_tokens == 0:
             return None
         num_images = tokens_per_image = None
-        if pixel_values is not None:
+        precomputed = self.precomputed_frame_mask(pixel_values, frame_features, frame_features_mask)
+        if precomputed is not None:
+            num_images = len(precomputed)
+        elif pixel_values is not None:
             num_images = len(image_sizes) if image_sizes is not None else pixel_values.shape[0]
+        if num_images is not None:
             # LLaMA-VID images and video frames may differ in size; Llava's total count check still holds
             if image_sizes is None and num_images and self.config.mm_projector_type != "llamavid":
                 tokens_per_image = int((input_ids == self.config.image_token_id).sum()) // num_images
@@ -79,28 +89,133 @@ class VoCoLlavaModel(LlavaModel):
             chunks.append(selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected)
         return torch.cat(chunks)
 
+    @staticmethod
+    def precomputed_frame_mask(
+        pixel_values: torch.Tensor | None,
+        frame_features: torch.Tensor | None,
+        frame_features_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``[images]`` True for the images given as ``frame_features`` (None when there are none).
+
+        Images are numbered in the order of their tokens; ``pixel_values`` hold the others, in order. The
+        mask may be left out when every image is a precomputed frame."""
+        if frame_features is None:
+            return None
+        if frame_features_mask is None:
+            if pixel_values is not None:
+                raise ValueError(
+                    "pixel_values and frame_features together need frame_features_mask: which images (in token "
+                    "order) are the precomputed frames"
+                )
+            return torch.ones(len(frame_features), dtype=torch.bool, device=frame_features.device)
+        precomputed = frame_features_mask.bool()
+        with_pixels = len(pixel_values) if pixel_values is not None else 0
+        if int(precomputed.sum()) != len(frame_features) or int((~precomputed).sum()) != with_pixels:
+            raise ValueError(
+                f"frame_features_mask marks {int(precomputed.sum())} precomputed frame(s) and "
+                f"{int((~precomputed).sum())} image(s) with pixels, but {len(frame_features)} frame_features and "
+                f"{with_pixels} pixel_values were given"
+            )
+        return precomputed
+
+    def checked_frame_features(self, frame_features: torch.Tensor) -> torch.Tensor:
+        """``frame_features`` on the vision tower's device and dtype; another width or rank is refused (they
+        must be what ``vision_patch_features`` gives, e.g. written by ``scripts/extract_video_features.py``)."""
+        width = projector_input_size(self.config)
+        if frame_features.ndim != 3 or frame_features.shape[-1] != width:
+            raise ValueError(
+                f"frame_features must be [frames, patches, {width}] (this model's vision tower's patch features), "
+                f"got {tuple(frame_features.shape)} (extracted with another vision tower?)"
+            )
+        tower = next(self.vision_tower.parameters())
+        return frame_features.to(tower.device, tower.dtype)
+
+    def image_patch_features(
+        self,
+        pixel_values: torch.Tensor | None,  # [images with pixels, 3, H, W]
+        frame_features: torch.Tensor | None = None,  # [precomputed frames, N, C]
+        frame_features_mask: torch.Tensor | None = None,  # [images] True for the precomputed frames
+    ) -> torch.Tensor:
+        """``[images, N, C]``: every image's patch features, from the vision tower, or as given for the
+        precomputed frames (which skip the tower)."""
+        precomputed = self.precomputed_frame_mask(pixel_values, frame_features, frame_features_mask)
+        if precomputed is None:
+            return self.vision_patch_features(pixel_values)
+        frame_features = self.checked_frame_features(frame_features)
+        if pixel_values is None:
+            return frame_features
+        from_pixels = self.vision_patch_features(pixel_values)  # [images with pixels, N, C]
+        if from_pixels.shape[1] != frame_features.shape[1]:
+            raise ValueError(
+                f"frame_features have {frame_features.shape[1]} patches per frame, the images' pixels give "
+                f"{from_pixels.shape[1]} (extracted at another image size?)"
+            )
+        patch_features = from_pixels.new_empty(len(precomputed), *from_pixels.shape[1:])
+        patch_features[~precomputed.to(patch_features.device)] = from_pixels
+        patch_features[precomputed.to(patch_features.device)] = frame_features
+        return patch_features
+
+    def project_frame_features(self, frame_features: torch.Tensor) -> list[torch.Tensor]:
+        """Per precomputed frame, its tokens for the LLM through a ``linear`` / ``mlp2x_gelu`` projector:
+        what ``encode_images`` gives for its pixels, without the vision tower."""
+        frame_features = self.checked_frame_features(frame_features)  # [frames, N, C]
+        features = []
+        for start in range(0, len(frame_features), self.config.frame_chunk):
+            patch_features = frame_features[start : start + self.config.frame_chunk]
+            if self.config.vision_token_pooling != "none":
+                from .llamavid import pool_patches
+
+                patch_features = pool_patches(patch_features, self.config.vision_token_pooling)  # [frames, n, C]
+            features.extend(self.multi_modal_projector(patch_features))
+        return features
+
+    def images_in(
+        self,
+        images: slice,
+        pixel_values: torch.Tensor | None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
+    ) -> dict:
+        """``pixel_values`` / ``frame_features`` / ``frame_features_mask`` of the images in ``images`` (a
+        range of image numbers), for encoding a few images of a long video at a time."""
+        precomputed = self.precomputed_frame_mask(pixel_values, frame_features, frame_features_mask)
+        if precomputed is None:
+            return {"pixel_values": pixel_values[images] if pixel_values is not None else None}
+        start, stop, _ = images.indices(len(precomputed))
+        frames_before = [int(precomputed[:start].sum()), int(precomputed[:stop].sum())]
+        pixels_before = [start - frames_before[0], stop - frames_before[1]]
+        selected = precomputed[start:stop]
+        return {
+            "pixel_values": pixel_values[slice(*pixels_before)] if pixels_before[1] > pixels_before[0] else None,
+            "frame_features": frame_features[slice(*frames_before)] if frames_before[1] > frames_before[0] else None,
+            "frame_features_mask": selected if bool(selected.any()) else None,
+        }
+
     def llamavid_image_features(
         self,
-        pixel_values: torch.Tensor,  # [images, 3, H, W]
+        pixel_values: torch.Tensor | None,  # [images with pixels, 3, H, W]
         instruction_input_ids: torch.LongTensor,  # [images, L] text decoder tokens of each image's instruction
         instruction_attention_mask: torch.Tensor,  # [images, L]
         video_frame_mask: torch.Tensor | None = None,  # [images] True for frames of a video
+        frame_features: torch.Tensor | None = None,  # [precomputed frames, N, C]
+        frame_features_mask: torch.Tensor | None = None,  # [images] True for the precomputed frames
     ) -> list[torch.Tensor]:
         """Per image, ``[1 + content, D]``: LLaMA-VID's context and content tokens (DESIGN 3).
 
-        Images go through the vision tower ``frame_chunk`` at a time, so long videos keep memory flat."""
+        Images go through the vision tower ``frame_chunk`` at a time, so long videos keep memory flat;
+        frames given as ``frame_features`` skip it."""
         if instruction_input_ids is None or instruction_attention_mask is None:
             raise ValueError(
                 "mm_projector_type='llamavid' needs instruction_input_ids / instruction_attention_mask: "
                 "each image's instruction tokenized with the text decoder's tokenizer"
             )
-        if instruction_input_ids.shape[0] != pixel_values.shape[0]:
+        chunk = self.config.frame_chunk
+        patch_features = self.image_patch_features(pixel_values, frame_features, frame_features_mask)  # [images, N, C]
+        if instruction_input_ids.shape[0] != patch_features.shape[0]:
             raise ValueError(
-                f"{pixel_values.shape[0]} image(s) but {instruction_input_ids.shape[0]} instruction(s): "
+                f"{patch_features.shape[0]} image(s) but {instruction_input_ids.shape[0]} instruction(s): "
                 "LLaMA-VID needs one instruction per image or frame"
             )
-        chunk = self.config.frame_chunk
-        patch_features = self.vision_patch_features(pixel_values)  # [images, N, C]
         is_frame = (
             video_frame_mask.bool()
             if video_frame_mask is not None
@@ -119,13 +234,30 @@ class VoCoLlavaModel(LlavaModel):
                 features[row] = image_tokens
         return features
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes=None, **image_inputs) -> list[torch.Tensor]:
-        """Each image's (or frame's) features for the LLM, ``frame_chunk`` images through the tower at a time."""
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor | None,
+        image_sizes=None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
+        **image_inputs,
+    ) -> list[torch.Tensor]:
+        """Each image's (or frame's) features for the LLM, ``frame_chunk`` images through the tower at a time.
+
+        Frames given as ``frame_features`` (``[frames, N, C]``, precomputed patch features) skip the tower and
+        get the tokens their pixels would; ``frame_features_mask`` (``[images]``) says which images they are."""
         if self.config.mm_projector_type == "llamavid":
             return self.llamavid_image_features(
                 pixel_values, image_inputs.get("instruction_input_ids"), image_inputs.get("instruction_attention_mask"),
-                image_inputs.get("video_frame_mask"),
+                image_inputs.get("video_frame_mask"), frame_features=frame_features,
+                frame_features_mask=frame_features_mask,
             )
+        precomputed = self.precomputed_frame_mask(pixel_values, frame_features, frame_features_mask)
+        if precomputed is not None:
+            from_pixels = iter(self.encode_images(pixel_values, image_sizes) if pixel_values is not None else [])
+            from_features = iter(self.project_frame_features(frame_features))
+            return [next(from_features) if is_precomputed else next(from_pixels)
+                    for is_precomputed in precomputed.tolist()]
         features = []
         if self.config.vision_token_pooling != "none":  # pooled before the projector, as LLaMA-VID's content tokens
             from .llamavid import pool_patches
@@ -197,11 +329,20 @@ class VoCoLlavaModel(LlavaModel):
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         video_frame_mask: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         r"""
         instruction_input_ids, instruction_attention_mask, video_frame_mask:
             LLaMA-VID only: each image's instruction for the text decoder, and which images are video frames.
+        frame_features (`torch.Tensor` of shape `(frames, patches, vision_hidden_size)`, *optional*):
+            Video frames given as precomputed patch features (`vision_patch_features`: the selected vision
+            layer, CLS dropped under the "default" strategy; `scripts/extract_video_features.py` writes them)
+            in place of pixels: the vision tower is skipped for them, the tokens are those of their pixels.
+        frame_features_mask (`torch.BoolTensor` of shape `(images,)`, *optional*):
+            Which images, in token order, are `frame_features` (the others are `pixel_values`, in order).
+            Needed only when both are given.
         voco_layout (`VoCoLayout`, *optional*):
             Layout of the whole sequence (cached tokens included). Derived from `input_ids` when they are
             the whole sequence; `generate` passes it at every step. Needed when continuing from a cache.
@@ -233,14 +374,15 @@ class VoCoLlavaModel(LlavaModel):
             )
             if voco_layout is None and self.config.voco_tokens > 0 and new_has_images:
                 new_layout = self.voco_layout(
-                    input_ids, attention_mask[:, -query_length:], pixel_values, kwargs.get("image_sizes")
+                    input_ids, attention_mask[:, -query_length:], pixel_values, kwargs.get("image_sizes"),
+                    frame_features, frame_features_mask,
                 )
                 voco_layout = new_layout.after_cache(past_length)
             if voco_layout is not None and voco_layout.has_voco:
                 attention_mask = self.voco_attention_mask(
                     voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
                 )
-        elif self.config.voco_tokens > 0 and not mask_is_4d:
+        elif self.config.voco_tokens > 0 and self.apply_voco_mask and not mask_is_4d:
             if voco_layout is None:
                 if input_ids is None:
                     raise ValueError("VoCo needs input_ids (or a voco_layout) to find the image and VoCo tokens")
@@ -250,17 +392,23 @@ class VoCoLlavaModel(LlavaModel):
                         "sequence (VoCoLayout.from_input_ids on all ids so far), or a VoCoCache from "
                         "model.compress(); generate() passes the layout itself"
                     )
-                voco_layout = self.voco_layout(input_ids, attention_mask, pixel_values, kwargs.get("image_sizes"))
+                voco_layout = self.voco_layout(
+                    input_ids, attention_mask, pixel_values, kwargs.get("image_sizes"),
+                    frame_features, frame_features_mask,
+                )
             if voco_layout is not None and voco_layout.has_voco:
                 batch_size, query_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
                 attention_mask = self.voco_attention_mask(
                     voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
                 )
         pooled = self.config.mm_projector_type == "llamavid" or self.config.vision_token_pooling != "none"
-        if pooled and pixel_values is not None:
+        if (pooled and pixel_values is not None) or frame_features is not None:
             # Llava's extension point for precomputed image features: it scatters them into the image tokens.
             image_features = self.encode_images(
                 pixel_values,
+                image_sizes=kwargs.get("image_sizes"),
+                frame_features=frame_features,
+                frame_features_mask=frame_features_mask,
                 instruction_input_ids=instruction_input_ids,
                 instruction_attention_mask=instruction_attention_mask,
                 video_frame_mask=video_frame_mask,
@@ -304,6 +452,8 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         video_frame_mask: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         r"""Llava's forward; the extra inputs as in `VoCoLlavaModel.forward` (named here so `generate`
@@ -313,6 +463,8 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             "instruction_input_ids": instruction_input_ids,
             "instruction_attention_mask": instruction_attention_mask,
             "video_frame_mask": video_frame_mask,
+            "frame_features": frame_features,
+            "frame_features_mask": frame_features_mask,
         }
         kwargs.update({name: value for name, value in extra.items() if value is not None})
         return super().forward(
@@ -336,6 +488,10 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
         )
+        if not kwargs.get("is_first_iteration") and kwargs.get("use_cache", True):
+            # like pixel_values, precomputed frames are read by the prefill only
+            model_inputs.pop("frame_features", None)
+            model_inputs.pop("frame_features_mask", None)
         if isinstance(past_key_values, VoCoCache):
             # input_ids are every token after the cache's described part (generate's own bookkeeping)
             if attention_mask is None:  # generate drops an all-ones mask
@@ -346,7 +502,8 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         elif self.config.voco_tokens > 0 and input_ids is not None and input_ids.shape[1] > 0:
             if attention_mask is None or attention_mask.ndim == 2:
                 model_inputs["voco_layout"] = self.model.voco_layout(
-                    input_ids, attention_mask, model_inputs.get("pixel_values"), model_inputs.get("image_sizes")
+                    input_ids, attention_mask, model_inputs.get("pixel_values"), model_inputs.get("image_sizes"),
+                    model_inputs.get("frame_features"), model_inputs.get("frame_features_mask"),
                 )
         return model_inputs
 
@@ -354,9 +511,11 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def compress(
         self,
         input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
         **image_inputs,
     ) -> VoCoCache:
         """Prefill a prompt that contains images and keep only what later text may read (DESIGN 2.3).
@@ -366,13 +525,16 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         several images is compressed one image at a time, each image's vision keys/values dropped as soon as
         its VoCo tokens are computed, so the cache peaks at prefix + VoCo so far + one image.
         ``image_inputs`` are per-image inputs (rows follow the images: ``video_frame_mask``, and for LLaMA-VID
-        ``instruction_input_ids`` / ``instruction_attention_mask``).
+        ``instruction_input_ids`` / ``instruction_attention_mask``). Video frames may be given as precomputed
+        ``frame_features`` (see ``VoCoLlavaModel.forward``), read a chunk at a time like pixels.
         """
         if self.config.voco_tokens == 0:
             raise ValueError("compress() needs a model with voco_tokens > 0")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        layout = self.model.voco_layout(input_ids, attention_mask, pixel_values, image_sizes)
+        layout = self.model.voco_layout(
+            input_ids, attention_mask, pixel_values, image_sizes, frame_features, frame_features_mask
+        )
         fingerprint = model_fingerprint(self)
         images_before = torch.cat([layout.num_images.new_zeros(1), layout.num_images.cumsum(0)])
         rows = []
@@ -380,16 +542,17 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             real = attention_mask[row].bool()
             row_ids = input_ids[row, real][None]  # [1, n]
             row_images = slice(int(images_before[row]), int(images_before[row + 1]))
-            row_pixels = pixel_values[row_images] if pixel_values is not None else None
+            row_media = self.model.images_in(row_images, pixel_values, frame_features, frame_features_mask)
             row_inputs = {name: value[row_images] for name, value in image_inputs.items() if value is not None}
-            rows.append(self._compress_row(row_ids, row_pixels, fingerprint, row_inputs))
+            rows.append(self._compress_row(row_ids, row_media, fingerprint, row_inputs))
         pad_token_id = self.config.text_config.pad_token_id or 0
         return rows[0] if len(rows) == 1 else VoCoCache.concatenate(rows, pad_token_id=pad_token_id)
 
     def _compress_row(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, fingerprint: str, image_inputs: dict
+        self, input_ids: torch.LongTensor, media: dict, fingerprint: str, image_inputs: dict
     ) -> VoCoCache:
-        """One prompt (no padding): prefill image by image, dropping what the rule hides from later tokens."""
+        """One prompt (no padding): prefill image by image, dropping what the rule hides from later tokens.
+        ``media``: its ``pixel_values`` / ``frame_features`` / ``frame_features_mask`` (``images_in``)."""
         layout = self.model.voco_layout(input_ids)
         length = input_ids.shape[1]
         # Segment ends: after each image's last VoCo token, and the end of the prompt.
@@ -408,7 +571,7 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # are dropped before the next: memory stays flat however long the video.
         chunk = self.config.frame_chunk
         encoded, encoded_from = [], 0
-        num_images = len(voco_ends) if pixel_values is not None else 0
+        num_images = len(voco_ends) if any(value is not None for value in media.values()) else 0
         start = 0
         for image, end in enumerate(ends):
             segment = input_ids[:, start:end]
@@ -418,7 +581,8 @@ class VoCoLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     rows = slice(image, image + chunk)
                     encoded_from = image
                     encoded = self.model.encode_images(
-                        pixel_values[rows], **{name: value[rows] for name, value in image_inputs.items()}
+                        **self.model.images_in(rows, **media),
+                        **{name: value[rows] for name, value in image_inputs.items()},
                     )
                 segment_inputs["mm_encoder_outputs"] = {
                     "image": BaseModelOutputWithPooling(pooler_output=[encoded[image - encoded_from]])

@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlavaProcessor
+
+from ..video import is_frame_features, read_frame_features
 
 VOCO_TOKEN = "<voco>"
 TEXT_DECODER_TOKENIZER_DIR = "text_decoder_tokenizer"
@@ -43,6 +46,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         self.llamavid_compress_type = llamavid_compress_type
         self.llamavid_video_compress_type = llamavid_video_compress_type or llamavid_compress_type
         self._frame_flags: list[bool] | None = None
+        self._precomputed_frames: list[bool] | None = None  # per image, while a call with frame features runs
         self.instruction_max_length = instruction_max_length
         # Average pooling before a linear / mlp2x_gelu projector (VoCoLlavaConfig.vision_token_pooling)
         self.vision_token_pooling = vision_token_pooling
@@ -114,6 +118,12 @@ class VoCoLlavaProcessor(LlavaProcessor):
         image tokens and ``voco_tokens`` VoCo tokens (VoCo video, DESIGN 2.2). With videos (or LLaMA-VID)
         the output has ``video_frame_mask``: which images are video frames.
 
+        A video may also be precomputed frame features: a tensor ``[frames, patches, dim]`` (the model's
+        ``vision_patch_features``) or a ``.safetensors`` file of ``scripts/extract_video_features.py``. Its
+        frames get the tokens pixel frames get; they are output as ``frame_features`` ``[frames, patches,
+        dim]`` (all such videos, in order), ``frame_features_mask`` ``[images]`` (which images they are) and
+        are absent from ``pixel_values``.
+
         LLaMA-VID: ``instructions``, one per ``<image>`` / ``<video>`` placeholder in order (a video's
         goes to each of its frames), become ``instruction_input_ids`` / ``instruction_attention_mask``
         through ``text_decoder_tokenizer``; without them each image gets its sample's text, placeholders
@@ -127,6 +137,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         pending_images, pending_videos = iter(images), iter(videos)
         pending_instructions = iter(instructions) if instructions is not None else None
         ordered_images, frame_flags, expanded, image_instructions = [], [], [], []
+        frame_features, precomputed_flags = [], []  # precomputed videos; per image, whether it is one of their frames
         placeholders_per_sample = []  # (span in the caller's text, images it stands for)
         for sample in texts:
             pieces, placeholders, cursor = [], [], 0
@@ -144,14 +155,21 @@ class VoCoLlavaProcessor(LlavaProcessor):
                         raise ValueError(f"more {self.image_token} placeholders in the text than images given")
                     ordered_images.append(image)
                     frame_flags.append(False)
+                    precomputed_flags.append(False)
                     image_instructions.append(instruction)
                     pieces.append(piece)
                     placeholders.append((span, piece, 1))
                 elif piece == self.video_token:
                     frames = next(pending_videos, None)
-                    if not frames:
+                    if is_frame_features(frames):
+                        frames = read_frame_features(frames)
+                    if frames is None or len(frames) == 0:
                         raise ValueError(f"a {self.video_token} in the text has no video (or an empty one) to go with it")
-                    ordered_images.extend(frames)
+                    if isinstance(frames, torch.Tensor):
+                        frame_features.append(self.check_frame_features(frames))
+                    else:
+                        ordered_images.extend(frames)
+                    precomputed_flags.extend([isinstance(frames, torch.Tensor)] * len(frames))
                     frame_flags.extend([True] * len(frames))
                     image_instructions.extend([instruction] * len(frames))
                     pieces.append(self.image_token * len(frames))
@@ -166,27 +184,74 @@ class VoCoLlavaProcessor(LlavaProcessor):
                 f"{leftover_images} image(s) and {leftover_videos} video(s) given beyond the placeholders in the text"
             )
         self._frame_flags = frame_flags
+        self._precomputed_frames = precomputed_flags if frame_features else None
         try:
             output = super().__call__(
-                images=ordered_images or None, text=expanded if not isinstance(text, str) else expanded[0], **kwargs
+                images=ordered_images or ([] if frame_features else None),
+                text=expanded if not isinstance(text, str) else expanded[0],
+                **kwargs,
             )
         finally:
             self._frame_flags = None
+            self._precomputed_frames = None
         if "text_replacement_offsets" in output:
             # Offsets against the caller's text: a <video> is one replacement covering its frames.
             output["text_replacement_offsets"] = [
                 self._merge_replacements(offsets, placeholders)
                 for offsets, placeholders in zip(output["text_replacement_offsets"], placeholders_per_sample)
             ]
-        if ordered_images:
+        if frame_flags:
             as_tensors = kwargs.get("return_tensors") == "pt"
             output["video_frame_mask"] = torch.tensor(frame_flags) if as_tensors else frame_flags
+            if frame_features:
+                output["frame_features"] = torch.cat(frame_features)  # [precomputed frames, patches, dim]
+                output["frame_features_mask"] = torch.tensor(precomputed_flags) if as_tensors else precomputed_flags
             if self.llamavid_compress_type is not None and self.text_decoder_tokenizer is not None:
                 from .llamavid import encode_instructions
 
                 encoded = encode_instructions(self.text_decoder_tokenizer, image_instructions, self.instruction_max_length)
                 output.update(encoded if as_tensors else {k: v.tolist() for k, v in encoded.items()})
         return output
+
+    def _frame_size(self) -> tuple[int, int]:
+        """(height, width) of a frame after the image processor: the size frame features were extracted at."""
+        size = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
+        return size["height"], size["width"]
+
+    def check_frame_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Precomputed frames must have the patches of one of this processor's frames, so that they get the
+        same tokens as pixels (the model checks their width against its vision tower)."""
+        if features.ndim != 3:
+            raise ValueError(f"frame features must be [frames, patches, dim], got shape {tuple(features.shape)}")
+        height, width = self._frame_size()
+        patches = self._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+        if features.shape[1] != patches:
+            raise ValueError(
+                f"frame features have {features.shape[1]} patches per frame, but this processor's {height}x{width} "
+                f"frames give {patches} (extracted with another vision tower or image size?)"
+            )
+        return features
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if self._precomputed_frames is not None:
+            return  # __call__ matched every placeholder to an image or a frame; precomputed frames have no pixels
+        return super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _process_images(self, images, **kwargs):
+        """Precomputed frames have no pixels: only the other images go through the image processor, and each
+        frame gets the tokens of a pixel frame, by ``replace_image_token`` on a stand-in of a frame's size
+        (a broadcast zero: no memory)."""
+        if self._precomputed_frames is None:
+            return super()._process_images(images, **kwargs)
+        processed = self.image_processor(images, **kwargs) if images else {}
+        stand_in = np.broadcast_to(np.zeros((), dtype=np.float32), (3, *self._frame_size()))
+        with_pixels = iter(range(len(images)))
+        sized = [stand_in if precomputed else processed["pixel_values"][next(with_pixels)]
+                 for precomputed in self._precomputed_frames]
+        image_inputs = {**processed, "pixel_values": sized}
+        replacements = [self.replace_image_token(image_inputs, image_idx=index, **kwargs)
+                        for index in range(len(sized))]
+        return processed, replacements
 
     @staticmethod
     def _merge_replacements(offsets: list[dict], placeholders: list) -> list[dict]:

@@ -17,14 +17,15 @@ from transformers import TextStreamer
 from ..conversation import get_template
 from .cache_store import VoCoCacheStore
 from .chat import ImageChat, count_vision_passes, image_tokens_per_frame, load_images, load_model
-from ..video import VIDEO_SUFFIXES, decode_video
+from ..video import VIDEO_SUFFIXES, is_frame_features, load_video
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat about an image with a VoCo LLaVA model.")
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--image-file", default=None, help="an image; several separated by commas")
-    parser.add_argument("--video-file", default=None, help="a video file or a folder of frames (PyAV decodes files)")
+    parser.add_argument("--video-file", default=None,
+                        help="a video file (PyAV decodes it), a folder of frames, or frame features (.safetensors)")
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--conv-mode", default="v1", help="conversation template (LLaVA's --version names)")
@@ -40,14 +41,16 @@ def main(argv=None) -> None:
     template = get_template(args.conv_mode)
     model, processor = load_model(args.model_path, device=args.device)
     images, video = [], None
+    # a video: a file, a folder of frames, or precomputed frame features (.safetensors)
+    width = model.config.vision_config.hidden_size
     for path in (args.image_file.split(",") if args.image_file else []):
-        if Path(path).is_dir() or Path(path).suffix.lower() in VIDEO_SUFFIXES:  # a video given as --image-file
-            video = decode_video(path, fps=args.video_fps, max_frames=args.max_frames)
+        if Path(path).is_dir() or Path(path).suffix.lower() in VIDEO_SUFFIXES or is_frame_features(path):
+            video = load_video(path, fps=args.video_fps, max_frames=args.max_frames, width=width)
         else:
             images += load_images([path])
     if args.video_file:
-        video = decode_video(args.video_file, fps=args.video_fps, max_frames=args.max_frames)
-    if not images and not video:
+        video = load_video(args.video_file, fps=args.video_fps, max_frames=args.max_frames, width=width)
+    if not images and video is None:
         raise SystemExit("give --image-file and/or --video-file")
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
@@ -56,12 +59,12 @@ def main(argv=None) -> None:
 
     with count_vision_passes(model) as vision:
         chat = ImageChat(model, processor, template, images, store=store, generation_kwargs=generation, video=video)
-        if video:
+        if video is not None:
             per_frame = image_tokens_per_frame(processor, video)
             print(f"[video: {len(video)} frames, {per_frame} tokens per frame]", flush=True)
         source = "loaded from the cache store" if chat.loaded_from_store else "compressed"
         if chat.uses_voco:
-            what = f"{len(images)} image(s)" + (f" and a {len(video)}-frame video" if video else "")
+            what = f"{len(images)} image(s)" + (f" and a {len(video)}-frame video" if video is not None else "")
             print(f"[{source} {what}] {chat.cache_summary()}", flush=True)
         else:
             print(f"[{chat.cache_summary()}]", flush=True)

@@ -1,7 +1,8 @@
 """LLaVA's training data (its JSON format, flags and templates) through a ``VoCoLlavaProcessor``.
 
 A sample is ``{"id", "image": str | [str] (optional), "video": str (optional: a file PyAV decodes or a
-folder of frames, at ``--video_fps`` up to ``--max_frames``), "conversations": [{"from": "human" | "gpt",
+folder of frames, at ``--video_fps`` up to ``--max_frames``; or a ``.safetensors`` file of precomputed frame
+features, ``[frames, patches, dim]``, up to ``--max_frames``), "conversations": [{"from": "human" | "gpt",
 "value"}]}``, in a JSON list or a JSONL file. A video's placeholder is ``<video>`` (an ``<image>`` in a
 sample with a video and no images is read as it); each frame becomes an image with its own VoCo tokens. The processor does everything that depends on the model:
 image preprocessing, expanding each ``<image>`` to the vision tokens and appending the VoCo tokens.
@@ -11,12 +12,15 @@ offsets, so they are exact for any tokenizer.
 Dataset items (``LazySupervisedDataset.__getitem__``):
     ``input_ids`` [seq] and ``labels`` [seq] (IGNORE_INDEX except assistant replies and their end of
     turn), ``pixel_values`` [n_images, 3, H, W] only for samples with images (``image_sizes`` too if the
-    processor gives them), ``video_frame_mask`` [n_images] with videos, ``instruction_input_ids`` /
+    processor gives them), ``frame_features`` [frames, patches, dim] and ``frame_features_mask`` [n_images]
+    for a video given as a features file (its frames are then not in ``pixel_values``),
+    ``video_frame_mask`` [n_images] with videos, ``instruction_input_ids`` /
     ``instruction_attention_mask`` [n_images, L] for LLaMA-VID, and the counters of ``BATCH_STAT_KEYS`` as ints.
 
 Batches (``DataCollatorForSupervisedDataset``): ``input_ids``, ``attention_mask``, ``labels`` [batch,
 seq] padded on ``tokenizer.padding_side``; ``pixel_values`` [images in the batch, 3, H, W] in sample
-order (absent when no sample has an image); ``image_sizes`` if given; and, as plain ints summed over
+order (absent when no sample has an image); ``frame_features`` / ``frame_features_mask`` [images in the
+batch] when a sample has precomputed frames; ``image_sizes`` if given; and, as plain ints summed over
 the batch, the keys of ``BATCH_STAT_KEYS``, which must be popped before the model's forward
 (``pop_batch_stats``):
     ``num_vision_tokens``      image tokens in the batch,
@@ -49,7 +53,7 @@ from transformers import DataCollatorForSeq2Seq
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, ConversationError, RenderedConversation, get_template
-from ..video import VideoError, decode_video
+from ..video import VideoError, decode_video, is_frame_features, read_frame_features
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ ASPECT_RATIOS = ("pad", "square")
 VIDEO_PLACEHOLDER = "<video>"
 # Per-image inputs the processor may give (video frames, LLaMA-VID instructions), collated across the batch.
 PER_IMAGE_KEYS = ("video_frame_mask", "instruction_input_ids", "instruction_attention_mask")
+# Precomputed frames of a video given as a features file, in place of their pixels (VoCoLlavaModel.forward).
+FRAME_FEATURE_KEYS = ("frame_features", "frame_features_mask")
 BATCH_STAT_KEYS = ("num_vision_tokens", "num_voco_tokens", "num_samples_skipped", "num_samples_truncated")
 
 
@@ -185,9 +191,21 @@ class LazySupervisedDataset(Dataset):
     ``stats`` (a ``Counter``) counts, in this process: ``items``, ``skipped_bad``, ``skipped_too_long``,
     ``truncated``, ``vision_tokens``, ``voco_tokens``. A sample skipped when drawn is replaced by the
     next usable one, so the epoch keeps its length; it is counted each time it is drawn.
+
+    ``vision_hidden_size``: the model's vision tower width, so that a features file of another width is
+    refused here, naming the sample and file (the model would refuse it too, without naming them).
     """
 
-    def __init__(self, data_path: str, processor, data_args: DataArguments, *, version: str, model_max_length: int):
+    def __init__(
+        self,
+        data_path: str,
+        processor,
+        data_args: DataArguments,
+        *,
+        version: str,
+        model_max_length: int,
+        vision_hidden_size: int | None = None,
+    ):
         if model_max_length is None or model_max_length < 1:
             raise ValueError(f"model_max_length must be a positive number of tokens, got {model_max_length}")
         if not getattr(processor.tokenizer, "is_fast", False):
@@ -197,6 +215,7 @@ class LazySupervisedDataset(Dataset):
         self.data_args = data_args
         self.template = get_template(version)
         self.model_max_length = model_max_length
+        self.vision_hidden_size = vision_hidden_size
         self.image_token_id = processor.image_token_id
         self.voco_token_id = getattr(processor, "voco_token_id", None)
         self.voco_token = getattr(processor, "voco_token", None)
@@ -367,10 +386,19 @@ class LazySupervisedDataset(Dataset):
             )
         return os.path.join(folder or "", name)
 
-    def _load_video(self, position: int, sample_id: Any, name: str) -> list[Image.Image]:
+    def _load_video(self, position: int, sample_id: Any, name: str) -> list[Image.Image] | torch.Tensor:
+        """The frames, or for a features file its precomputed frames ``[frames, patches, dim]``."""
         path = self._video_path(position, sample_id, name)
         if not os.path.exists(path):
             raise self._error(position, sample_id, f"missing video {path}")
+        if is_frame_features(path):
+            try:
+                features = read_frame_features(path, self.data_args.max_frames, width=self.vision_hidden_size)
+                return self.processor.check_frame_features(features)
+            except VideoError as error:
+                raise self._error(position, sample_id, str(error)) from None
+            except ValueError as error:
+                raise self._error(position, sample_id, f"{path}: {error}") from None
         try:
             frames = decode_video(path, fps=self.data_args.video_fps, max_frames=self.data_args.max_frames)
         except VideoError as error:
@@ -398,7 +426,7 @@ class LazySupervisedDataset(Dataset):
         images = [self._load_image(position, prepared.sample_id, name) for name in prepared.image_files]
         frames = self._load_video(position, prepared.sample_id, prepared.video_file) if prepared.video_file else None
         rendered = prepared.rendered
-        media = {"videos": [frames]} if frames else {}
+        media = {"videos": [frames]} if frames is not None else {}
         instructions = self._instructions(prepared.turns)
         if instructions is not None:
             media["instructions"] = instructions
@@ -437,9 +465,9 @@ class LazySupervisedDataset(Dataset):
             input_ids, labels, truncated = input_ids[:cut], labels[:cut], 1
 
         item = {"input_ids": input_ids, "labels": labels}
-        if images or frames:
-            item["pixel_values"] = encoded["pixel_values"]  # [n_images (video frames included), 3, H, W]
-            for key in ("image_sizes", *PER_IMAGE_KEYS):
+        if images or frames is not None:
+            # pixel_values [images with pixels (video frames included unless precomputed), 3, H, W]
+            for key in ("pixel_values", "image_sizes", *FRAME_FEATURE_KEYS, *PER_IMAGE_KEYS):
                 if key in encoded:
                     item[key] = encoded[key]
         item["num_vision_tokens"] = int((input_ids == self.image_token_id).sum())
@@ -520,10 +548,18 @@ class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
         image_sizes = [f["image_sizes"] for f in features if "image_sizes" in f]
         if image_sizes:
             batch["image_sizes"] = torch.cat([torch.as_tensor(sizes) for sizes in image_sizes])
+        with_images = [f for f in features if "pixel_values" in f or "frame_features" in f]
+        num_images = [len(f.get("pixel_values", ())) + len(f.get("frame_features", ())) for f in with_images]
+        if any("frame_features" in f for f in features):
+            batch["frame_features"] = torch.cat([f["frame_features"] for f in features if "frame_features" in f])
+            batch["frame_features_mask"] = torch.cat(  # [images in the batch] True for precomputed frames
+                [f["frame_features_mask"] if "frame_features_mask" in f else torch.zeros(n, dtype=torch.bool)
+                 for f, n in zip(with_images, num_images)]
+            )
         if any("video_frame_mask" in f for f in features):
             batch["video_frame_mask"] = torch.cat(
-                [f["video_frame_mask"] if "video_frame_mask" in f else torch.zeros(len(f["pixel_values"]), dtype=torch.bool)
-                 for f in features if "pixel_values" in f]
+                [f["video_frame_mask"] if "video_frame_mask" in f else torch.zeros(n, dtype=torch.bool)
+                 for f, n in zip(with_images, num_images)]
             )
         if any("instruction_input_ids" in f for f in features):  # LLaMA-VID: one row per image, right padded
             width = max(f["instruction_input_ids"].shape[1] for f in features if "instruction_input_ids" in f)
@@ -599,8 +635,11 @@ class LengthGroupedSampler(Sampler):
         return iter(indices)
 
 
-def make_supervised_data_module(processor, data_args: DataArguments, *, version: str, model_max_length: int) -> dict:
-    """Dataset and collator for the Trainer, as LLaVA's function of the same name returns them."""
+def make_supervised_data_module(
+    processor, data_args: DataArguments, *, version: str, model_max_length: int, vision_hidden_size: int | None = None
+) -> dict:
+    """Dataset and collator for the Trainer, as LLaVA's function of the same name returns them
+    (``vision_hidden_size``: see ``LazySupervisedDataset``)."""
     if not data_args.data_path:
         raise ValueError("--data_path is required")
     if processor.tokenizer.pad_token_id is None:
@@ -609,7 +648,8 @@ def make_supervised_data_module(processor, data_args: DataArguments, *, version:
             "(LLaVA uses the unk token: tokenizer.pad_token = tokenizer.unk_token)"
         )
     dataset = LazySupervisedDataset(
-        data_args.data_path, processor, data_args, version=version, model_max_length=model_max_length
+        data_args.data_path, processor, data_args, version=version, model_max_length=model_max_length,
+        vision_hidden_size=vision_hidden_size,
     )
     collator = DataCollatorForSupervisedDataset(tokenizer=processor.tokenizer, label_pad_token_id=IGNORE_INDEX)
     return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}

@@ -240,6 +240,14 @@ class VoCoLlavaTrainer(Trainer):
         inputs["pixel_values"] = torch.zeros(
             1, vision.num_channels, vision.image_size, vision.image_size, dtype=model.dtype, device=input_ids.device
         )
+        if "frame_features" in inputs:  # a batch of precomputed frames only: the blank image is the last image
+            precomputed = inputs.get("frame_features_mask")
+            if precomputed is None:
+                precomputed = torch.ones(len(inputs["frame_features"]), dtype=torch.bool, device=input_ids.device)
+            inputs["frame_features_mask"] = torch.cat([precomputed.bool(), precomputed.new_zeros(1, dtype=torch.bool)])
+            if "video_frame_mask" in inputs:
+                frames = inputs["video_frame_mask"]
+                inputs["video_frame_mask"] = torch.cat([frames, frames.new_zeros(1)])
         return inputs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
