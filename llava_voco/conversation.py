@@ -134,8 +134,10 @@ class ConversationTemplate:
         out = _Builder()
         out.add(self.system + self.sep)
         for index in range(0, len(turns), 2):
-            out.add(f"{self.roles[0]}: {turns[index][1]}{self.sep}{self.roles[1]}: ")
-            out.add(turns[index + 1][1] + self.sep2, learned=True)
+            out.add(f"{self.roles[0]}: {turns[index][1]}{self.sep}{self.roles[1]}:")
+            # The space after "ASSISTANT:" is learned: a reply is generated from a prompt that ends at the
+            # colon, and with a digit-splitting tokenizer (LLaMA's) " 7" is two tokens, "▁" then "7".
+            out.add(" " + turns[index + 1][1] + self.sep2, learned=True)
             out.end_round()
         return out.result()
 
@@ -167,8 +169,8 @@ class ConversationTemplate:
             if index == 0 and self.system:
                 question = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{question}"
             # LLaVA strips the leading separator of the first round.
-            out.add(("" if index == 0 else self.sep) + f"[INST] {question} [/INST] ")
-            out.add(f"{turns[index + 1][1]} {self.sep2}", learned=True)
+            out.add(("" if index == 0 else self.sep) + f"[INST] {question} [/INST]")
+            out.add(f" {turns[index + 1][1]} {self.sep2}", learned=True)  # the space learned, as in _render_two
             out.end_round()
         return out.result()
 

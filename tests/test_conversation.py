@@ -31,7 +31,9 @@ LLAVA_SYSTEM = (
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
 
-# name -> (prompt split after each round, learned strings). "".join(rounds) is the whole prompt.
+# name -> (prompt split after each round, learned strings). "".join(rounds) is the whole prompt. Where a
+# space separates the assistant's tag from its reply, the space is learned: the reply is generated from a
+# prompt ending at the tag, and a digit-splitting tokenizer makes " 7" two tokens ("▁", "7").
 GOLDEN = {
     "plain": (
         ["<image>seven\n"],
@@ -40,17 +42,17 @@ GOLDEN = {
     "v1": (
         [VICUNA + " USER: <image>\nWhat is the sum? ASSISTANT: seven</s>",
          "USER: And the largest digit? ASSISTANT: four</s>"],
-        ["seven</s>", "four</s>"],
+        [" seven</s>", " four</s>"],
     ),
     "llava_llama_2": (
         ["[INST] <<SYS>>\n" + LLAVA_SYSTEM + "\n<</SYS>>\n\n<image>\nWhat is the sum? [/INST] seven </s>",
          "<s>[INST] And the largest digit? [/INST] four </s>"],
-        ["seven </s>", "four </s>"],
+        [" seven </s>", " four </s>"],
     ),
     "mistral_instruct": (
         ["[INST] <image>\nWhat is the sum? [/INST] seven </s>",
          "[INST] And the largest digit? [/INST] four </s>"],
-        ["seven </s>", "four </s>"],
+        [" seven </s>", " four </s>"],
     ),
     "chatml_direct": (
         ["<|im_start|>system\nAnswer the questions.<|im_end|>"
@@ -72,7 +74,7 @@ GOLDEN = {
          "The assistant gives helpful, detailed, and polite answers to the user's questions. "
          "USER: What is the sum? ASSISTANT: seven</s>",
          "USER: And the largest digit? ASSISTANT: four</s>"],
-        ["seven</s>", "four</s>"],
+        [" seven</s>", " four</s>"],
     ),
 }
 
@@ -126,7 +128,7 @@ def test_voco_official_text_only_and_two_images():
     two = template.render([("human", "<image>\n<image>\nSame digit?"), ("gpt", "yes\nreally")], 2)
     assert two.text.startswith("<image>\n<image>\nA chat between")
     assert two.text.endswith("USER: Same digit? ASSISTANT: yesreally</s>")
-    assert two.targets == ["yesreally</s>"]
+    assert two.targets == [" yesreally</s>"]
 
 
 @pytest.mark.parametrize(

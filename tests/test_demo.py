@@ -9,7 +9,7 @@ from pathlib import Path
 
 def test_demo_runs_and_compresses():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-m", "llava_voco.demo"], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-m", "llava_voco.demo.mask"], capture_output=True, text=True, env=env,
                          timeout=300, check=True).stdout
     assert "sequence: prefix 33, vision 16, VoCo 1, text 14" in out
     assert re.search(r"text\s+all\s+none\s+all\s+causal", out)

@@ -196,6 +196,31 @@ def test_voco_finetune_from_llava_checkpoint(tiny, tmp_path):
              + common_args(tiny, tmp_path / "again", max_steps=1))
 
 
+def test_lower_bound_trains_without_the_mask_and_is_evaluated_with_it(tiny, tmp_path):
+    """--voco_mask_in_training False (the VoCo paper's lower bound): while training, the VoCo model computes
+    exactly what a causal model computes over the same tokens; the saved checkpoint compresses with the mask."""
+    trainer = main(["--model_name_or_path", str(tiny.llava), "--voco_tokens", "1", "--voco_mask_in_training", "False"]
+                   + common_args(tiny, tmp_path / "out", max_steps=2, save_strategy="no"))
+    trained = trainer.model.eval()
+    assert trained.model.apply_voco_mask is False
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    with torch.no_grad():
+        unmasked = trained(**batch)
+        trained.config.voco_tokens = 0  # the same weights and tokens, no VoCo mask at all: plain causal attention
+        causal = trained(**batch)
+        trained.config.voco_tokens = 1
+        trained.model.apply_voco_mask = True
+        masked = trained(**batch)
+    torch.testing.assert_close(unmasked.logits, causal.logits, rtol=0, atol=0)
+    assert (masked.logits - unmasked.logits).abs().max() > 1e-3
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert reloaded.model.apply_voco_mask is True and reloaded.config.voco_mask_mode == "paper"
+    with pytest.raises(TrainConfigError, match="--voco_mask_in_training False"):
+        main(["--model_name_or_path", str(tiny.llava), "--voco_mask_in_training", "False"]
+             + common_args(tiny, tmp_path / "bad", max_steps=1))
+
+
 def test_pretrain_stage_trains_and_saves_the_projector_only(tiny, tmp_path):
     out = tmp_path / "pretrain"
     args = layout_a(tiny) + ["--tune_mm_mlp_adapter", "True", "--version", "plain"]

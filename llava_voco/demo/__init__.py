@@ -1,1 +1,2 @@
-"""Runnable defaults that need nothing downloaded: the VoCo mask demo and the DigitGrid data set."""
+"""Runnable defaults that need nothing downloaded: the DigitGrid demo (``python -m llava_voco.demo``), its
+data set and base models, and the VoCo mask demo (``python -m llava_voco.demo.mask``)."""

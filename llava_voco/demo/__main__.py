@@ -1,3 +1,3 @@
-from .mask import main
+from .runner import main
 
 main()

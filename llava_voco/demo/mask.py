@@ -1,12 +1,12 @@
 """A short, runnable look at VoCo on a tiny LLaVA built here (no downloads).
 
-    python -m llava_voco.demo [--voco-tokens 1] [--mask-mode paper]   (this module: llava_voco.demo.mask)
+    python -m llava_voco.demo.mask [--voco-tokens 1] [--mask-mode paper]
 
 Builds a plain LLaVA checkpoint from configs (CLIP tower, Llama, a tokenizer trained on the spot),
 turns it into a VoCo checkpoint with ``add_voco_to_llava``, runs a real handwritten digit from
 scikit-learn through it, and prints the token layout, the VoCo mask (by block) and how many cached
 positions the text needs once the vision tokens are dropped, checking that dropping them changes no
-logit. The DigitGrid demo (a model trained to answer questions about digits) replaces this later.
+logit. The main demo, a model trained to answer questions about digits, is ``python -m llava_voco.demo``.
 """
 
 from __future__ import annotations

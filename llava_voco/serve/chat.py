@@ -53,36 +53,38 @@ class ImageChat:
     images: list
     store: object | None = None  # a VoCoCacheStore
     generation_kwargs: dict = field(default_factory=dict)
-    video: list | None = None  # frames of one video, after the images
+    # one video, after the images: its frames (PIL images), or its precomputed frame features [frames, patches, dim]
+    video: object | None = None
 
     def __post_init__(self):
         self.turns: list[tuple[str, str]] = []
-        self.media = len(self.images) + (1 if self.video else 0)  # placeholders in the first turn
+        self.has_video = self.video is not None and len(self.video) > 0
+        self.media = len(self.images) + (1 if self.has_video else 0)  # placeholders in the first turn
         self.uses_voco = getattr(self.model.config, "voco_tokens", 0) > 0 and self.media > 0
         self.cache: VoCoCache | None = None
         self.loaded_from_store = False
         if self.uses_voco:
             probe = prompt_for_reply(self.template, [(HUMAN, self._first_turn("?"))], len(self.images))
-            last = VIDEO_PLACEHOLDER if self.video else IMAGE_PLACEHOLDER
+            last = VIDEO_PLACEHOLDER if self.has_video else IMAGE_PLACEHOLDER
             self.head_text = probe[: probe.rindex(last) + len(last)]
             self.consumed_text = self.head_text  # prompt text the cache already holds
             self.cache = self.compress(self.head_text)
 
     # -- VoCo ----------------------------------------------------------------------------------
     def compress(self, head_text: str) -> VoCoCache:
-        if self.store is not None and not self.video:
+        if self.store is not None and not self.has_video:
             cache, self.loaded_from_store = self.store.get_or_compress(self.model, self.processor, self.images, head_text)
             return cache
         inputs = self.processor(text=head_text, return_tensors="pt", **self._media(1)).to(self.model.device)
         return self.model.compress(**inputs)
 
     def _first_turn(self, question: str) -> str:
-        return first_human_turn(question, len(self.images), has_video=bool(self.video))
+        return first_human_turn(question, len(self.images), has_video=self.has_video)
 
     def _media(self, copies: int) -> dict:
         """The processor's image/video arguments for ``copies`` prompts."""
         media = {"images": self.images * copies or None}
-        if self.video:
+        if self.has_video:
             media["videos"] = [self.video] * copies
         return media
 
@@ -126,7 +128,8 @@ class ImageChat:
         else:
             inputs = self.processor(text=prompt, return_tensors="pt", **self._media(1),
                                     **self._instructions([question])).to(self.model.device)
-            output = self.model.generate(**inputs, streamer=streamer, **self.generation_kwargs)
+            output = self.model.generate(**stock_llava_inputs(self.model, inputs), streamer=streamer,
+                                         **self.generation_kwargs)
             answer_ids = output[0, inputs["input_ids"].shape[1] :]
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         if keep_turn:
@@ -151,11 +154,21 @@ class ImageChat:
                 inputs = self.processor(text=prompts, return_tensors="pt", padding=True, **self._media(len(prompts)),
                                         **self._instructions(questions))
                 inputs = inputs.to(self.model.device)
-                output = self.model.generate(**inputs, **self.generation_kwargs)
+                output = self.model.generate(**stock_llava_inputs(self.model, inputs), **self.generation_kwargs)
         finally:
             tokenizer.padding_side = previous_side
         answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return [(prompt, answer.strip()) for prompt, answer in zip(prompts, answers)]
+
+
+def stock_llava_inputs(model, inputs):
+    """Without VoCo a checkpoint loads as stock ``LlavaForConditionalGeneration``, which reads a video's
+    frames as plain images and has no ``video_frame_mask`` input (only LLaMA-VID needs it)."""
+    from ..model.modeling_voco_llava import VoCoLlavaForConditionalGeneration
+
+    if not isinstance(model, VoCoLlavaForConditionalGeneration) and "video_frame_mask" in inputs:
+        inputs = {k: v for k, v in inputs.items() if k != "video_frame_mask"}
+    return inputs
 
 
 def image_tokens_per_frame(processor, frames: list) -> int:

@@ -119,6 +119,11 @@ class ModelArguments:
         metadata={"help": "VoCo tokens after each image (0 = plain LLaVA). Default: the checkpoint's (0 for LLaVA)."},
     )
     voco_mask_mode: str | None = field(default=None, metadata={"help": "paper (default) or official."})
+    voco_mask_in_training: bool = field(
+        default=True,
+        metadata={"help": "False trains the VoCo paper's lower bound: VoCo tokens in the sequence but no VoCo mask "
+                  "(text sees the vision tokens); the saved model still compresses (and is evaluated) with the mask."},
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention."})
     # LLaMA-VID (--mm_projector_type llamavid, set-up (a))
     text_decoder_tokenizer: str | None = field(
@@ -249,6 +254,8 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
         refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(PROJECTOR_TYPES)}")
     if model_args.mm_vision_select_feature is not None and model_args.mm_vision_select_feature not in SELECT_FEATURE:
         refuse(f"--mm_vision_select_feature {model_args.mm_vision_select_feature}", "must be patch or cls_patch")
+    if not model_args.voco_mask_in_training and not model_args.voco_tokens:
+        refuse("--voco_mask_in_training False", "only means something with --voco_tokens k > 0")
     if model_args.voco_tokens is not None and model_args.voco_tokens < 0:
         refuse(f"--voco_tokens {model_args.voco_tokens}", "must be >= 0")
     # Contradictory stages: something would not train, or a flag would change nothing.
@@ -682,10 +689,12 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
         model.config.mm_projector_type, model.config.voco_tokens, model.config.voco_mask_mode,
         model.config.image_seq_length,
     )
+    model.model.apply_voco_mask = model_args.voco_mask_in_training
     model = set_trainable(model, model_args, training_args)
 
     data_module = make_supervised_data_module(
-        processor, data_args, version=model_args.version, model_max_length=training_args.model_max_length
+        processor, data_args, version=model_args.version, model_max_length=training_args.model_max_length,
+        vision_hidden_size=model.config.vision_config.hidden_size,  # features files of another width: named error
     )
     base = model.get_base_model() if training_args.lora_enable else model
     trainer = VoCoLlavaTrainer(

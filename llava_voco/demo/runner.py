@@ -1,0 +1,353 @@
+"""The DigitGrid demo: the VoCo paper's central comparison, reproduced on CPU from real digits.
+
+    python -m llava_voco.demo [--preset default|quick] [--data-dir playground/data/digitgrid]
+        [--runs-dir playground/runs/digitgrid] [--only full,voco1] [--fresh]
+
+Read top to bottom, the run is:
+  1. the data (``llava_voco.demo.digitgrid``) and the base models (``llava_voco.demo.models``: a SentencePiece
+     tokenizer and a Llama from configs, a CLIP vision tower pretrained for seconds), built if absent;
+  2. one training run per method through the train entry (``llava_voco.train``, LLaVA's flags; each
+     command is printed and saved in ``<runs-dir>/<method>/command.txt``), checkpoints kept in
+     ``<runs-dir>/<method>/``:
+       full      all 64 vision tokens (the upper bound), vision tower fine-tuned too
+       pool1     the 64 patches averaged into 1 token (the paper's pooling baseline), trained the same way
+       llamavid  LLaMA-VID: a context token + 1 mean content token
+       voco1/2/4 VoCo with k tokens, fine-tuned from ``full`` as the paper does
+       lower     VoCo k=1 fine-tuned from ``full`` *without* the VoCo mask, evaluated with it (the lower bound)
+  3. every checkpoint answers the test questions through the eval entry (``llava_voco.eval.model_vqa``),
+     scored by exact match (``llava_voco.eval.exact_match``); the clip questions (video rows) for full,
+     llamavid and voco1;
+  4. the table, ``report.json`` and ``accuracy_vs_tokens.png`` in ``<runs-dir>``;
+  5. one test question answered through the chat path from a VoCo cache.
+A method whose checkpoint was made by the same command (and whose answers are complete) is reused;
+``--fresh`` retrains everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from . import digitgrid
+from .models import BaseSizes, build_base
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What one run trains on and for how long."""
+
+    name: str
+    train_images: int
+    test_images: int
+    train_clips: int
+    test_clips: int
+    vision_pretrain_steps: int
+    batch_size: int
+    full_steps: int  # full, pool1 and llamavid, from the base models
+    voco_steps: int  # voco1/2/4 and lower, from full
+    learning_rate: float = 2e-3
+    voco_learning_rate: float = 1e-3
+    vision_tower_lr: float = 2e-4
+    frames: int = 4
+    seed: int = 0
+
+
+PRESETS = {
+    "default": Preset("default", train_images=4000, test_images=400, train_clips=1000, test_clips=100,
+                      vision_pretrain_steps=400, batch_size=32, full_steps=800, voco_steps=300),
+    "quick": Preset("quick", train_images=800, test_images=50, train_clips=100, test_clips=10,
+                    vision_pretrain_steps=150, batch_size=16, full_steps=150, voco_steps=30),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    tokens_per_image: int
+    start: str  # "base" (an LLM + a vision tower, set-up (a)) or another method's checkpoint
+    flags: tuple[str, ...] = ()
+    video: bool = False  # also answer the clip questions
+
+
+METHODS = (
+    Method("full", "all vision tokens (upper bound)", 64, "base", ("--mm_projector_type", "mlp2x_gelu"), video=True),
+    Method("pool1", "mean pooling to 1 token", 1, "base",
+           ("--mm_projector_type", "mlp2x_gelu", "--vision_token_pooling", "mean")),
+    Method("llamavid", "LLaMA-VID: context + 1 content token", 2, "base", ("--mm_projector_type", "llamavid"), video=True),
+    Method("voco1", "VoCo, k=1", 1, "full", ("--voco_tokens", "1"), video=True),
+    Method("voco2", "VoCo, k=2", 2, "full", ("--voco_tokens", "2")),
+    Method("voco4", "VoCo, k=4", 4, "full", ("--voco_tokens", "4")),
+    Method("lower", "VoCo k=1 trained without the mask (lower bound)", 1, "full",
+           ("--voco_tokens", "1", "--voco_mask_in_training", "False")),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Data and base models.
+# ---------------------------------------------------------------------------------------------------
+def ensure_data(preset: Preset, data_dir: Path, fresh: bool) -> dict:
+    settings = {"train_images": preset.train_images, "test_images": preset.test_images,
+                "train_clips": preset.train_clips, "test_clips": preset.test_clips, "frames": preset.frames,
+                "seed": preset.seed}
+    marker = data_dir / "settings.json"
+    if not fresh and marker.exists() and json.loads(marker.read_text()) == settings:
+        print(f"data: reusing {data_dir}")
+        return settings
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    summary = digitgrid.build(data_dir, **settings)
+    marker.write_text(json.dumps(settings))
+    print(f"data: wrote {data_dir} ({summary['train_samples']} train, {summary['test_samples']} test samples)")
+    return settings
+
+
+def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool) -> dict:
+    sizes = replace(BaseSizes(), vision_pretrain_steps=preset.vision_pretrain_steps, seed=preset.seed)
+    marker = base_dir / "base.json"
+    if not fresh and marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved["sizes"] == asdict(sizes) and saved.get("data") == str(data_dir.resolve()):
+            print(f"base models: reusing {base_dir}")
+            return saved
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    summary = build_base(data_dir, base_dir, sizes)
+    summary["data"] = str(data_dir.resolve())
+    marker.write_text(json.dumps(summary, indent=1))
+    print(f"base models: {base_dir} (stage 0: quadrant accuracy {summary['stage0']['quadrant_accuracy_test']:.1%} "
+          f"on test grids, {summary['seconds']} s)")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Training, through the train entry.
+# ---------------------------------------------------------------------------------------------------
+def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path) -> list[str]:
+    """The train entry's command line for ``method`` (what a user would type)."""
+    if method.start == "base":
+        model = ["--model_name_or_path", base_dir / "llm", "--vision_tower", base_dir / "vision_tower",
+                 "--mm_vision_select_layer", "-1", "--unfreeze_mm_vision_tower", "True",
+                 "--mm_vision_tower_lr", preset.vision_tower_lr]
+        steps, learning_rate = preset.full_steps, preset.learning_rate
+    else:
+        model = ["--model_name_or_path", runs_dir / method.start]
+        steps, learning_rate = preset.voco_steps, preset.voco_learning_rate
+    if method.name == "llamavid":
+        model += ["--text_decoder_tokenizer", base_dir / "text_decoder_tokenizer",
+                  "--text_decoder_config", base_dir / "text_decoder.json", "--num_query", "8",
+                  "--compress_type", "mean", "--video_compress_type", "mean", "--instruction_max_length", "32"]
+    command = [
+        *model, *method.flags,
+        "--version", "v1", "--data_path", data_dir / "train.json", "--image_folder", data_dir,
+        "--output_dir", runs_dir / method.name, "--max_steps", steps,
+        "--per_device_train_batch_size", preset.batch_size, "--learning_rate", learning_rate,
+        "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", "0.0",
+        "--model_max_length", "512", "--group_by_modality_length", "False",
+        "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed,
+    ]
+    return [str(part) for part in command]
+
+
+def train(method: Method, command: list[str], output_dir: Path, fresh: bool) -> dict:
+    from ..train.train import main as train_main
+
+    record = output_dir / "command.txt"
+    printed = "python -m llava_voco.train " + shlex.join(command)
+    if not fresh and record.exists() and record.read_text().strip() == printed and (output_dir / "config.json").exists():
+        print(f"[{method.name}] reusing the checkpoint in {output_dir}")
+        return json.loads((output_dir / "train_summary.json").read_text())
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    print(f"[{method.name}] {printed}")
+    started = time.perf_counter()
+    trainer = train_main(command)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    summary = {"steps": trainer.state.global_step, "seconds": round(time.perf_counter() - started, 1),
+               "first_loss": history[0]["loss"] if history else None,
+               "last_loss": history[-1]["loss"] if history else None}
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    record.write_text(printed + "\n")  # last: a run interrupted before this point is redone
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Evaluation, through the eval entry.
+# ---------------------------------------------------------------------------------------------------
+def evaluate(model_dir: Path, question_file: Path, data_dir: Path, answers_file: Path, fresh: bool) -> dict:
+    from ..eval import exact_match, model_vqa
+
+    if fresh and answers_file.exists():
+        answers_file.unlink()
+    started = time.perf_counter()
+    model_vqa.main(["--model-path", str(model_dir), "--question-file", str(question_file),
+                    "--image-folder", str(data_dir), "--answers-file", str(answers_file),
+                    "--conv-mode", "v1", "--max-new-tokens", "4", "--batch-size", "16"])
+    result = exact_match.score(str(question_file), str(answers_file))
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Report.
+# ---------------------------------------------------------------------------------------------------
+def retention(rows: dict[str, dict], key: str = "overall") -> None:
+    """Raw retention (accuracy / full's) and normalised retention ((acc - lower) / (full - lower))."""
+    full, lower = rows["full"][key], rows.get("lower", {}).get(key)
+    for row in rows.values():
+        row["raw_retention"] = row[key] / full if full else None
+        span = (full - lower) if lower is not None else None
+        row["normalised_retention"] = (row[key] - lower) / span if span else None
+
+
+def format_table(rows: dict[str, dict], categories: list[str], title: str) -> str:
+    header = ["method", "tokens/img", *categories, "overall", "raw ret.", "norm. ret."]
+    lines = [title, " | ".join(f"{h:>10}" for h in header)]
+    for name, row in rows.items():
+        cells = [name, str(row["tokens_per_image"])]
+        cells += [f"{100 * row['categories'].get(c, float('nan')):.1f}" for c in categories]
+        cells += [f"{100 * row['overall']:.1f}"]
+        cells += ["-" if row.get(k) is None else f"{100 * row[k]:.1f}%" for k in ("raw_retention", "normalised_retention")]
+        lines.append(" | ".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], video_rows: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, row in rows.items():
+        axis.scatter(row["tokens_per_image"], 100 * row["overall"], s=40, zorder=3)
+        axis.annotate(name, (row["tokens_per_image"], 100 * row["overall"]), textcoords="offset points", xytext=(5, 4))
+    for name, row in video_rows.items():
+        axis.scatter(row["tokens_per_image"], 100 * row["overall"], s=40, marker="s", facecolors="none",
+                     edgecolors="gray", zorder=3)
+        axis.annotate(f"{name} (clips)", (row["tokens_per_image"], 100 * row["overall"]), textcoords="offset points",
+                      xytext=(5, -10), color="gray")
+    axis.axhline(10, color="lightgray", linestyle="--", linewidth=1)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("vision tokens per image (or frame) the text reads")
+    axis.set_ylabel("exact-match accuracy, test split (%)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The chat path.
+# ---------------------------------------------------------------------------------------------------
+def chat_example(model_dir: Path, data_dir: Path) -> dict:
+    from PIL import Image
+
+    from ..conversation import get_template
+    from ..serve.chat import ImageChat, load_model
+
+    question = json.loads((data_dir / "test_questions.jsonl").read_text().splitlines()[0])
+    model, processor = load_model(str(model_dir))
+    image = Image.open(data_dir / question["image"]).convert("RGB")
+    chat = ImageChat(model, processor, get_template("v1"), [image], generation_kwargs={"max_new_tokens": 4})
+    answer = chat.ask(question["text"])
+    return {"model": str(model_dir), "image": question["image"], "question": question["text"], "answer": answer,
+            "reference": question["answer"], "cache": chat.cache_summary()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="DigitGrid: full tokens vs pooling vs LLaMA-VID vs VoCo, on CPU")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--data-dir", default=None, help="default: playground/data/digitgrid (quick: ..._quick)")
+    parser.add_argument("--runs-dir", default=None, help="default: playground/runs/digitgrid (quick: ..._quick)")
+    parser.add_argument("--only", default=None, help="comma-separated methods to run (full is needed by the VoCo rows)")
+    parser.add_argument("--fresh", action="store_true", help="rebuild data and base models, retrain every method")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    suffix = "" if preset.name == "default" else f"_{preset.name}"
+    data_dir = Path(args.data_dir or f"playground/data/digitgrid{suffix}")
+    runs_dir = Path(args.runs_dir or f"playground/runs/digitgrid{suffix}")
+    methods = [m for m in METHODS if args.only is None or m.name in args.only.split(",")]
+    unknown = set(args.only.split(",")) - {m.name for m in METHODS} if args.only else set()
+    if unknown:
+        parser.error(f"--only: unknown method(s) {sorted(unknown)}; choose from {[m.name for m in METHODS]}")
+    os.environ.setdefault("WANDB_DISABLED", "true")
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    # 1.
+    tick = time.perf_counter()
+    ensure_data(preset, data_dir, args.fresh)
+    seconds["data"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    base = ensure_base(preset, data_dir, runs_dir / "base", args.fresh)
+    seconds["base models (stage 0)"] = time.perf_counter() - tick
+
+    # 2. and 3.
+    rows, video_rows, training = {}, {}, {}
+    for method in methods:
+        output_dir = runs_dir / method.name
+        if method.start != "base" and not (runs_dir / method.start / "config.json").exists():
+            raise SystemExit(f"{method.name} starts from {method.start}, which has not been trained: add it to --only")
+        tick = time.perf_counter()
+        command = train_command(method, preset, data_dir, runs_dir / "base", runs_dir)
+        training[method.name] = train(method, command, output_dir, args.fresh)
+        seconds[f"train {method.name}"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        result = evaluate(output_dir, data_dir / "test_questions.jsonl", data_dir, output_dir / "answers_test.jsonl",
+                          args.fresh)
+        rows[method.name] = {"tokens_per_image": method.tokens_per_image, "description": method.description,
+                             "checkpoint": str(output_dir), **result}
+        if method.video and preset.test_clips:
+            video = evaluate(output_dir, data_dir / "test_video_questions.jsonl", data_dir,
+                             output_dir / "answers_test_video.jsonl", args.fresh)
+            video_rows[method.name] = {"tokens_per_image": method.tokens_per_image, "checkpoint": str(output_dir), **video}
+        seconds[f"eval {method.name}"] = time.perf_counter() - tick
+
+    # 4.
+    if "full" in rows:
+        retention(rows)
+    if "full" in video_rows:
+        retention(video_rows)
+    categories = sorted({c for row in rows.values() for c in row["categories"]})
+    title = f"DigitGrid ({preset.name} preset), images: exact match % on {next(iter(rows.values()))['questions']} test questions"
+    table = format_table(rows, categories, title)
+    if video_rows:
+        video_categories = sorted({c for row in video_rows.values() for c in row["categories"]})
+        table += "\n\n" + format_table(video_rows, video_categories, "Clips (4 frames; tokens per frame):")
+    print("\n" + table + "\n")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    plot(rows, video_rows, runs_dir / "accuracy_vs_tokens.png", f"DigitGrid ({preset.name} preset)")
+
+    # 5.
+    chat = None
+    chat_model = next((runs_dir / m for m in ("voco1", "voco2", "voco4") if m in rows), None)
+    if chat_model is not None:
+        tick = time.perf_counter()
+        chat = chat_example(chat_model, data_dir)
+        seconds["chat"] = time.perf_counter() - tick
+        print(f"chat path ({chat_model.name}): {chat['image']}\n  USER: {chat['question']}\n  ASSISTANT: {chat['answer']}"
+              f"   (reference: {chat['reference']})\n  {chat['cache']}")
+
+    seconds = {k: round(v, 1) for k, v in seconds.items()}
+    report = {"preset": asdict(preset), "base": base, "rows": rows, "video_rows": video_rows, "training": training,
+              "chat": chat, "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
+              "table": table}
+    (runs_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"report: {runs_dir / 'report.json'}, plot: {runs_dir / 'accuracy_vs_tokens.png'}; "
+          f"{report['total_seconds']:.0f} s in all (longest: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])[:3]) + ")")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The main job, end to end: ``python -m llava_voco.demo --preset quick`` trains and evaluates every method
+through the train and eval entries, and its report is a real evaluation of the saved checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_voco.demo.runner import METHODS
+from llava_voco.eval import exact_match, model_vqa
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digitgrid_quick")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DISABLED": "true"}
+    command = [sys.executable, "-m", "llava_voco.demo", "--preset", "quick",
+               "--data-dir", str(root / "data"), "--runs-dir", str(root / "runs")]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    report = json.loads((root / "runs" / "report.json").read_text())
+    return root, report, result.stdout
+
+
+def test_quick_preset_writes_every_row_the_plot_and_the_chat_answer(quick_run):
+    root, report, stdout = quick_run
+    assert list(report["rows"]) == [m.name for m in METHODS]
+    assert set(report["video_rows"]) == {m.name for m in METHODS if m.video}
+    for name, row in report["rows"].items():
+        assert set(row["categories"]) == {"position", "sum", "count", "largest"}
+        assert row["questions"] == sum(row["counts"].values()) > 0
+        assert (root / "runs" / name / "config.json").exists()
+        assert (root / "runs" / name / "command.txt").read_text().startswith("python -m llava_voco.train ")
+    full = report["rows"]["full"]
+    assert full["raw_retention"] == pytest.approx(1.0)
+    assert report["rows"]["lower"]["normalised_retention"] == pytest.approx(0.0, abs=1e-9) or \
+        full["overall"] == report["rows"]["lower"]["overall"]
+    # full beats chance (10% on position questions) by a wide margin even in the quick preset
+    assert full["categories"]["position"] >= 0.3, full
+    with Image.open(root / "runs" / "accuracy_vs_tokens.png") as plot:
+        assert plot.size[0] > 300 and plot.size[1] > 200
+    assert "cached positions:" in stdout and "compression ratio" in stdout
+    assert report["chat"]["answer"] and "compression ratio 64x" in report["chat"]["cache"]
+    for method in ("full", "voco1"):  # the VoCo rows really start from full's checkpoint
+        command = (root / "runs" / method / "command.txt").read_text()
+        assert ("--model_name_or_path " + str(root / "runs" / "full")) in command or method == "full"
+
+
+def test_a_checkpoint_re_evaluated_with_the_eval_entry_gives_the_reported_accuracy(quick_run, tmp_path):
+    root, report, _ = quick_run
+    data = root / "data"
+    answers = tmp_path / "voco1_answers.jsonl"
+    model_vqa.main(["--model-path", str(root / "runs" / "voco1"), "--question-file", str(data / "test_questions.jsonl"),
+                    "--image-folder", str(data), "--answers-file", str(answers), "--conv-mode", "v1",
+                    "--max-new-tokens", "4", "--batch-size", "3"])  # another batch size than the runner's
+    rescored = exact_match.score(str(data / "test_questions.jsonl"), str(answers))
+    assert rescored["overall"] == pytest.approx(report["rows"]["voco1"]["overall"])
+    assert rescored["categories"] == pytest.approx(report["rows"]["voco1"]["categories"])
+
+
+def test_a_rerun_reuses_the_checkpoints_and_gives_the_same_table(quick_run):
+    root, report, _ = quick_run
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DISABLED": "true"}
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_voco.demo", "--preset", "quick", "--data-dir", str(root / "data"),
+         "--runs-dir", str(root / "runs"), "--only", "full,voco1"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[full] reusing the checkpoint" in result.stdout and "[voco1] reusing the checkpoint" in result.stdout
+    again = json.loads((root / "runs" / "report.json").read_text())
+    for name in ("full", "voco1"):
+        assert again["rows"][name]["categories"] == report["rows"][name]["categories"]
+
+
+def test_exact_match_refuses_missing_and_unknown_answers(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "?", "answer": str(i), "category": "c"}) + "\n"
+                                 for i in range(3)))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": i, "text": f" {i}."}) + "\n" for i in range(2)))
+    with pytest.raises(ValueError, match=r"no answer to question 2 "):
+        exact_match.score(str(questions), str(answers))
+    answers.write_text("".join(json.dumps({"question_id": i, "text": "1" if i == 2 else str(i)}) + "\n" for i in range(3)))
+    assert exact_match.score(str(questions), str(answers))["overall"] == pytest.approx(2 / 3)
+    answers.write_text(answers.read_text() + json.dumps({"question_id": 9, "text": "9"}) + "\n")
+    with pytest.raises(ValueError, match="not in"):
+        exact_match.score(str(questions), str(answers))
+
+
+def test_every_answer_is_labelled_with_the_demo_tokenizer(quick_run):
+    """The SentencePiece tokenizer the demo trains keeps "\\n" (byte fallback), so character offsets, and
+    with them the labels, are exact: the labelled tokens of each sample are its answers, each with </s>."""
+    from transformers import AutoProcessor
+
+    from llava_voco.train.data import DataArguments, make_supervised_data_module
+
+    root, _, _ = quick_run
+    processor = AutoProcessor.from_pretrained(root / "runs" / "full")
+    data = make_supervised_data_module(
+        processor, DataArguments(data_path=str(root / "data" / "train.json"), image_folder=str(root / "data")),
+        version="v1", model_max_length=512,
+    )
+    samples = json.loads((root / "data" / "train.json").read_text())
+    tokenizer = processor.tokenizer
+    for index in range(0, len(samples), max(1, len(samples) // 40)):
+        item = data["train_dataset"][index]
+        labelled = item["labels"][item["labels"] != -100].tolist()
+        answers = [turn["value"] for turn in samples[index]["conversations"][1::2]]
+        pieces = tokenizer.decode(labelled).split(tokenizer.eos_token)
+        assert [p.strip() for p in pieces[:-1]] == answers and pieces[-1] == "", (index, pieces)
