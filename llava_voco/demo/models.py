@@ -119,7 +119,10 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
     grid = sizes.image_size // sizes.patch_size
     quadrant_share = nn.functional.one_hot(quadrant_of_patches(grid)).float() / (grid * grid // 4)  # [N, 4]
     probe, frame_probe = nn.Linear(sizes.vision_hidden, 10), nn.Linear(sizes.vision_hidden, 10)
-    parameters = list(model.parameters()) + list(probe.parameters()) + list(frame_probe.parameters())
+    token_probe = nn.Linear(sizes.vision_hidden, 10 * 4)  # every token: (its quadrant, that quadrant's digit)
+    quadrant = quadrant_of_patches(grid)  # [N]
+    probes = (probe, frame_probe, token_probe)
+    parameters = list(model.parameters()) + [p for head in probes for p in head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=2e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=sizes.vision_pretrain_steps)
     generator = torch.Generator().manual_seed(sizes.seed)
@@ -130,13 +133,15 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
     def quadrant_logits(pixels):
         patch_features = model(pixel_values=pixels).last_hidden_state[:, 1:]  # [b, N, C], CLS dropped as LLaVA does
         quadrant_features = torch.einsum("bnc,nq->bqc", patch_features, quadrant_share)  # [b, 4, C]
-        return probe(quadrant_features)  # [b, 4, 10]
+        return probe(quadrant_features), token_probe(patch_features)  # [b, 4, 10], [b, N, 40]
 
     model.train()
     for _ in tqdm(range(sizes.vision_pretrain_steps), desc="stage 0: vision tower", unit="step"):
         rows = torch.randint(len(train_pixels), (sizes.vision_pretrain_batch,), generator=generator)
-        logits = quadrant_logits(train_pixels[rows])
+        logits, token_logits = quadrant_logits(train_pixels[rows])
+        token_targets = quadrant * 10 + train_digits[rows][:, quadrant]  # [b, N]
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), train_digits[rows].flatten())
+        loss = loss + nn.functional.cross_entropy(token_logits.flatten(0, 1), token_targets.flatten())
         if len(train_frames):
             frames = torch.randint(len(train_frames), (sizes.vision_pretrain_batch // 4,), generator=generator)
             loss = loss + nn.functional.cross_entropy(frame_logits(train_frames[frames]), train_frame_digits[frames])
@@ -146,11 +151,14 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
         schedule.step()
     model.eval()
     with torch.no_grad():
-        predictions = quadrant_logits(test_pixels).argmax(-1)  # [n, 4]
+        quadrant_predictions, token_predictions = (logits.argmax(-1) for logits in quadrant_logits(test_pixels))
+        predictions = quadrant_predictions  # [n, 4]
+        token_accuracy = (token_predictions == quadrant * 10 + test_digits[:, quadrant]).float().mean().item()
         frame_predictions = frame_logits(test_frames).argmax(-1) if len(test_frames) else None
     accuracy = (predictions == test_digits).float().mean().item()
     frame_accuracy = (frame_predictions == test_frame_digits).float().mean().item() if len(test_frames) else None
-    return {"quadrant_accuracy_test": round(accuracy, 4), "frame_accuracy_test": frame_accuracy,
+    return {"quadrant_accuracy_test": round(accuracy, 4), "token_accuracy_test": round(token_accuracy, 4),
+            "frame_accuracy_test": frame_accuracy,
             "final_loss": round(loss.item(), 4)}
 
 
