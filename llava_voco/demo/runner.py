@@ -202,7 +202,7 @@ def text_prior(data_dir: Path, question_file: Path) -> dict:
     to the same question text in train.json (10% on positions; higher on count and largest)."""
     from collections import Counter, defaultdict
 
-    from ..eval.exact_match import normalise
+    from ..eval.exact_match import score_answers
     from ..eval.model_vqa import read_questions
 
     seen: dict[str, Counter] = defaultdict(Counter)
@@ -211,14 +211,9 @@ def text_prior(data_dir: Path, question_file: Path) -> dict:
         for question, answer in zip(turns[0::2], turns[1::2]):
             text = question["value"].replace("<image>\n", "").replace("<video>\n", "")
             seen[text][answer["value"]] += 1
-    correct, total = Counter(), Counter()
-    for question in read_questions(str(question_file)):
-        guess = seen[question["text"]].most_common(1)[0][0] if seen[question["text"]] else ""
-        total[question["category"]] += 1
-        correct[question["category"]] += normalise(guess) == normalise(question["answer"])
-    return {"overall": sum(correct.values()) / sum(total.values()),
-            "categories": {c: correct[c] / total[c] for c in sorted(total)}, "counts": dict(sorted(total.items())),
-            "questions": sum(total.values())}
+    questions = read_questions(str(question_file))
+    guesses = {q["question_id"]: seen[q["text"]].most_common(1)[0][0] if seen[q["text"]] else "" for q in questions}
+    return score_answers(questions, guesses, str(question_file), "the text prior")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,10 +37,9 @@ def read_answers(path: str) -> dict:
     return answers
 
 
-def score(question_file: str, answers_file: str) -> dict:
-    """``{"overall": acc, "categories": {category: acc}, "counts": {category: n}, "questions": n}``."""
-    questions = read_questions(question_file)
-    answers = read_answers(answers_file)
+def score_answers(questions: list[dict], answers: dict, question_file: str = "", answers_file: str = "") -> dict:
+    """``{"overall": acc, "categories": {category: acc}, "counts": {category: n}, "questions": n}`` of
+    ``answers`` (question id -> text) against the questions' reference ``answer``."""
     known = {q["question_id"] for q in questions}
     unknown = sorted(set(answers) - known, key=str)
     if unknown:
@@ -60,6 +59,11 @@ def score(question_file: str, answers_file: str) -> dict:
         "counts": dict(sorted(total.items())),
         "questions": sum(total.values()),
     }
+
+
+def score(question_file: str, answers_file: str) -> dict:
+    """``score_answers`` of an answers file against its question file."""
+    return score_answers(read_questions(question_file), read_answers(answers_file), question_file, answers_file)
 
 
 def main(argv=None) -> dict:
