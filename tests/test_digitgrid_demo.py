@@ -127,3 +127,13 @@ def test_every_answer_is_labelled_with_the_demo_tokenizer(quick_run):
         answers = [turn["value"] for turn in samples[index]["conversations"][1::2]]
         pieces = tokenizer.decode(labelled).split(tokenizer.eos_token)
         assert [p.strip() for p in pieces[:-1]] == answers and pieces[-1] == "", (index, pieces)
+
+
+def test_a_failed_training_run_names_the_method_and_shows_the_end_of_its_log(tmp_path):
+    from llava_voco.demo.runner import Method, train_all
+
+    broken = Method("broken", "a run the train entry refuses", 1, "base")
+    command = ["--no_such_flag", "1", "--max_steps", "1"]
+    with pytest.raises(SystemExit, match=r"(?s)\[broken\] training failed .*train\.log.*--no_such_flag"):
+        train_all([(broken, command)], tmp_path, fresh=True, jobs=1)
+    assert not (tmp_path / "broken" / "command.txt").exists()  # not taken for a finished run on a rerun

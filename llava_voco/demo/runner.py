@@ -1,14 +1,14 @@
 """The DigitGrid demo: the VoCo paper's central comparison, reproduced on CPU from real digits.
 
     python -m llava_voco.demo [--preset default|quick] [--data-dir playground/data/digitgrid]
-        [--runs-dir playground/runs/digitgrid] [--only full,voco1] [--fresh]
+        [--runs-dir playground/runs/digitgrid] [--only full,voco1] [--fresh] [--jobs 2]
 
 Read top to bottom, the run is:
   1. the data (``llava_voco.demo.digitgrid``) and the base models (``llava_voco.demo.models``: a SentencePiece
      tokenizer and a Llama from configs, a CLIP vision tower pretrained for seconds), built if absent;
-  2. one training run per method through the train entry (``llava_voco.train``, LLaVA's flags; each
-     command is printed and saved in ``<runs-dir>/<method>/command.txt``), checkpoints kept in
-     ``<runs-dir>/<method>/``:
+  2. one training run per method through the train entry (``python -m llava_voco.train``, LLaVA's flags;
+     each command is printed and saved in ``<runs-dir>/<method>/command.txt``, its output in ``train.log``),
+     two at a time on two cores, checkpoints kept in ``<runs-dir>/<method>/``:
        full      all 64 vision tokens (the upper bound), vision tower fine-tuned too
        pool1     the 64 patches averaged into 1 token (the paper's pooling baseline), trained the same way
        llamavid  LLaMA-VID: a context token + 1 mean content token
@@ -28,11 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from . import digitgrid
 from .models import BaseSizes, build_base
@@ -53,14 +58,15 @@ class Preset:
     voco_steps: int  # voco1/2/4 and lower, from full
     learning_rate: float = 2e-3
     voco_learning_rate: float = 1e-3
-    vision_tower_lr: float = 2e-4
+    vision_tower_lr: float = 2e-5  # 2e-4 let the pretrained tower drift while the LLM sat at the text prior
     frames: int = 4
     seed: int = 0
 
 
 PRESETS = {
-    # 24.5 minutes on 2 cores (2026-11-22); training dominates: full 9, llamavid 4, pool1 3.5, the four VoCo runs 6 minutes
-    "default": Preset("default", train_images=4000, test_images=400, train_clips=500, test_clips=100,
+    # 25.7 minutes on 2 cores (2026-12-02); training dominates (21.5 minutes, two runs at a time): full 15.4,
+    # llamavid 9.3, pool1 8.7, each VoCo run ~2 minutes; full's 800 steps are the critical path
+    "default": Preset("default", train_images=4000, test_images=400, train_clips=250, test_clips=100,
                       vision_pretrain_steps=400, batch_size=32, full_steps=800, voco_steps=120),
     # ~4 minutes, for the tests: every row, real training and evaluation; too short to learn to read the grid
     "quick": Preset("quick", train_images=800, test_images=50, train_clips=100, test_clips=10,
@@ -151,33 +157,90 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
         "--output_dir", runs_dir / method.name, "--max_steps", steps,
         "--per_device_train_batch_size", preset.batch_size, "--learning_rate", learning_rate,
         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", "0.0",
-        "--model_max_length", "512", "--group_by_modality_length", "False",
+        "--model_max_length", "512", "--group_by_modality_length", "True",
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
         "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed,
     ]
     return [str(part) for part in command]
 
 
-def train(method: Method, command: list[str], output_dir: Path, fresh: bool) -> dict:
-    from ..train.train import main as train_main
+def printed_command(command: list[str]) -> str:
+    return "python -m llava_voco.train " + shlex.join(command)
 
+
+def reusable(output_dir: Path, command: list[str]) -> bool:
     record = output_dir / "command.txt"
-    printed = "python -m llava_voco.train " + shlex.join(command)
-    if not fresh and record.exists() and record.read_text().strip() == printed and (output_dir / "config.json").exists():
-        print(f"[{method.name}] reusing the checkpoint in {output_dir}")
-        return json.loads((output_dir / "train_summary.json").read_text())
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    print(f"[{method.name}] {printed}")
-    started = time.perf_counter()
-    trainer = train_main(command)
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    summary = {"steps": trainer.state.global_step, "seconds": round(time.perf_counter() - started, 1),
-               "first_loss": history[0]["loss"] if history else None,
-               "last_loss": history[-1]["loss"] if history else None}
-    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    record.write_text(printed + "\n")  # last: a run interrupted before this point is redone
-    return summary
+    return record.exists() and record.read_text().strip() == printed_command(command) and (output_dir / "config.json").exists()
+
+
+def training_summary(output_dir: Path, seconds: float) -> dict:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    history = [entry for entry in state["log_history"] if "loss" in entry]
+    return {"steps": state["global_step"], "seconds": round(seconds, 1),
+            "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None}
+
+
+STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")
+
+
+def train_all(runs: list[tuple[Method, list[str]]], runs_dir: Path, fresh: bool, jobs: int) -> dict[str, dict]:
+    """Runs ``python -m llava_voco.train`` once per method, ``jobs`` processes side by side (each with
+    cores / jobs threads: on 2 cores two 1-thread runs get through ~1.3x the steps of one 2-thread run,
+    since these models are too small to keep two threads busy). A run starts once the checkpoint it
+    starts from exists. Each run's output goes to ``<method>/train.log``; its step count drives a bar."""
+    summaries, pending, running = {}, list(runs), {}
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    for method, command in runs:
+        output_dir = runs_dir / method.name
+        if not fresh and reusable(output_dir, command):
+            print(f"[{method.name}] reusing the checkpoint in {output_dir}")
+            summaries[method.name] = json.loads((output_dir / "train_summary.json").read_text())
+            pending.remove((method, command))
+    slot_bars = {}
+    while pending or running:
+        for method, command in list(pending):
+            ready = method.start == "base" or method.start in summaries
+            if len(running) >= jobs or not ready:
+                continue
+            pending.remove((method, command))
+            output_dir = runs_dir / method.name
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            output_dir.mkdir(parents=True)
+            tqdm.write(f"[{method.name}] {printed_command(command)}")
+            log = open(output_dir / "train.log", "w")
+            process = subprocess.Popen([sys.executable, "-m", "llava_voco.train", *command], stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
+            steps = int(command[command.index("--max_steps") + 1])
+            slot = min(set(range(jobs)) - {entry[3] for entry in running.values()})
+            bar = tqdm(total=steps, desc=f"train {method.name}", unit="step", position=slot, leave=False)
+            running[method.name] = (method, command, process, slot, bar, log, time.perf_counter())
+        time.sleep(1.0)
+        for name, (method, command, process, slot, bar, log, started) in list(running.items()):
+            output_dir = runs_dir / name
+            tail = (output_dir / "train.log").read_bytes()[-4000:].decode(errors="replace")
+            found = STEP_PATTERN.findall(tail)
+            if found:
+                bar.n = int(found[-1][0])
+                bar.refresh()
+            if process.poll() is None:
+                continue
+            log.close()
+            bar.close()
+            del running[name]
+            if process.returncode != 0:
+                for other in running.values():
+                    other[2].kill()
+                raise SystemExit(f"[{name}] training failed (exit {process.returncode}); the end of "
+                                 f"{output_dir / 'train.log'}:\n{tail}")
+            summary = training_summary(output_dir, time.perf_counter() - started)
+            (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            (output_dir / "command.txt").write_text(printed_command(command) + "\n")  # last: a run cut short is redone
+            summaries[name] = summary
+            tqdm.write(f"[{name}] trained: {summary['steps']} steps in {summary['seconds']:.0f} s, "
+                       f"loss {summary['first_loss']} -> {summary['last_loss']}")
+    return summaries
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs-dir", default=None, help="default: playground/runs/digitgrid (quick: ..._quick)")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (full is needed by the VoCo rows)")
     parser.add_argument("--fresh", action="store_true", help="rebuild data and base models, retrain every method")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="training runs side by side (default: 2, or 1 on a 1-core machine)")
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -320,16 +385,20 @@ def main(argv: list[str] | None = None) -> dict:
     base = ensure_base(preset, data_dir, runs_dir / "base", args.fresh)
     seconds["base models (stage 0)"] = time.perf_counter() - tick
 
-    # 2. and 3.
-    rows, video_rows, training = {}, {}, {}
+    # 2.
+    rows, video_rows = {}, {}
+    names = {m.name for m in methods}
+    for method in methods:
+        if method.start not in ("base", *names) and not (runs_dir / method.start / "config.json").exists():
+            raise SystemExit(f"{method.name} starts from {method.start}, which has not been trained: add it to --only")
+    tick = time.perf_counter()
+    runs = [(m, train_command(m, preset, data_dir, runs_dir / "base", runs_dir)) for m in methods]
+    training = train_all(runs, runs_dir, args.fresh, args.jobs)
+    seconds["training"] = time.perf_counter() - tick
+
+    # 3.
     for method in methods:
         output_dir = runs_dir / method.name
-        if method.start != "base" and not (runs_dir / method.start / "config.json").exists():
-            raise SystemExit(f"{method.name} starts from {method.start}, which has not been trained: add it to --only")
-        tick = time.perf_counter()
-        command = train_command(method, preset, data_dir, runs_dir / "base", runs_dir)
-        training[method.name] = train(method, command, output_dir, args.fresh)
-        seconds[f"train {method.name}"] = time.perf_counter() - tick
         tick = time.perf_counter()
         result = evaluate(output_dir, data_dir / "test_questions.jsonl", data_dir, output_dir / "answers_test.jsonl",
                           args.fresh)
