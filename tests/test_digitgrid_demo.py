@@ -137,3 +137,23 @@ def test_a_failed_training_run_names_the_method_and_shows_the_end_of_its_log(tmp
     with pytest.raises(SystemExit, match=r"(?s)\[broken\] training failed .*train\.log.*--no_such_flag"):
         train_all([(broken, command)], tmp_path, fresh=True, jobs=1)
     assert not (tmp_path / "broken" / "command.txt").exists()  # not taken for a finished run on a rerun
+
+
+def test_only_a_voco_row_retrains_it_from_the_full_checkpoint_on_disk(quick_run, tmp_path):
+    """``--only voco1`` with ``full`` trained by an earlier run: voco1 starts from that checkpoint."""
+    import shutil
+
+    root, _, _ = quick_run
+    runs = tmp_path / "runs"
+    for name in ("base", "full", "voco1"):
+        shutil.copytree(root / "runs" / name, runs / name)
+    (runs / "voco1" / "command.txt").unlink()  # as if that run had been cut short
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DISABLED": "true"}
+    result = subprocess.run(
+        [sys.executable, "-m", "llava_voco.demo", "--preset", "quick", "--data-dir", str(root / "data"),
+         "--runs-dir", str(runs), "--only", "voco1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert "[voco1] trained: 20 steps" in result.stdout + result.stderr
+    assert ("--model_name_or_path " + str(runs / "full")) in (runs / "voco1" / "command.txt").read_text()

@@ -185,10 +185,11 @@ STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")
 
 def train_all(runs: list[tuple[Method, list[str]]], runs_dir: Path, fresh: bool, jobs: int) -> dict[str, dict]:
     """Runs ``python -m llava_voco.train`` once per method, ``jobs`` processes side by side (each with
-    cores / jobs threads: on 2 cores two 1-thread runs get through ~1.3x the steps of one 2-thread run,
+    cores / jobs threads: on 2 cores two 1-thread runs get through ~1.2x the steps of one 2-thread run,
     since these models are too small to keep two threads busy). A run starts once the checkpoint it
     starts from exists. Each run's output goes to ``<method>/train.log``; its step count drives a bar."""
     summaries, pending, running = {}, list(runs), {}
+    planned = {method.name for method, _ in runs}
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     for method, command in runs:
@@ -197,10 +198,10 @@ def train_all(runs: list[tuple[Method, list[str]]], runs_dir: Path, fresh: bool,
             print(f"[{method.name}] reusing the checkpoint in {output_dir}")
             summaries[method.name] = json.loads((output_dir / "train_summary.json").read_text())
             pending.remove((method, command))
-    slot_bars = {}
     while pending or running:
         for method, command in list(pending):
-            ready = method.start == "base" or method.start in summaries
+            # from the base models, from a run finished here, or from a checkpoint of an earlier run
+            ready = method.start == "base" or method.start in summaries or method.start not in planned
             if len(running) >= jobs or not ready:
                 continue
             pending.remove((method, command))
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="training runs side by side (default: 2, or 1 on a 1-core machine)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
 
     preset = PRESETS[args.preset]
     suffix = "" if preset.name == "default" else f"_{preset.name}"
