@@ -418,3 +418,25 @@ def test_sampler_groups_by_length_and_needs_lengths():
         modality_length_grouped_indices([1, 0, -1], 1)
 
 
+
+
+# ---- --cache_samples --------------------------------------------------------------------------------
+
+def test_cache_samples_serves_later_epochs_from_memory(chat_processor, image_folder, tmp_path):
+    """With --cache_samples a sample's image is decoded and its text tokenized once: the second epoch gives
+    the same tensors even after the image file is gone. Without it the second read goes back to the file."""
+    folder = image_folder  # a fresh copy for this test: one of its files is deleted below
+    path = write_data(tmp_path / "d.json", [sample("a", "<image>\nWhich digit?", "zero", image="digit0.png"),
+                                            sample("b", "Say hi.", "hi")])
+    cached = dataset(path, chat_processor, folder, cache_samples=True)
+    plain = dataset(path, chat_processor, folder)
+    first = [cached[0], cached[1]]
+    reference = plain[0]
+    (folder / "digit0.png").unlink()
+    again = cached[0]
+    for key in ("input_ids", "labels", "pixel_values"):
+        assert torch.equal(again[key], first[0][key]) and torch.equal(again[key], reference[key])
+    assert torch.equal(cached[1]["input_ids"], first[1]["input_ids"])
+    assert cached.stats["items"] == 4  # counted per draw, cached or not
+    with pytest.raises(DataError, match="digit0.png"):
+        plain[0]

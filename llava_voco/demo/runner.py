@@ -67,7 +67,7 @@ PRESETS = {
     # 25.7 minutes on 2 cores (2026-12-02); training dominates (21.5 minutes, two runs at a time): full 15.4,
     # llamavid 9.3, pool1 8.7, each VoCo run ~2 minutes; full's 800 steps are the critical path
     "default": Preset("default", train_images=4000, test_images=400, train_clips=250, test_clips=100,
-                      vision_pretrain_steps=400, batch_size=32, full_steps=800, voco_steps=120),
+                      vision_pretrain_steps=400, batch_size=32, full_steps=1200, voco_steps=120),
     # ~4 minutes, for the tests: every row, real training and evaluation; too short to learn to read the grid
     "quick": Preset("quick", train_images=800, test_images=50, train_clips=100, test_clips=10,
                     vision_pretrain_steps=150, batch_size=16, full_steps=250, voco_steps=20),
@@ -157,7 +157,7 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
         "--output_dir", runs_dir / method.name, "--max_steps", steps,
         "--per_device_train_batch_size", preset.batch_size, "--learning_rate", learning_rate,
         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", "0.0",
-        "--model_max_length", "512", "--group_by_modality_length", "True",
+        "--model_max_length", "512", "--group_by_modality_length", "True", "--cache_samples", "True",
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
         "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed,
     ]

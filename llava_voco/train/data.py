@@ -96,6 +96,14 @@ class DataArguments:
         default=False,
         metadata={"help": "Log, count and skip malformed samples and unreadable images instead of stopping."},
     )
+    cache_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each built sample (ids, labels, pixel values) in memory after its first use, so later "
+            "epochs skip decoding and tokenizing. For small data sets trained for several epochs: memory grows "
+            "with the data set, and each dataloader worker keeps its own cache (use persistent workers)."
+        },
+    )
     video_folder: str | None = field(
         default=None, metadata={"help": "Folder the samples' video paths are relative to (default: --image_folder)."}
     )
@@ -222,6 +230,7 @@ class LazySupervisedDataset(Dataset):
         self.stats: Counter = Counter()
         self.samples = load_samples(self.data_path)
         self._indices = list(range(len(self.samples)))  # positions in the file, after up-front skips
+        self._cache: dict[int, dict] | None = {} if data_args.cache_samples else None  # position -> built item
         if not data_args.lazy_preprocess:
             self._check_all()
         if not self._indices:
@@ -510,12 +519,20 @@ class LazySupervisedDataset(Dataset):
         self.stats["skipped_bad"] += 1
         logger.warning("skipping bad sample: %s", error)
 
+    def _cached_build(self, position: int) -> dict:
+        """``_build``, from ``--cache_samples``'s cache when on (samples that fail are not cached)."""
+        if self._cache is None:
+            return self._build(position)
+        if position not in self._cache:
+            self._cache[position] = self._build(position)
+        return dict(self._cache[position])  # a copy: the counters added below are per draw
+
     def __getitem__(self, index: int) -> dict:
         skipped = 0
         for attempt in range(len(self._indices)):
             position = self._indices[(index + attempt) % len(self._indices)]
             try:
-                item = self._build(position)
+                item = self._cached_build(position)
             except _TooLong as reason:
                 self.stats["skipped_too_long"] += 1
                 logger.warning("%s", reason)
