@@ -135,7 +135,7 @@ def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool) -> 
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Training, through the train entry.
+# 2. Training and evaluation, through the train and eval entries, as processes side by side.
 # ---------------------------------------------------------------------------------------------------
 def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path) -> list[str]:
     """The train entry's command line for ``method`` (what a user would type)."""
@@ -164,8 +164,15 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
     return [str(part) for part in command]
 
 
-def printed_command(command: list[str]) -> str:
-    return "python -m llava_voco.train " + shlex.join(command)
+def eval_command(model_dir: Path, question_file: Path, data_dir: Path, answers_file: Path) -> list[str]:
+    """The eval entry's command line (``python -m llava_voco.eval.model_vqa``) for one question file."""
+    return [str(part) for part in (
+        "--model-path", model_dir, "--question-file", question_file, "--image-folder", data_dir,
+        "--answers-file", answers_file, "--conv-mode", "v1", "--max-new-tokens", "4", "--batch-size", "16")]
+
+
+def printed_command(command: list[str], module: str = "llava_voco.train") -> str:
+    return f"python -m {module} " + shlex.join(command)
 
 
 def reusable(output_dir: Path, command: list[str]) -> bool:
@@ -180,85 +187,121 @@ def training_summary(output_dir: Path, seconds: float) -> dict:
             "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None}
 
 
-STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")
+@dataclass
+class Task:
+    """One process: a training run (``llava_voco.train``) or an evaluation (``llava_voco.eval.model_vqa``)."""
+
+    name: str  # "full" for its training, "full: test_questions" for an evaluation
+    method: Method
+    module: str
+    command: list[str]
+    log: Path
+    total: int  # steps or questions, for the progress bar
+    after: str | None = None  # the training that must finish first
+    evaluations: tuple["Task", ...] = ()  # queued once this training has finished
+
+    @property
+    def is_training(self) -> bool:
+        return self.module == "llava_voco.train"
 
 
-def train_all(runs: list[tuple[Method, list[str]]], runs_dir: Path, fresh: bool, jobs: int) -> dict[str, dict]:
-    """Runs ``python -m llava_voco.train`` once per method, ``jobs`` processes side by side (each with
-    cores / jobs threads: on 2 cores two 1-thread runs get through ~1.2x the steps of one 2-thread run,
-    since these models are too small to keep two threads busy). A run starts once the checkpoint it
-    starts from exists. Each run's output goes to ``<method>/train.log``; its step count drives a bar."""
-    summaries, pending, running = {}, list(runs), {}
-    planned = {method.name for method, _ in runs}
+STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "12/800 [" in a train or eval log
+
+
+def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, dict]:
+    """Runs the tasks as processes, ``jobs`` at a time, each with cores / jobs threads (on 2 cores two
+    1-thread runs get through ~1.2x the steps of one 2-thread run: these models are too small to keep two
+    threads busy). A training starts once the checkpoint it starts from exists and is skipped when its
+    checkpoint was made by the same command (``command.txt``, written last); its evaluations then take the
+    next free slot, before trainings not yet started. Returns per task name its training summary or
+    ``{"seconds": ...}``; stops at the first failure with the task's name and the end of its log."""
+    summaries, running = {}, {}
+    pending = list(tasks)
+    planned = {task.name for task in tasks if task.is_training}
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    for method, command in runs:
-        output_dir = runs_dir / method.name
-        if not fresh and reusable(output_dir, command):
-            print(f"[{method.name}] reusing the checkpoint in {output_dir}")
-            summaries[method.name] = json.loads((output_dir / "train_summary.json").read_text())
-            pending.remove((method, command))
+    for task in list(pending):
+        output_dir = task.log.parent
+        if task.is_training and not fresh and reusable(output_dir, task.command):
+            print(f"[{task.name}] reusing the checkpoint in {output_dir}")
+            summaries[task.name] = json.loads((output_dir / "train_summary.json").read_text())
+            pending[pending.index(task):pending.index(task) + 1] = list(task.evaluations)
     while pending or running:
-        for method, command in list(pending):
-            # from the base models, from a run finished here, or from a checkpoint of an earlier run
-            ready = method.start == "base" or method.start in summaries or method.start not in planned
+        for task in list(pending):
+            # after a training finished here, or one that is not part of this run (its checkpoint is on disk)
+            ready = task.after is None or task.after in summaries or task.after not in planned
             if len(running) >= jobs or not ready:
                 continue
-            pending.remove((method, command))
-            output_dir = runs_dir / method.name
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            output_dir.mkdir(parents=True)
-            tqdm.write(f"[{method.name}] {printed_command(command)}")
-            log = open(output_dir / "train.log", "w")
-            process = subprocess.Popen([sys.executable, "-m", "llava_voco.train", *command], stdout=log,
+            pending.remove(task)
+            if task.is_training:
+                if task.log.parent.exists():
+                    shutil.rmtree(task.log.parent)
+                task.log.parent.mkdir(parents=True)
+            tqdm.write(f"[{task.name}] {printed_command(task.command, task.module)}")
+            log = open(task.log, "w")
+            process = subprocess.Popen([sys.executable, "-m", task.module, *task.command], stdout=log,
                                        stderr=subprocess.STDOUT, env=env)
-            steps = int(command[command.index("--max_steps") + 1])
-            slot = min(set(range(jobs)) - {entry[3] for entry in running.values()})
-            bar = tqdm(total=steps, desc=f"train {method.name}", unit="step", position=slot, leave=False)
-            running[method.name] = (method, command, process, slot, bar, log, time.perf_counter())
+            slot = min(set(range(jobs)) - {entry["slot"] for entry in running.values()})
+            bar = tqdm(total=task.total, desc=("train " if task.is_training else "eval ") + task.name,
+                       unit="step" if task.is_training else "q", position=slot, leave=False)
+            running[task.name] = {"task": task, "process": process, "slot": slot, "bar": bar, "log": log,
+                                  "started": time.perf_counter()}
         time.sleep(1.0)
-        for name, (method, command, process, slot, bar, log, started) in list(running.items()):
-            output_dir = runs_dir / name
-            tail = (output_dir / "train.log").read_bytes()[-4000:].decode(errors="replace")
+        for name, entry in list(running.items()):
+            task, process = entry["task"], entry["process"]
+            tail = task.log.read_bytes()[-4000:].decode(errors="replace")
             found = STEP_PATTERN.findall(tail)
             if found:
-                bar.n = int(found[-1][0])
-                bar.refresh()
+                entry["bar"].n = int(found[-1][0])
+                entry["bar"].refresh()
             if process.poll() is None:
                 continue
-            log.close()
-            bar.close()
+            entry["log"].close()
+            entry["bar"].close()
             del running[name]
+            seconds = time.perf_counter() - entry["started"]
             if process.returncode != 0:
                 for other in running.values():
-                    other[2].kill()
-                raise SystemExit(f"[{name}] training failed (exit {process.returncode}); the end of "
-                                 f"{output_dir / 'train.log'}:\n{tail}")
-            summary = training_summary(output_dir, time.perf_counter() - started)
+                    other["process"].kill()
+                what = "training" if task.is_training else "evaluation"
+                raise SystemExit(f"[{name}] {what} failed (exit {process.returncode}); the end of {task.log}:\n{tail}")
+            if not task.is_training:
+                summaries[name] = {"seconds": round(seconds, 1)}
+                continue
+            output_dir = task.log.parent
+            summary = training_summary(output_dir, seconds)
             (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-            (output_dir / "command.txt").write_text(printed_command(command) + "\n")  # last: a run cut short is redone
+            (output_dir / "command.txt").write_text(printed_command(task.command) + "\n")  # last: a run cut short is redone
             summaries[name] = summary
+            pending[:0] = list(task.evaluations)
             tqdm.write(f"[{name}] trained: {summary['steps']} steps in {summary['seconds']:.0f} s, "
                        f"loss {summary['first_loss']} -> {summary['last_loss']}")
     return summaries
 
 
-# ---------------------------------------------------------------------------------------------------
-# 3. Evaluation, through the eval entry.
-# ---------------------------------------------------------------------------------------------------
-def evaluate(model_dir: Path, question_file: Path, data_dir: Path, answers_file: Path, fresh: bool) -> dict:
-    from ..eval import exact_match, model_vqa
+def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path) -> Task:
+    """``method``'s training, with its evaluations on the test images (and clips, for the video rows)."""
+    output_dir = runs_dir / method.name
+    evaluations = []
+    for questions, answers in (("test_questions.jsonl", "answers_test.jsonl"),
+                               ("test_video_questions.jsonl", "answers_test_video.jsonl")):
+        if questions.startswith("test_video") and not (method.video and preset.test_clips):
+            continue
+        count = sum(1 for line in (data_dir / questions).read_text().splitlines() if line.strip())
+        evaluations.append(Task(f"{method.name}: {questions}", method, "llava_voco.eval.model_vqa",
+                                eval_command(output_dir, data_dir / questions, data_dir, output_dir / answers),
+                                output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
+    steps = preset.full_steps if method.start == "base" else preset.voco_steps
+    return Task(method.name, method, "llava_voco.train", train_command(method, preset, data_dir, runs_dir / "base", runs_dir),
+                output_dir / "train.log", steps, after=None if method.start == "base" else method.start,
+                evaluations=tuple(evaluations))
 
-    if fresh and answers_file.exists():
-        answers_file.unlink()
-    started = time.perf_counter()
-    model_vqa.main(["--model-path", str(model_dir), "--question-file", str(question_file),
-                    "--image-folder", str(data_dir), "--answers-file", str(answers_file),
-                    "--conv-mode", "v1", "--max-new-tokens", "4", "--batch-size", "16"])
-    result = exact_match.score(str(question_file), str(answers_file))
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    return result
+
+def score(method: Method, output_dir: Path, data_dir: Path, answers: str, questions: str) -> dict:
+    from ..eval import exact_match
+
+    return {"tokens_per_image": method.tokens_per_image, "description": method.description,
+            "checkpoint": str(output_dir), **exact_match.score(str(data_dir / questions), str(output_dir / answers))}
 
 
 def text_prior(data_dir: Path, question_file: Path) -> dict:
@@ -395,23 +438,19 @@ def main(argv: list[str] | None = None) -> dict:
         if method.start not in ("base", *names) and not (runs_dir / method.start / "config.json").exists():
             raise SystemExit(f"{method.name} starts from {method.start}, which has not been trained: add it to --only")
     tick = time.perf_counter()
-    runs = [(m, train_command(m, preset, data_dir, runs_dir / "base", runs_dir)) for m in methods]
-    training = train_all(runs, runs_dir, args.fresh, args.jobs)
-    seconds["training"] = time.perf_counter() - tick
+    tasks = [method_tasks(m, preset, data_dir, runs_dir) for m in methods]
+    finished = run_tasks(tasks, args.jobs, args.fresh)
+    training = {m.name: finished[m.name] for m in methods}
+    seconds["training and evaluation"] = time.perf_counter() - tick
 
     # 3.
     for method in methods:
         output_dir = runs_dir / method.name
-        tick = time.perf_counter()
-        result = evaluate(output_dir, data_dir / "test_questions.jsonl", data_dir, output_dir / "answers_test.jsonl",
-                          args.fresh)
-        rows[method.name] = {"tokens_per_image": method.tokens_per_image, "description": method.description,
-                             "checkpoint": str(output_dir), **result}
+        rows[method.name] = score(method, output_dir, data_dir, "answers_test.jsonl", "test_questions.jsonl")
         if method.video and preset.test_clips:
-            video = evaluate(output_dir, data_dir / "test_video_questions.jsonl", data_dir,
-                             output_dir / "answers_test_video.jsonl", args.fresh)
-            video_rows[method.name] = {"tokens_per_image": method.tokens_per_image, "checkpoint": str(output_dir), **video}
-        seconds[f"eval {method.name}"] = time.perf_counter() - tick
+            video_rows[method.name] = score(method, output_dir, data_dir, "answers_test_video.jsonl",
+                                            "test_video_questions.jsonl")
+    evaluations = {name: summary["seconds"] for name, summary in finished.items() if ":" in name}
 
     # 4.
     rows["text prior"] = {"tokens_per_image": 0, "description": "no image: the most frequent train answer",
@@ -445,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     report = {"preset": asdict(preset), "base": base, "rows": rows, "video_rows": video_rows, "training": training,
+              "evaluation_seconds": evaluations,
               "chat": chat, "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
               "table": table}
     (runs_dir / "report.json").write_text(json.dumps(report, indent=1))
