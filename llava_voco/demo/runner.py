@@ -64,8 +64,8 @@ class Preset:
 
 
 PRESETS = {
-    # 25.7 minutes on 2 cores (2026-12-02); training dominates (21.5 minutes, two runs at a time): full 15.4,
-    # llamavid 9.3, pool1 8.7, each VoCo run ~2 minutes; full's 800 steps are the critical path
+    # 36.8 minutes on 2 cores (2026-12-02), over the 30-minute aim: training dominates (two at a time: full
+    # 24.0, llamavid 14.3, pool1 12.7, each VoCo run ~3); full needs its 1,200 steps (34.5% on positions at 800)
     "default": Preset("default", train_images=4000, test_images=400, train_clips=250, test_clips=100,
                       vision_pretrain_steps=400, batch_size=32, full_steps=1200, voco_steps=120),
     # ~4 minutes, for the tests: every row, real training and evaluation; too short to learn to read the grid
