@@ -130,10 +130,9 @@ def test_every_answer_is_labelled_with_the_demo_tokenizer(quick_run):
 
 
 def test_a_failed_training_run_names_the_method_and_shows_the_end_of_its_log(tmp_path):
-    from llava_voco.demo.runner import Method, Task, run_tasks
+    from llava_voco.demo.runner import Task, run_tasks
 
-    broken = Method("broken", "a run the train entry refuses", 1, "base")
-    task = Task("broken", broken, "llava_voco.train", ["--no_such_flag", "1", "--max_steps", "1"],
+    task = Task("broken", "llava_voco.train", ["--no_such_flag", "1", "--max_steps", "1"],
                 tmp_path / "broken" / "train.log", total=1)
     with pytest.raises(SystemExit, match=r"(?s)\[broken\] training failed .*train\.log.*--no_such_flag"):
         run_tasks([task], jobs=1, fresh=True)
@@ -141,12 +140,12 @@ def test_a_failed_training_run_names_the_method_and_shows_the_end_of_its_log(tmp
 
 
 def test_a_failed_evaluation_names_the_method_and_the_question_file(tmp_path):
-    from llava_voco.demo.runner import METHODS, Task, eval_command, run_tasks
+    from llava_voco.demo.runner import Task, eval_command, run_tasks
 
     questions = tmp_path / "test_questions.jsonl"
     questions.write_text(json.dumps({"question_id": 0, "image": "a.png", "text": "?", "answer": "1"}) + "\n")
     model_dir = tmp_path / "full"  # no checkpoint there
-    task = Task("full: test_questions.jsonl", METHODS[0], "llava_voco.eval.model_vqa",
+    task = Task("full: test_questions.jsonl", "llava_voco.eval.model_vqa",
                 eval_command(model_dir, questions, tmp_path, model_dir / "answers.jsonl"), tmp_path / "eval.log", total=1)
     with pytest.raises(SystemExit, match=r"(?s)\[full: test_questions\.jsonl\] evaluation failed .*eval\.log"):
         run_tasks([task], jobs=1)

@@ -191,8 +191,7 @@ def training_summary(output_dir: Path, seconds: float) -> dict:
 class Task:
     """One process: a training run (``llava_voco.train``) or an evaluation (``llava_voco.eval.model_vqa``)."""
 
-    name: str  # "full" for its training, "full: test_questions" for an evaluation
-    method: Method
+    name: str  # "full" for its training, "full: test_questions.jsonl" for an evaluation
     module: str
     command: list[str]
     log: Path
@@ -288,11 +287,11 @@ def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path)
         if questions.startswith("test_video") and not (method.video and preset.test_clips):
             continue
         count = sum(1 for line in (data_dir / questions).read_text().splitlines() if line.strip())
-        evaluations.append(Task(f"{method.name}: {questions}", method, "llava_voco.eval.model_vqa",
+        evaluations.append(Task(f"{method.name}: {questions}", "llava_voco.eval.model_vqa",
                                 eval_command(output_dir, data_dir / questions, data_dir, output_dir / answers),
                                 output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
     steps = preset.full_steps if method.start == "base" else preset.voco_steps
-    return Task(method.name, method, "llava_voco.train", train_command(method, preset, data_dir, runs_dir / "base", runs_dir),
+    return Task(method.name, "llava_voco.train", train_command(method, preset, data_dir, runs_dir / "base", runs_dir),
                 output_dir / "train.log", steps, after=None if method.start == "base" else method.start,
                 evaluations=tuple(evaluations))
 
