@@ -169,3 +169,21 @@ def test_only_a_voco_row_retrains_it_from_the_full_checkpoint_on_disk(quick_run,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     assert "[voco1] trained: 20 steps" in result.stdout + result.stderr
     assert ("--model_name_or_path " + str(runs / "full")) in (runs / "voco1" / "command.txt").read_text()
+
+
+def test_default_preset_fine_tunes_the_voco_rows_longer_than_the_lower_bound(tmp_path):
+    """The default commands: full, pool1 and llamavid from the base models for ``full_steps``; voco1/2/4 from
+    full's checkpoint for ``voco_steps``; the lower bound (no mask in training) for ``lower_steps``."""
+    from llava_voco.demo.runner import PRESETS, train_command
+
+    preset = PRESETS["default"]
+    expected = {"base": preset.full_steps, "voco": preset.voco_steps, "lower": preset.lower_steps}
+    for method in METHODS:
+        command = train_command(method, preset, tmp_path / "data", tmp_path / "base", tmp_path / "runs")
+        steps = int(command[command.index("--max_steps") + 1])
+        kind = "base" if method.start == "base" else "lower" if method.name == "lower" else "voco"
+        assert steps == expected[kind], (method.name, steps)
+        if kind != "base":
+            assert command[command.index("--model_name_or_path") + 1] == str(tmp_path / "runs" / "full")
+            assert "--voco_mask_in_training" in command if kind == "lower" else "--voco_mask_in_training" not in command
+    assert preset.voco_steps > preset.lower_steps

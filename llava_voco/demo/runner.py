@@ -55,7 +55,8 @@ class Preset:
     vision_pretrain_steps: int
     batch_size: int
     full_steps: int  # full, pool1 and llamavid, from the base models
-    voco_steps: int  # voco1/2/4 and lower, from full
+    voco_steps: int  # voco1/2/4, from full
+    lower_steps: int  # lower, from full: without the mask its VoCo tokens learn nothing to keep, however long it trains
     learning_rate: float = 2e-3
     voco_learning_rate: float = 1e-3
     vision_tower_lr: float = 2e-5  # 2e-4 let the pretrained tower drift while the LLM sat at the text prior
@@ -64,13 +65,15 @@ class Preset:
 
 
 PRESETS = {
-    # 36.8 minutes on 2 cores (2026-12-02), over the 30-minute aim: training dominates (two at a time: full
-    # 24.0, llamavid 14.3, pool1 12.7, each VoCo run ~3); full needs its 1,200 steps (34.5% on positions at 800)
+    # ~24 minutes on 2 cores of an Intel Xeon with AVX-512 (2026-12-02); the same machine kind with an AMD EPYC
+    # core (AVX2 only) took 2.6x as long for the same work. Training dominates. full needs its 1,200 steps (34.5%
+    # on positions at 800); the VoCo rows keep little of full after 120 steps (at the text prior) and more
+    # after 600-1,000 (34-48% overall against full's 72.5%)
     "default": Preset("default", train_images=4000, test_images=400, train_clips=250, test_clips=100,
-                      vision_pretrain_steps=400, batch_size=32, full_steps=1200, voco_steps=120),
+                      vision_pretrain_steps=400, batch_size=32, full_steps=1200, voco_steps=800, lower_steps=120),
     # ~4 minutes, for the tests: every row, real training and evaluation; too short to learn to read the grid
     "quick": Preset("quick", train_images=800, test_images=50, train_clips=100, test_clips=10,
-                    vision_pretrain_steps=150, batch_size=16, full_steps=250, voco_steps=20),
+                    vision_pretrain_steps=150, batch_size=16, full_steps=250, voco_steps=20, lower_steps=20),
 }
 
 
@@ -137,16 +140,22 @@ def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool) -> 
 # ---------------------------------------------------------------------------------------------------
 # 2. Training and evaluation, through the train and eval entries, as processes side by side.
 # ---------------------------------------------------------------------------------------------------
+def training_steps(method: Method, preset: Preset) -> int:
+    if method.start == "base":
+        return preset.full_steps
+    return preset.lower_steps if method.name == "lower" else preset.voco_steps
+
+
 def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path) -> list[str]:
     """The train entry's command line for ``method`` (what a user would type)."""
     if method.start == "base":
         model = ["--model_name_or_path", base_dir / "llm", "--vision_tower", base_dir / "vision_tower",
                  "--mm_vision_select_layer", "-1", "--unfreeze_mm_vision_tower", "True",
                  "--mm_vision_tower_lr", preset.vision_tower_lr]
-        steps, learning_rate = preset.full_steps, preset.learning_rate
+        steps, learning_rate = training_steps(method, preset), preset.learning_rate
     else:
         model = ["--model_name_or_path", runs_dir / method.start]
-        steps, learning_rate = preset.voco_steps, preset.voco_learning_rate
+        steps, learning_rate = training_steps(method, preset), preset.voco_learning_rate
     if method.name == "llamavid":
         model += ["--text_decoder_tokenizer", base_dir / "text_decoder_tokenizer",
                   "--text_decoder_config", base_dir / "text_decoder.json", "--num_query", "8",
@@ -290,7 +299,7 @@ def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path)
         evaluations.append(Task(f"{method.name}: {questions}", "llava_voco.eval.model_vqa",
                                 eval_command(output_dir, data_dir / questions, data_dir, output_dir / answers),
                                 output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
-    steps = preset.full_steps if method.start == "base" else preset.voco_steps
+    steps = training_steps(method, preset)
     return Task(method.name, "llava_voco.train", train_command(method, preset, data_dir, runs_dir / "base", runs_dir),
                 output_dir / "train.log", steps, after=None if method.start == "base" else method.start,
                 evaluations=tuple(evaluations))
