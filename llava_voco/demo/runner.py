@@ -141,6 +141,7 @@ def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool) -> 
 # 2. Training and evaluation, through the train and eval entries, as processes side by side.
 # ---------------------------------------------------------------------------------------------------
 def training_steps(method: Method, preset: Preset) -> int:
+    """``lower`` is trained without the mask, so its length only sets how far it has drifted from full."""
     if method.start == "base":
         return preset.full_steps
     return preset.lower_steps if method.name == "lower" else preset.voco_steps
@@ -152,10 +153,10 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
         model = ["--model_name_or_path", base_dir / "llm", "--vision_tower", base_dir / "vision_tower",
                  "--mm_vision_select_layer", "-1", "--unfreeze_mm_vision_tower", "True",
                  "--mm_vision_tower_lr", preset.vision_tower_lr]
-        steps, learning_rate = training_steps(method, preset), preset.learning_rate
+        learning_rate = preset.learning_rate
     else:
         model = ["--model_name_or_path", runs_dir / method.start]
-        steps, learning_rate = training_steps(method, preset), preset.voco_learning_rate
+        learning_rate = preset.voco_learning_rate
     if method.name == "llamavid":
         model += ["--text_decoder_tokenizer", base_dir / "text_decoder_tokenizer",
                   "--text_decoder_config", base_dir / "text_decoder.json", "--num_query", "8",
@@ -163,7 +164,7 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
     command = [
         *model, *method.flags,
         "--version", "v1", "--data_path", data_dir / "train.json", "--image_folder", data_dir,
-        "--output_dir", runs_dir / method.name, "--max_steps", steps,
+        "--output_dir", runs_dir / method.name, "--max_steps", training_steps(method, preset),
         "--per_device_train_batch_size", preset.batch_size, "--learning_rate", learning_rate,
         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", "0.0",
         "--model_max_length", "512", "--group_by_modality_length", "True", "--cache_samples", "True",
