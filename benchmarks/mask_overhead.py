@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import llava_voco
-from llava_voco.model.tiny import TinySizes, build_tiny_llava
+from llava_voco.fixtures import TinySizes, build_tiny_llava
 
 
 def timed(fn) -> float:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import llava_voco
-from llava_voco.model.tiny import TinySizes, build_tiny_llava
+from llava_voco.fixtures import TinySizes, build_tiny_llava
 from llava_voco.train.data import DataArguments, make_supervised_data_module, pop_batch_stats
 
 SIZES = {

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import llava_voco
-from llava_voco.model.tiny import build_tiny_llava
+from llava_voco.fixtures import build_tiny_llava, llama_tokenizer as fetch_llama_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,12 @@ def digit_images() -> list[Image.Image]:
         gray = np.kron(pixels / 16.0 * 255.0, np.ones((2, 2))).astype(np.uint8)
         images.append(Image.fromarray(np.stack([gray] * 3, axis=-1)))
     return images
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    """The real 32,000-token LLaMA-family tokenizer (fetched once with npm, cached under .cache/fixtures)."""
+    return fetch_llama_tokenizer()
 
 
 @pytest.fixture(scope="session")

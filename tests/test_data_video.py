@@ -7,7 +7,7 @@ import torch
 
 import llava_voco
 from llava_voco.model.llamavid import encode_instructions
-from llava_voco.model.tiny import train_wordpiece_tokenizer
+from llava_voco.fixtures import train_wordpiece_tokenizer
 from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module, pop_batch_stats
 
 from conftest import load_voco

@@ -25,7 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionM
 
 import llava_voco
 from llava_voco.model.projector import LinearProjector
-from llava_voco.model.tiny import build_tiny_llava
+from llava_voco.fixtures import build_tiny_llava
 from llava_voco.train.train import (
     TrainConfigError,
     build_model_and_processor,
@@ -505,7 +505,7 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     """--mm_projector_type llamavid, set-up (a), image and video samples (a real mp4 and a frame folder):
     the loss falls, the text decoder trains (or stays frozen with --freeze_text_decoder), the output
     reloads with its text decoder tokenizer and answers."""
-    from llava_voco.model.tiny import train_wordpiece_tokenizer
+    from llava_voco.fixtures import train_wordpiece_tokenizer
     from test_video import write_video
 
     bert_dir = tmp_path / "bert"
@@ -566,7 +566,7 @@ def test_llamavid_flags_need_llamavid(tiny, tmp_path):
 def test_llamavid_text_decoder_from_instructblip(tiny, tmp_path):
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from llava_voco.model.tiny import train_wordpiece_tokenizer
+    from llava_voco.fixtures import train_wordpiece_tokenizer
     from llava_voco.train.train import build_model_and_processor
 
     bert = train_wordpiece_tokenizer()

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from ..conversation import get_template
-from ..model.tiny import LLAVA_V1_CHAT_TEMPLATE, train_wordpiece_tokenizer
+from ..fixtures import LLAVA_V1_CHAT_TEMPLATE, train_wordpiece_tokenizer
 
 
 @dataclass
