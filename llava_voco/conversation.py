@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-IMAGE_PLACEHOLDER = "<image>"
+from .constants import IMAGE_PLACEHOLDER
+
 HUMAN, GPT = "human", "gpt"
 
 
