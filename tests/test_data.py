@@ -10,18 +10,16 @@ from transformers import HfArgumentParser
 
 import llava_voco
 from llava_voco.conversation import UnknownTemplateError
+from llava_voco.train.collator import BATCH_STAT_KEYS, pop_batch_stats
 from llava_voco.train.data import (
-    BATCH_STAT_KEYS,
     IGNORE_INDEX,
     DataArguments,
     DataError,
     LazySupervisedDataset,
-    LengthGroupedSampler,
     expand_to_square,
     make_supervised_data_module,
-    modality_length_grouped_indices,
-    pop_batch_stats,
 )
+from llava_voco.train.samplers import LengthGroupedSampler, modality_length_grouped_indices
 
 from conftest import load_voco
 from test_conversation import GOLDEN, golden_turns

@@ -8,7 +8,8 @@ import torch
 import llava_voco
 from llava_voco.model.llamavid import encode_instructions
 from llava_voco.fixtures import train_wordpiece_tokenizer
-from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module, pop_batch_stats
+from llava_voco.train.collator import pop_batch_stats
+from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module
 
 from conftest import load_voco
 from test_video import write_video

@@ -26,14 +26,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionM
 import llava_voco
 from llava_voco.model.projector import LinearProjector
 from llava_voco.fixtures import build_tiny_llava
-from llava_voco.train.train import (
-    TrainConfigError,
-    build_model_and_processor,
-    build_parser,
-    main,
-    parse_args,
-    refuse_flags_without_effect,
-)
+from llava_voco.train.arguments import TrainConfigError, build_parser, parse_args, refuse_flags_without_effect
+from llava_voco.train.model_setup import build_model_and_processor
+from llava_voco.train.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "zero one two three four five six seven eight nine".split()
@@ -547,7 +542,7 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] > batch["input_ids"].shape[1]
 
     # --freeze_text_decoder: the Q-Former stays as it is, the queries and projections still train
-    from llava_voco.train.train import build_model_and_processor, set_trainable
+    from llava_voco.train.model_setup import set_trainable
 
     model_args, data_args, training_args = parse_args([str(arg) for arg in (
         base + llamavid + ["--freeze_text_decoder", "True"] + common_args(tiny, tmp_path / "frozen", data_path=data))])
@@ -567,7 +562,6 @@ def test_llamavid_text_decoder_from_instructblip(tiny, tmp_path):
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
     from llava_voco.fixtures import train_wordpiece_tokenizer
-    from llava_voco.train.train import build_model_and_processor
 
     bert = train_wordpiece_tokenizer()
     bert.save_pretrained(tmp_path / "bert")

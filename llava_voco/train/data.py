@@ -17,18 +17,7 @@ Dataset items (``LazySupervisedDataset.__getitem__``):
     ``video_frame_mask`` [n_images] with videos, ``instruction_input_ids`` /
     ``instruction_attention_mask`` [n_images, L] for LLaMA-VID, and the counters of ``BATCH_STAT_KEYS`` as ints.
 
-Batches (``DataCollatorForSupervisedDataset``): ``input_ids``, ``attention_mask``, ``labels`` [batch,
-seq] padded on ``tokenizer.padding_side``; ``pixel_values`` [images in the batch, 3, H, W] in sample
-order (absent when no sample has an image); ``frame_features`` / ``frame_features_mask`` [images in the
-batch] when a sample has precomputed frames; ``image_sizes`` if given; and, as plain ints summed over
-the batch, the keys of ``BATCH_STAT_KEYS``, which must be popped before the model's forward
-(``pop_batch_stats``):
-    ``num_vision_tokens``      image tokens in the batch,
-    ``num_voco_tokens``        VoCo tokens in the batch,
-    ``num_samples_skipped``    samples skipped (bad, or image block beyond ``model_max_length``) to fill it,
-    ``num_samples_truncated``  samples in it whose text was cut at ``model_max_length``.
-They travel with the batch because DataLoader workers are other processes: ``dataset.stats`` only
-counts what this process built (all of it when ``dataloader_num_workers`` is 0).
+Batches and their counters: ``llava_voco.train.collator``; samplers: ``llava_voco.train.samplers``.
 
 Truncation never cuts an image block or its VoCo tokens: a sample whose last image block would end
 beyond ``model_max_length`` is skipped with a warning; text after it is cut at the last round that
@@ -43,17 +32,15 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.nn import functional as F
-from torch.utils.data import Dataset, Sampler
-from transformers import DataCollatorForSeq2Seq
-from transformers.trainer_pt_utils import get_length_grouped_indices
+from torch.utils.data import Dataset
 
 from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, ConversationError, RenderedConversation, get_template
 from ..video import VideoError, decode_video, is_frame_features, read_frame_features
+from .collator import BATCH_STAT_KEYS, DataCollatorForSupervisedDataset, pop_batch_stats
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +51,6 @@ VIDEO_PLACEHOLDER = "<video>"
 PER_IMAGE_KEYS = ("video_frame_mask", "instruction_input_ids", "instruction_attention_mask")
 # Precomputed frames of a video given as a features file, in place of their pixels (VoCoLlavaModel.forward).
 FRAME_FEATURE_KEYS = ("frame_features", "frame_features_mask")
-BATCH_STAT_KEYS = ("num_vision_tokens", "num_voco_tokens", "num_samples_skipped", "num_samples_truncated")
 
 
 @dataclass
@@ -550,108 +536,6 @@ class LazySupervisedDataset(Dataset):
         raise RuntimeError(f"{self.data_path}: every sample was skipped (see the warnings above)")
 
 
-@dataclass
-class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
-    """``DataCollatorForSeq2Seq`` (``tokenizer.pad`` for the ids and mask, -100 for the labels, both on
-    ``tokenizer.padding_side``) plus the images of the batch and the counters of ``BATCH_STAT_KEYS``."""
-
-    def __call__(self, features: Sequence[dict], return_tensors=None) -> dict:
-        # As lists: the parent pads labels with numpy, which is slow on a list of tensors.
-        text_features = [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
-        batch = dict(super().__call__(text_features, return_tensors="pt"))
-        pixel_values = [f["pixel_values"] for f in features if "pixel_values" in f]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)  # [images in the batch, 3, H, W]
-        image_sizes = [f["image_sizes"] for f in features if "image_sizes" in f]
-        if image_sizes:
-            batch["image_sizes"] = torch.cat([torch.as_tensor(sizes) for sizes in image_sizes])
-        with_images = [f for f in features if "pixel_values" in f or "frame_features" in f]
-        num_images = [len(f.get("pixel_values", ())) + len(f.get("frame_features", ())) for f in with_images]
-        if any("frame_features" in f for f in features):
-            batch["frame_features"] = torch.cat([f["frame_features"] for f in features if "frame_features" in f])
-            batch["frame_features_mask"] = torch.cat(  # [images in the batch] True for precomputed frames
-                [f["frame_features_mask"] if "frame_features_mask" in f else torch.zeros(n, dtype=torch.bool)
-                 for f, n in zip(with_images, num_images)]
-            )
-        if any("video_frame_mask" in f for f in features):
-            batch["video_frame_mask"] = torch.cat(
-                [f["video_frame_mask"] if "video_frame_mask" in f else torch.zeros(n, dtype=torch.bool)
-                 for f, n in zip(with_images, num_images)]
-            )
-        if any("instruction_input_ids" in f for f in features):  # LLaMA-VID: one row per image, right padded
-            width = max(f["instruction_input_ids"].shape[1] for f in features if "instruction_input_ids" in f)
-            ids = [F.pad(f["instruction_input_ids"], (0, width - f["instruction_input_ids"].shape[1]))
-                   for f in features if "instruction_input_ids" in f]
-            masks = [F.pad(f["instruction_attention_mask"], (0, width - f["instruction_attention_mask"].shape[1]))
-                     for f in features if "instruction_input_ids" in f]
-            batch["instruction_input_ids"], batch["instruction_attention_mask"] = torch.cat(ids), torch.cat(masks)
-        for key in BATCH_STAT_KEYS:
-            batch[key] = sum(int(f.get(key, 0)) for f in features)
-        return batch
-
-
-def pop_batch_stats(batch: dict) -> dict[str, int]:
-    """Remove the data counters from a collated batch (they are not model inputs) and return them."""
-    return {key: batch.pop(key) for key in BATCH_STAT_KEYS if key in batch}
-
-
-def modality_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int = 1, generator: torch.Generator | None = None
-) -> list[int]:
-    """LLaVA's grouping: image samples (positive length) and text-only samples (negative) are batched
-    apart, each grouped by length; megabatches of ``batch_size * world_size`` (one batch per rank) are
-    shuffled together. The leftovers of each modality come last, image then text, so at most one
-    batch of the epoch holds both."""
-    if any(length == 0 for length in lengths):
-        raise ValueError("a modality length of 0 is neither image (> 0) nor text-only (< 0)")
-    megabatch = batch_size * world_size
-    groups = [[i for i, length in enumerate(lengths) if length > 0], [i for i, length in enumerate(lengths) if length < 0]]
-    if not groups[0] or not groups[1]:
-        return get_length_grouped_indices([abs(length) for length in lengths], megabatch, generator=generator)
-    full, leftovers = [], []
-    for group in groups:
-        order = get_length_grouped_indices([abs(lengths[i]) for i in group], megabatch, generator=generator)
-        ordered = [group[j] for j in order]
-        complete = len(ordered) - len(ordered) % megabatch
-        full.extend(ordered[start : start + megabatch] for start in range(0, complete, megabatch))
-        leftovers.extend(ordered[complete:])
-    shuffled = torch.randperm(len(full), generator=generator).tolist()
-    return [i for k in shuffled for i in full[k]] + leftovers
-
-
-class LengthGroupedSampler(Sampler):
-    """``--group_by_length`` / ``--group_by_modality_length`` sampler for the Trainer.
-
-    ``lengths``: ``dataset.lengths``, or ``dataset.modality_lengths`` with ``group_by_modality=True``.
-    ``world_size``: ranks times gradient accumulation steps, as LLaVA passes it. Plain grouping is
-    transformers' ``get_length_grouped_indices``.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        world_size: int = 1,
-        lengths: Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-        group_by_modality: bool = False,
-    ):
-        if lengths is None:
-            raise ValueError("LengthGroupedSampler needs lengths (dataset.lengths or dataset.modality_lengths)")
-        self.batch_size, self.world_size, self.generator = batch_size, world_size, generator
-        self.lengths = list(lengths)
-        self.group_by_modality = group_by_modality
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        if self.group_by_modality:
-            indices = modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, self.generator)
-        else:
-            indices = get_length_grouped_indices(self.lengths, self.batch_size * self.world_size, generator=self.generator)
-        return iter(indices)
-
-
 def make_supervised_data_module(
     processor, data_args: DataArguments, *, version: str, model_max_length: int, vision_hidden_size: int | None = None
 ) -> dict:
@@ -680,10 +564,8 @@ __all__ = [
     "DataCollatorForSupervisedDataset",
     "DataError",
     "LazySupervisedDataset",
-    "LengthGroupedSampler",
     "expand_to_square",
     "load_samples",
     "make_supervised_data_module",
-    "modality_length_grouped_indices",
     "pop_batch_stats",
 ]

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .data import LengthGroupedSampler, pop_batch_stats
+from .collator import pop_batch_stats
+from .samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def projector_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 class CompressionStats:
     """What the compression does to the batches, from the counters the data collator puts in each batch
-    (``llava_voco.train.data.BATCH_STAT_KEYS``; they are popped before the forward).
+    (``llava_voco.train.collator.BATCH_STAT_KEYS``; they are popped before the forward).
 
     Logged with each training loss, summed over ranks:
     ``vision_tokens_per_sample``, ``voco_tokens_per_sample``, ``image_token_share`` (vision tokens /

@@ -1,0 +1,230 @@
+"""The training entry's flags: LLaVA's names, types and meanings (``ModelArguments``, ``TrainingArguments``;
+the data flags are ``llava_voco.train.data.DataArguments``), and the refusal of flags that LLaVA accepts but
+that would have no effect here (``refuse_flags_without_effect``): refused with a message saying why, never
+silently ignored.
+
+Defaults that LLaVA sets to values we cannot honour (or that depend on the checkpoint) are None here and
+resolved in ``llava_voco.train.model_setup.build_model_and_processor``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import HfArgumentParser
+
+from llava_voco.model.image_inputs import CompressTypeError, parse_compress_type
+from llava_voco.model.projector import PROJECTOR_TYPES
+
+from .data import DataArguments
+
+# LLaVA's --mm_vision_select_feature -> transformers' vision_feature_select_strategy.
+SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+class TrainConfigError(ValueError):
+    """A command line that cannot train as asked; the message says which flag and why."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "An LLM directory (with --vision_tower), or a full Llava / VoCo-Llava checkpoint."},
+    )
+    version: str = field(default="v1", metadata={"help": "Conversation template (LLaVA's --version names)."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM body (not lm_head, not the projector)."})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Pretrain stage: only the projector trains."})
+    vision_tower: str | None = field(default=None, metadata={"help": "A CLIP vision (or full CLIP) directory."})
+    mm_vision_select_layer: int | None = field(
+        default=None, metadata={"help": "Vision layer whose features are projected (LLaVA default -1; -2 in LLaVA-1.5)."}
+    )
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "Projector weights: LLaVA's mm_projector.bin or our mm_projector.safetensors."}
+    )
+    mm_projector_type: str | None = field(
+        default=None, metadata={"help": f"One of {', '.join(PROJECTOR_TYPES)} (LLaVA default linear)."}
+    )
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "Refused when True (see the message)."})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "Refused when True (see the message)."})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "Only 'flat' (LLaVA-1.5)."})
+    mm_vision_select_feature: str | None = field(
+        default=None, metadata={"help": "patch (drop CLS, LLaVA default) or cls_patch."}
+    )
+    image_grid_pinpoints: str | None = field(default=None, metadata={"help": "LLaVA-NeXT anyres: refused."})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Train the vision tower too."})
+    # ours
+    voco_tokens: int | None = field(
+        default=None,
+        metadata={"help": "VoCo tokens after each image (0 = plain LLaVA). Default: the checkpoint's (0 for LLaVA)."},
+    )
+    voco_mask_mode: str | None = field(default=None, metadata={"help": "paper (default) or official."})
+    voco_mask_in_training: bool = field(
+        default=True,
+        metadata={"help": "False trains the VoCo paper's lower bound: VoCo tokens in the sequence but no VoCo mask "
+                  "(text sees the vision tokens); the saved model still compresses (and is evaluated) with the mask."},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention."})
+    # LLaMA-VID (--mm_projector_type llamavid, set-up (a))
+    text_decoder_tokenizer: str | None = field(
+        default=None, metadata={"help": "LLaMA-VID: the text decoder's BERT WordPiece tokenizer directory."}
+    )
+    text_decoder_config: str | None = field(
+        default=None,
+        metadata={"help": "LLaMA-VID: a JSON file of InstructBlipQFormerConfig fields (default: BERT-base sized)."},
+    )
+    text_decoder_path: str | None = field(
+        default=None,
+        metadata={"help": "LLaMA-VID: an InstructBLIP checkpoint whose Q-Former and queries start the text decoder."},
+    )
+    num_query: int = field(default=32, metadata={"help": "LLaMA-VID: learnable queries of the text decoder."})
+    compress_type: str = field(default="grid:2", metadata={"help": "LLaMA-VID content tokens of an image: none, mean or grid:g."})
+    video_compress_type: str = field(default="mean", metadata={"help": "LLaMA-VID content tokens of a video frame."})
+    instruction_max_length: int = field(default=128, metadata={"help": "LLaMA-VID: instruction tokens kept (from the end)."})
+    freeze_text_decoder: bool = field(default=False, metadata={"help": "LLaMA-VID: keep the text decoder (Q-Former) frozen."})
+    frame_chunk: int = field(default=64, metadata={"help": "Images or frames through the vision tower at once."})
+    vision_token_pooling: str = field(
+        default="none",
+        metadata={"help": "Average-pool each image's patches before a linear/mlp2x_gelu projector: none, mean "
+                  "(1 token per image, the VoCo paper's pooling baseline) or grid:g."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None)
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    freeze_mm_mlp_adapter: bool = field(default=False)
+    mpt_attn_impl: str | None = field(default=None, metadata={"help": "MPT models: refused."})
+    model_max_length: int = field(default=512, metadata={"help": "Maximum sequence length (tokens)."})
+    double_quant: bool | None = field(default=None, metadata={"help": "Only with --bits 4/8: refused."})
+    quant_type: str | None = field(default=None, metadata={"help": "Only with --bits 4/8: refused."})
+    bits: int = field(default=16, metadata={"help": "16 only: 4/8-bit (QLoRA) needs bitsandbytes on CUDA."})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_weight_path: str = field(default="", metadata={"help": "Declared but never read by LLaVA: refused."})
+    lora_bias: str = "none"
+    lora_merge_on_save: bool = field(
+        default=True,
+        metadata={"help": "Merge LoRA into the weights on save (the output loads with from_pretrained); "
+                  "False saves the PEFT adapter instead."},
+    )
+    mm_projector_lr: float | None = None
+    mm_vision_tower_lr: float | None = None
+    group_by_modality_length: bool = field(default=False)
+    # Names LLaVA's scripts pass that transformers 5 folded into others.
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Alias of --eval_strategy."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Alias of --warmup_steps given as a ratio in [0, 1)."})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise TrainConfigError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+            if self.warmup_steps:
+                raise TrainConfigError("--warmup_ratio and --warmup_steps: pass one of them")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+
+
+def parse_args(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, TrainingArguments) from ``argv`` (default: the command line)."""
+    return build_parser().parse_args_into_dataclasses(args=argv)
+
+
+def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_args: TrainingArguments) -> None:
+    def refuse(flag: str, why: str):
+        raise TrainConfigError(f"{flag}: {why}")
+
+    if model_args.mm_use_im_start_end:
+        refuse("--mm_use_im_start_end True", "llava_voco lays images out as transformers' Llava does, with no "
+               "<im_start>/<im_end> tokens, so the flag would have no effect; drop it or pass False")
+    if model_args.mm_use_im_patch_token:
+        refuse("--mm_use_im_patch_token True", "it only adds an unused <im_patch> token to the tokenizer in "
+               "LLaVA; llava_voco does not add it, so the flag would have no effect; drop it or pass False")
+    if model_args.mm_patch_merge_type != "flat":
+        refuse(f"--mm_patch_merge_type {model_args.mm_patch_merge_type}", "LLaVA-NeXT's anyres patch merging is "
+               "not implemented here; only 'flat' (LLaVA-1.5)")
+    if model_args.image_grid_pinpoints is not None:
+        refuse("--image_grid_pinpoints", "LLaVA-NeXT's anyres grids are not implemented here")
+    if training_args.bits != 16:
+        refuse(f"--bits {training_args.bits}", "4/8-bit (QLoRA) training needs bitsandbytes on CUDA and is not "
+               "supported; use --bits 16 (with --bf16 True on a GPU)")
+    for flag in ("double_quant", "quant_type"):
+        if getattr(training_args, flag) is not None:
+            refuse(f"--{flag}", "only means something with --bits 4/8, which is not supported")
+    if training_args.mpt_attn_impl is not None:
+        refuse("--mpt_attn_impl", "MPT language models are not supported; Llama-family models use --attn_implementation")
+    if training_args.lora_weight_path:
+        refuse("--lora_weight_path", "LLaVA declares it but never reads it; to continue from a LoRA run, pass its "
+               "merged output directory as --model_name_or_path")
+    if training_args.lora_bias not in ("none", "all", "lora_only"):
+        refuse(f"--lora_bias {training_args.lora_bias}", "must be none, all or lora_only (PEFT's values)")
+    if not training_args.lora_enable and not training_args.lora_merge_on_save:
+        refuse("--lora_merge_on_save False", "only means something with --lora_enable True")
+    if model_args.mm_projector_type != "llamavid":
+        for flag, default in (("text_decoder_tokenizer", None), ("text_decoder_config", None),
+                              ("text_decoder_path", None), ("num_query", 32),
+                              ("compress_type", "grid:2"), ("video_compress_type", "mean"),
+                              ("freeze_text_decoder", False), ("instruction_max_length", 128)):
+            if getattr(model_args, flag) != default:
+                refuse(f"--{flag} {getattr(model_args, flag)}", "it only applies with --mm_projector_type llamavid")
+    if model_args.vision_token_pooling != "none":
+        if model_args.mm_projector_type == "llamavid":
+            refuse(f"--vision_token_pooling {model_args.vision_token_pooling}",
+                   "LLaMA-VID pools its content tokens with --compress_type / --video_compress_type")
+        try:
+            parse_compress_type(model_args.vision_token_pooling)
+        except CompressTypeError as error:
+            refuse(f"--vision_token_pooling {model_args.vision_token_pooling}", str(error))
+    if model_args.mm_projector_type is not None and model_args.mm_projector_type not in PROJECTOR_TYPES:
+        refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(PROJECTOR_TYPES)}")
+    if model_args.mm_vision_select_feature is not None and model_args.mm_vision_select_feature not in SELECT_FEATURE:
+        refuse(f"--mm_vision_select_feature {model_args.mm_vision_select_feature}", "must be patch or cls_patch")
+    if not model_args.voco_mask_in_training and not model_args.voco_tokens:
+        refuse("--voco_mask_in_training False", "only means something with --voco_tokens k > 0")
+    if model_args.voco_tokens is not None and model_args.voco_tokens < 0:
+        refuse(f"--voco_tokens {model_args.voco_tokens}", "must be >= 0")
+    # Contradictory stages: something would not train, or a flag would change nothing.
+    if model_args.tune_mm_mlp_adapter and training_args.freeze_mm_mlp_adapter:
+        refuse("--freeze_mm_mlp_adapter True", "with --tune_mm_mlp_adapter True nothing would train")
+    if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
+        refuse("--lora_enable True", "the pretrain stage (--tune_mm_mlp_adapter True) trains the projector only")
+    if model_args.tune_mm_mlp_adapter and model_args.unfreeze_mm_vision_tower:
+        refuse("--unfreeze_mm_vision_tower True", "the pretrain stage (--tune_mm_mlp_adapter True) trains the projector only")
+    if training_args.lora_enable and model_args.freeze_backbone:
+        refuse("--freeze_backbone True", "with --lora_enable the LLM's own weights are frozen already; LoRA trains adapters")
+    if training_args.mm_projector_lr is not None and training_args.freeze_mm_mlp_adapter:
+        refuse("--mm_projector_lr", "the projector is frozen (--freeze_mm_mlp_adapter True)")
+    if training_args.mm_vision_tower_lr is not None and not model_args.unfreeze_mm_vision_tower:
+        refuse("--mm_vision_tower_lr", "the vision tower is frozen unless --unfreeze_mm_vision_tower True")
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    if ds_config is not None:
+        if "optimizer" in ds_config.config and (training_args.mm_projector_lr or training_args.mm_vision_tower_lr):
+            refuse("--mm_projector_lr", "the DeepSpeed config defines its own optimizer, which would drop the "
+                   "projector's parameter group; remove its \"optimizer\" section")
+        if ds_config.is_zero3() and training_args.lora_enable:
+            refuse("--lora_enable True with ZeRO-3", "merging LoRA on save needs whole weights; use scripts/zero2.json")
+    if model_args.model_name_or_path is None:
+        refuse("--model_name_or_path", "is required")
+
+
+
+__all__ = [
+    "SELECT_FEATURE",
+    "ModelArguments",
+    "TrainConfigError",
+    "TrainingArguments",
+    "build_parser",
+    "parse_args",
+    "refuse_flags_without_effect",
+]
