@@ -1,4 +1,4 @@
-"""VoCoCache: compress once, answer many (DESIGN 2.3 equivalence 1), persistence and refusals."""
+"""VoCoCache: compress once, answer many (docs/design.md §2.3 equivalence 1), persistence and refusals."""
 
 import pytest
 import torch
@@ -34,8 +34,10 @@ def test_answer_logits_and_greedy_equal_full_forward(voco_dir, digit_images, imp
 
     cache = model.compress(**head)
     vision = int((head.input_ids == model.config.image_token_id).sum())
-    expected_cached = 1 if mode == "official" else head.input_ids.shape[1] - vision
-    assert cache.get_seq_length() == expected_cached  # paper: prefix + k; official: k
+    # prefix + k in both modes: in official mode text may not read the prefix (the mask hides it), but an image
+    # compressed later may, so the cache keeps it (test_continuing_a_cache_equals_the_full_forward)
+    expected_cached = head.input_ids.shape[1] - vision
+    assert cache.get_seq_length() == expected_cached
     assert int(cache.next_position) == head.input_ids.shape[1]
     with torch.no_grad():
         reference = model(**full).logits[:, head.input_ids.shape[1] :]
@@ -220,3 +222,34 @@ def test_save_load_and_refusals(voco_dir, digit_images, tmp_path):
     save_file(load_file(path), future, metadata={**metadata, "format_version": "99"})
     with pytest.raises(VoCoCacheError, match="format version '99'"):
         VoCoCache.load(future, model)
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+@pytest.mark.parametrize("cached_images", [1, 2, 3])
+@pytest.mark.parametrize("continuation_has_image", [False, True])
+def test_continuing_a_cache_equals_the_full_forward(voco_dir, digit_images, mode, cached_images, continuation_has_image):
+    """Compress the first images, then continue in one call with (maybe) another image plus text: the
+    continuation's logits equal those of the full masked forward, in both modes. (Official mode used to move
+    the first VoCo token past the cache, so text after a new image lost the earlier images' VoCo tokens.)"""
+    model, processor = load_voco(voco_dir, voco_mask_mode=mode)
+    images_in_total = cached_images + int(continuation_has_image)
+    text = prompt(processor, "Which digit is at the top left?", images=images_in_total)
+    images = digit_images[10 : 10 + images_in_total]
+    full = processor(images=images, text=text, return_tensors="pt")
+    # cut after the last cached image's placeholder, in the processor's expanded token sequence
+    is_block = (full.input_ids[0] == model.config.image_token_id) | (full.input_ids[0] == model.config.voco_token_id)
+    block_ends = (is_block[:-1] & ~is_block[1:]).nonzero().flatten() + 1
+    cut = int(block_ends[cached_images - 1])
+    head = {"input_ids": full.input_ids[:, :cut], "pixel_values": full.pixel_values[:cached_images]}
+    cache = model.compress(**head)
+    continuation = {"input_ids": full.input_ids[:, cut:]}
+    if continuation_has_image:
+        continuation["pixel_values"] = full.pixel_values[cached_images:]
+    with torch.no_grad():
+        reference = model(**full).logits[:, cut:]
+        from_cache = model(**continuation, past_key_values=cache.clone()).logits
+    torch.testing.assert_close(from_cache, reference, atol=LOGIT_ATOL, rtol=0)
+    # and greedy answers from the cache equal the full prompt's
+    greedy_full = model.generate(**full, max_new_tokens=5, do_sample=False)
+    greedy_cache = model.generate(**continuation, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(greedy_cache[:, continuation["input_ids"].shape[1]:], greedy_full[:, full.input_ids.shape[1]:])

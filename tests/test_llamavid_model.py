@@ -43,7 +43,7 @@ def test_tokens_per_image_and_per_frame(llava_dir, bert, digit_images):
     assert batch["video_frame_mask"].tolist() == [False, True, True, True]
     instructions = encode_instructions(bert, ["what is the sum of the digits"] * 4)
     with torch.no_grad():
-        features = model.model.llamavid_image_features(batch["pixel_values"], **instructions,
+        features = model.model.encode_images(batch["pixel_values"], **instructions,
                                                        video_frame_mask=batch["video_frame_mask"])
         logits = model(**batch, **instructions).logits
     assert [f.shape[0] for f in features] == [5, 2, 2, 2]
@@ -55,7 +55,7 @@ def test_context_token_follows_the_instruction(llava_dir, bert, digit_images):
     batch = processor(images=[digit_images[0]] * 2, text=["USER: <image> What?"] * 2, return_tensors="pt")
     instructions = encode_instructions(bert, ["which digit is at the top left", "how many times does seven appear"])
     with torch.no_grad():
-        features = model.model.llamavid_image_features(batch["pixel_values"], **instructions)
+        features = model.model.encode_images(batch["pixel_values"], **instructions)
         logits = model(**batch, **instructions).logits
     # at initialisation the queries are small, so the difference is small, but it is well above float
     # noise (the content tokens, which do not read the instruction, agree to 1e-6)
@@ -172,7 +172,7 @@ def test_extract_video_features_script(llava_dir, bert, tmp_path):
     pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
     instructions = encode_instructions(bert, ["what is the sum"] * 3)
     with torch.no_grad():
-        from_pixels = model.model.llamavid_image_features(pixels, **instructions, video_frame_mask=torch.ones(3, dtype=torch.bool))
+        from_pixels = model.model.encode_images(pixels, **instructions, video_frame_mask=torch.ones(3, dtype=torch.bool))
         from_file = model.model.multi_modal_projector(stored, instructions["instruction_input_ids"],
                                                       instructions["instruction_attention_mask"], "mean", frame_chunk=2)
     torch.testing.assert_close(from_file, torch.stack(from_pixels), atol=1e-5, rtol=1e-5)

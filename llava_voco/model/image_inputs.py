@@ -1,16 +1,23 @@
 """What an image becomes: its features and its token count, in one place.
 
-Every part that needs to know how many tokens an image or video frame takes in the LLM's sequence (the
-processor expanding ``<image>``, the data pipeline's lengths, the ZeRO-3 blank-image row, the train
-entry's log, the chat CLI) calls :func:`tokens_per_image`, with a model config or a processor. Pooling
-specs (``none`` | ``mean`` | ``grid:g``) are parsed and applied here too, for both the pooled
-projectors and LLaMA-VID's content tokens.
+- :class:`ImageInputs`, built once per forward, records in token order which images are pixels, which are
+  precomputed frame features (``scripts/extract_video_features.py``), which are video frames, and each
+  image's instruction (LLaMA-VID).
+- :func:`encode_images` is the one function that turns them into the LLM's tokens, by one of four routes:
+  ``linear`` / ``mlp2x_gelu`` projectors on every patch, the same after average pooling
+  (``vision_token_pooling``), LLaMA-VID's context + content tokens, and precomputed features, which skip
+  the vision tower and get the tokens their pixels would.
+- :func:`tokens_per_image` is the one count of tokens an image or frame takes in the LLM's sequence, for a
+  model config or a processor: the processor, the data pipeline's lengths, the ZeRO-3 blank-image row, the
+  train entry and the chat path all call it.
+
+Pooling specs (``none`` | ``mean`` | ``grid:g``) are parsed and applied here too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn import functional as F
@@ -144,14 +151,20 @@ def image_token_spec(source) -> ImageTokenSpec:
     raise TypeError(f"tokens_per_image needs a model config or a processor, got {type(source).__name__}")
 
 
-def tokens_per_image(source, is_frame: bool = False) -> ImageTokenCount:
+def tokens_per_image(source, is_frame: bool = False, image_size: tuple[int, int] | None = None) -> ImageTokenCount:
     """Tokens one image (``is_frame``: one video frame) becomes, for a model config or a processor.
 
     linear / mlp2x_gelu: one token per patch (plus CLS under "full"), or the pooled count with
     ``vision_token_pooling``; LLaMA-VID: 1 context token plus the pooled content tokens (frames pool with
-    the video compress type); then ``voco_tokens`` VoCo tokens.
+    the video compress type); then ``voco_tokens`` VoCo tokens. ``image_size``: the (height, width) the
+    image reaches the vision tower at, when a processor was asked for another size than its own.
     """
     spec = image_token_spec(source)
+    if image_size is not None:
+        patch = source.patch_size if hasattr(source, "patch_size") and isinstance(source.patch_size, int) else None
+        if patch is None:
+            patch = _pair(source.vision_config.patch_size)[0]
+        spec = replace(spec, patch_rows=int(image_size[0]) // patch, patch_columns=int(image_size[1]) // patch)
     if spec.projector_type == "llamavid":
         image = 1 + content_tokens_per_frame(spec.video_compress_type if is_frame else spec.compress_type, spec.patches)
     elif spec.vision_token_pooling != "none":
@@ -161,7 +174,205 @@ def tokens_per_image(source, is_frame: bool = False) -> ImageTokenCount:
     return ImageTokenCount(image=image, voco=spec.voco_tokens)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The images of one forward, in token order.
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ImageInputs:
+    """The images of one forward (or one chunk of them), in the order of their tokens.
+
+    ``pixel_values`` hold the images that have pixels, in order; ``frame_features`` the precomputed frames,
+    in order; ``is_precomputed`` says which image is which. Per-image rows (``is_frame`` and LLaMA-VID's
+    instruction tokens) follow all images.
+    """
+
+    pixel_values: torch.Tensor | None  # [images with pixels, 3, H, W]
+    frame_features: torch.Tensor | None  # [precomputed frames, N, C]
+    is_precomputed: torch.Tensor  # [images] bool
+    is_frame: torch.Tensor  # [images] bool: a video's frame (LLaMA-VID pools those with its video compress type)
+    instruction_input_ids: torch.Tensor | None = None  # [images, L] text decoder tokens of each image's instruction
+    instruction_attention_mask: torch.Tensor | None = None  # [images, L]
+
+    @classmethod
+    def from_forward(
+        cls,
+        pixel_values: torch.Tensor | None = None,
+        frame_features: torch.Tensor | None = None,
+        frame_features_mask: torch.Tensor | None = None,
+        video_frame_mask: torch.Tensor | None = None,
+        instruction_input_ids: torch.Tensor | None = None,
+        instruction_attention_mask: torch.Tensor | None = None,
+    ) -> "ImageInputs | None":
+        """From the model's forward inputs; None when there is no image. ``frame_features_mask`` may be
+        left out when every image is a precomputed frame."""
+        if pixel_values is None and frame_features is None:
+            return None
+        with_pixels = len(pixel_values) if pixel_values is not None else 0
+        device = (pixel_values if pixel_values is not None else frame_features).device
+        if frame_features is None:
+            is_precomputed = torch.zeros(with_pixels, dtype=torch.bool, device=device)
+        elif frame_features_mask is None:
+            if pixel_values is not None:
+                raise ValueError(
+                    "pixel_values and frame_features together need frame_features_mask: which images (in token "
+                    "order) are the precomputed frames"
+                )
+            is_precomputed = torch.ones(len(frame_features), dtype=torch.bool, device=device)
+        else:
+            is_precomputed = frame_features_mask.bool().to(device)
+            if int(is_precomputed.sum()) != len(frame_features) or int((~is_precomputed).sum()) != with_pixels:
+                raise ValueError(
+                    f"frame_features_mask marks {int(is_precomputed.sum())} precomputed frame(s) and "
+                    f"{int((~is_precomputed).sum())} image(s) with pixels, but {len(frame_features)} frame_features "
+                    f"and {with_pixels} pixel_values were given"
+                )
+        num_images = len(is_precomputed)
+        is_frame = (video_frame_mask.bool().to(device) if video_frame_mask is not None
+                    else torch.zeros(num_images, dtype=torch.bool, device=device))
+        if len(is_frame) != num_images:
+            raise ValueError(f"video_frame_mask has {len(is_frame)} entries for {num_images} image(s)")
+        if instruction_input_ids is not None and len(instruction_input_ids) != num_images:
+            raise ValueError(
+                f"{num_images} image(s) but {len(instruction_input_ids)} instruction(s): LLaMA-VID needs one "
+                "instruction per image or frame"
+            )
+        return cls(pixel_values, frame_features, is_precomputed, is_frame, instruction_input_ids,
+                   instruction_attention_mask)
+
+    def __len__(self) -> int:
+        return len(self.is_precomputed)
+
+    def select(self, images: slice) -> "ImageInputs":
+        """The images numbered ``images`` (a contiguous range in token order): a prompt's images in a batch,
+        or a chunk of a long video."""
+        start, stop, _ = images.indices(len(self))
+        frames_before = int(self.is_precomputed[:start].sum()), int(self.is_precomputed[:stop].sum())
+        pixels_before = start - frames_before[0], stop - frames_before[1]
+
+        def rows(tensor, begin, end):
+            return tensor[begin:end] if tensor is not None and end > begin else None
+
+        return replace(
+            self,
+            pixel_values=rows(self.pixel_values, *pixels_before),
+            frame_features=rows(self.frame_features, *frames_before),
+            is_precomputed=self.is_precomputed[start:stop],
+            is_frame=self.is_frame[start:stop],
+            instruction_input_ids=rows(self.instruction_input_ids, start, stop),
+            instruction_attention_mask=rows(self.instruction_attention_mask, start, stop),
+        )
+
+    def token_counts(self, config) -> list[int]:
+        """Image tokens of each image (VoCo tokens not included), by :func:`tokens_per_image`."""
+        counts = {is_frame: tokens_per_image(config, is_frame).image for is_frame in (False, True)}
+        return [counts[is_frame] for is_frame in self.is_frame.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features: the four routes.
+# ---------------------------------------------------------------------------------------------------
+def vision_patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[images, N, C]``: the selected vision layer(s)' patch features of a ``VoCoLlavaModel`` (CLS dropped
+    under the "default" strategy; several layers concatenated, as Llava does), ``frame_chunk`` images
+    through the tower at a time. This is what precomputed frame features store."""
+    config = model.config
+    layers = config.vision_feature_layer
+    chunks = []
+    for start in range(0, pixel_values.shape[0], config.frame_chunk):
+        hidden = model.vision_tower(pixel_values[start : start + config.frame_chunk], output_hidden_states=True)
+        selected = [hidden.hidden_states[layer] for layer in ([layers] if isinstance(layers, int) else layers)]
+        if config.vision_feature_select_strategy == "default":
+            selected = [states[:, 1:] for states in selected]
+        chunks.append(torch.cat(selected, dim=-1))
+    return torch.cat(chunks)
+
+
+def checked_frame_features(model, frame_features: torch.Tensor) -> torch.Tensor:
+    """Precomputed frames on the vision tower's device and dtype; another width or rank is refused (they
+    must be what :func:`vision_patch_features` gives)."""
+    from .projector import projector_input_size
+
+    width = projector_input_size(model.config)
+    if frame_features.ndim != 3 or frame_features.shape[-1] != width:
+        raise ValueError(
+            f"frame_features must be [frames, patches, {width}] (this model's vision tower's patch features), "
+            f"got {tuple(frame_features.shape)} (extracted with another vision tower?)"
+        )
+    tower = next(model.vision_tower.parameters())
+    return frame_features.to(tower.device, tower.dtype)
+
+
+def patch_features(model, images: ImageInputs) -> torch.Tensor:
+    """``[images, N, C]``: every image's patch features, from the vision tower or, for precomputed frames, as
+    given (they skip the tower)."""
+    if images.frame_features is None:
+        return vision_patch_features(model, images.pixel_values)
+    frame_features = checked_frame_features(model, images.frame_features)
+    if images.pixel_values is None:
+        return frame_features
+    from_pixels = vision_patch_features(model, images.pixel_values)  # [images with pixels, N, C]
+    if from_pixels.shape[1] != frame_features.shape[1]:
+        raise ValueError(
+            f"frame_features have {frame_features.shape[1]} patches per frame, the images' pixels give "
+            f"{from_pixels.shape[1]} (extracted at another image size?)"
+        )
+    features = from_pixels.new_empty(len(images), *from_pixels.shape[1:])
+    precomputed = images.is_precomputed.to(features.device)
+    features[~precomputed] = from_pixels
+    features[precomputed] = frame_features
+    return features
+
+
+def encode_images(model, images: ImageInputs) -> list[torch.Tensor]:
+    """Each image's tokens for the LLM, ``[tokens_per_image(config, is_frame).image, D]``, in token order.
+
+    ``model`` is a ``VoCoLlavaModel`` (its vision tower, projector and config). Images go through the tower
+    ``frame_chunk`` at a time, so a long video keeps memory flat."""
+    config = model.config
+    spec = ImageTokenSpec.from_config(config)
+    grid = (spec.patch_rows, spec.patch_columns) if spec.extra_tokens == 0 else None
+    features: list[torch.Tensor] = []
+    for start in range(0, len(images), config.frame_chunk):
+        chunk = images.select(slice(start, start + config.frame_chunk))
+        patches = patch_features(model, chunk)  # [chunk, N, C]
+        if config.mm_projector_type == "llamavid":
+            features.extend(_llamavid_tokens(model.multi_modal_projector, patches, chunk, config, grid))
+        else:
+            if config.vision_token_pooling != "none":
+                patches = pool_patches(patches, config.vision_token_pooling, grid)  # [chunk, n, C]
+            features.extend(model.multi_modal_projector(patches))
+    return features
+
+
+def _llamavid_tokens(projector, patches: torch.Tensor, images: ImageInputs, config, grid) -> list[torch.Tensor]:
+    """Per image ``[1 + content, D]``: LLaMA-VID's context token and content tokens (docs/design.md §3); video
+    frames pool with ``llamavid_video_compress_type``, images with ``llamavid_compress_type``."""
+    if images.instruction_input_ids is None or images.instruction_attention_mask is None:
+        raise ValueError(
+            "mm_projector_type='llamavid' needs instruction_input_ids / instruction_attention_mask: each image's "
+            "instruction tokenized with the text decoder's tokenizer (the processor gives them)"
+        )
+    tokens: list[torch.Tensor | None] = [None] * len(images)
+    for is_frame, spec in ((False, config.llamavid_compress_type), (True, config.llamavid_video_compress_type)):
+        rows = (images.is_frame == is_frame).nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        rows_on = rows.to(patches.device)
+        encoded = projector(
+            patches[rows_on], images.instruction_input_ids[rows], images.instruction_attention_mask[rows],
+            compress_type=spec, grid=grid,
+        )
+        for row, image_tokens in zip(rows.tolist(), encoded):
+            tokens[row] = image_tokens
+    return tokens
+
+
 __all__ = [
+    "ImageInputs",
+    "checked_frame_features",
+    "encode_images",
+    "patch_features",
+    "vision_patch_features",
     "CompressTypeError",
     "ImageTokenCount",
     "ImageTokenSpec",

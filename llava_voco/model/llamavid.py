@@ -1,4 +1,4 @@
-"""LLaMA-VID's projector (DESIGN 3): each image or frame becomes one text-guided context token plus
+"""LLaMA-VID's projector (docs/design.md §3): each image or frame becomes one text-guided context token plus
 pooled content tokens.
 
 For frame ``t`` with patch features ``X_t`` (``[N, C]``, CLS dropped):
@@ -20,45 +20,10 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
 
-
-class CompressTypeError(ValueError):
-    """A ``--compress_type`` that is malformed or does not fit the patch grid."""
-
-
-def parse_compress_type(spec: str) -> tuple[str, int]:
-    """``"none"`` | ``"mean"`` | ``"grid:g"`` -> (kind, g)."""
-    if spec in ("none", "mean"):
-        return spec, 0
-    kind, _, side = spec.partition(":")
-    if kind == "grid" and side.isdigit() and int(side) > 0:
-        return "grid", int(side)
-    raise CompressTypeError(f"compress_type {spec!r} is malformed: use 'none', 'mean' or 'grid:<g>' with g >= 1")
-
-
-def content_tokens_per_frame(spec: str, num_patches: int) -> int:
-    kind, side = parse_compress_type(spec)
-    return {"none": num_patches, "mean": 1, "grid": side * side}[kind]
-
-
-def pool_patches(patch_features: torch.Tensor, spec: str) -> torch.Tensor:
-    """``[frames, N, C]`` -> ``[frames, n, C]`` content features before the projector."""
-    kind, side = parse_compress_type(spec)
-    if kind == "none":
-        return patch_features
-    if kind == "mean":
-        return patch_features.mean(dim=1, keepdim=True)
-    frames, num_patches, channels = patch_features.shape
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise CompressTypeError(f"grid pooling needs a square patch grid, got {num_patches} patches")
-    if side > grid:
-        raise CompressTypeError(f"compress_type 'grid:{side}' is larger than the {grid} x {grid} patch grid")
-    patch_grid = patch_features.transpose(1, 2).reshape(frames, channels, grid, grid)
-    pooled = F.adaptive_avg_pool2d(patch_grid, side)  # [frames, C, side, side]
-    return pooled.flatten(2).transpose(1, 2)
+from ..frame_features import FrameFeatures  # noqa: F401  (the projector reads such files a chunk at a time)
+from .image_inputs import CompressTypeError, content_tokens_per_frame, parse_compress_type, pool_patches  # noqa: F401
 
 
 class LlamaVidProjector(nn.Module):
@@ -114,6 +79,7 @@ class LlamaVidProjector(nn.Module):
         instruction_mask: torch.Tensor,  # [frames, L]
         compress_type: str = "grid:2",
         frame_chunk: int = 64,
+        grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """``[frames, 1 + n, D]``: each frame's ``[context, content...]`` tokens, computed in chunks.
 
@@ -135,57 +101,12 @@ class LlamaVidProjector(nn.Module):
             chunk_ids = instruction_ids[start : start + frame_chunk]
             chunk_mask = instruction_mask[start : start + frame_chunk]
             context = self.context_token(features, chunk_ids, chunk_mask)
-            content = self.content_projector(pool_patches(features, compress_type))
+            content = self.content_projector(pool_patches(features, compress_type, grid))
             if tokens is None:
                 tokens = context.new_empty(total, 1 + content.shape[1], context.shape[-1])
             tokens[start : start + len(features), :1] = context
             tokens[start : start + len(features), 1:] = content
         return tokens
-
-
-class FrameFeatures:
-    """Precomputed frame features in a safetensors file (one tensor ``[frames, patches, dim]``), read a
-    slice of frames at a time with plain file reads (no memory map, whose pages would stay resident), so
-    that hour-long videos never sit in memory whole."""
-
-    _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-    def __init__(self, path, name: str | None = None):
-        import json
-        import struct
-
-        self.path = str(path)
-        with open(self.path, "rb") as handle:
-            try:
-                (header_length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_length))
-            except (struct.error, ValueError) as error:
-                raise ValueError(f"{self.path}: not a safetensors file: {error}") from error
-        names = [key for key in header if key != "__metadata__"]
-        if name is None and len(names) != 1:
-            raise ValueError(f"{self.path}: expected one tensor [frames, patches, dim], found {names}")
-        self.name = name or names[0]
-        entry = header[self.name]
-        self.shape = tuple(entry["shape"])
-        if len(self.shape) != 3:
-            raise ValueError(f"{self.path}: {self.name} has shape {self.shape}, expected [frames, patches, dim]")
-        if entry["dtype"] not in self._DTYPES:
-            raise ValueError(f"{self.path}: unsupported dtype {entry['dtype']}")
-        self.dtype = self._DTYPES[entry["dtype"]]
-        self._row_bytes = self.shape[1] * self.shape[2] * torch.empty((), dtype=self.dtype).element_size()
-        self._data_start = 8 + header_length + entry["data_offsets"][0]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        start, stop, step = rows.indices(len(self))
-        if step != 1:
-            raise ValueError("FrameFeatures reads contiguous slices of frames")
-        with open(self.path, "rb") as handle:
-            handle.seek(self._data_start + start * self._row_bytes)
-            data = bytearray(handle.read((stop - start) * self._row_bytes))
-        return torch.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
 
 
 def build_llamavid_projector(config) -> LlamaVidProjector:
@@ -200,12 +121,6 @@ def build_llamavid_projector(config) -> LlamaVidProjector:
         qformer_config, vision_hidden, config.text_config.hidden_size, LlavaMultiModalProjector(config),
         num_query=config.llamavid_num_query,
     )
-
-
-def tokens_per_image(config, num_patches: int, video_frame: bool = False) -> int:
-    """Image tokens one image (or video frame) becomes: 1 context + its content tokens."""
-    spec = config.llamavid_video_compress_type if video_frame else config.llamavid_compress_type
-    return 1 + content_tokens_per_frame(spec, num_patches)
 
 
 def encode_instructions(tokenizer, instructions: list[str], max_length: int = 128) -> dict:

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import LlavaProcessor
 
+from ..constants import IMAGE_PLACEHOLDER, TEXT_DECODER_TOKENIZER_DIR, VIDEO_PLACEHOLDER, VOCO_TOKEN
 from ..video import is_frame_features, read_frame_features
+from .image_inputs import image_token_spec, tokens_per_image
 
-VOCO_TOKEN = "<voco>"
-TEXT_DECODER_TOKENIZER_DIR = "text_decoder_tokenizer"
+
+@dataclass(frozen=True)
+class _CallImages:
+    """What one call knows about its images, in token order, for the replacements the parent makes."""
+
+    is_frame: tuple[bool, ...]
+    is_precomputed: tuple[bool, ...] | None  # None when no image is a precomputed frame
+
+
+# The images of the call in progress. LlavaProcessor asks ``replace_image_token`` for each image's tokens
+# with no room for per-image facts (its typed kwargs refuse unknown keys), so they travel in a context
+# variable: per thread and per call, never on the instance, so one processor serves concurrent calls.
+_CALL_IMAGES: ContextVar[_CallImages | None] = ContextVar("llava_voco_call_images", default=None)
 
 
 class VoCoLlavaProcessor(LlavaProcessor):
@@ -28,7 +43,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         patch_size=None,
         vision_feature_select_strategy=None,
         chat_template=None,
-        image_token="<image>",
+        image_token=IMAGE_PLACEHOLDER,
         num_additional_image_tokens=0,
         voco_tokens: int = 0,
         voco_token: str = VOCO_TOKEN,
@@ -45,8 +60,6 @@ class VoCoLlavaProcessor(LlavaProcessor):
         # LLaMA-VID (None: plain LLaVA tokens): each image becomes 1 context + pooled content tokens
         self.llamavid_compress_type = llamavid_compress_type
         self.llamavid_video_compress_type = llamavid_video_compress_type or llamavid_compress_type
-        self._frame_flags: list[bool] | None = None
-        self._precomputed_frames: list[bool] | None = None  # per image, while a call with frame features runs
         self.instruction_max_length = instruction_max_length
         # Average pooling before a linear / mlp2x_gelu projector (VoCoLlavaConfig.vision_token_pooling)
         self.vision_token_pooling = vision_token_pooling
@@ -73,7 +86,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             **kwargs,
         )
 
-    video_token = "<video>"
+    video_token = VIDEO_PLACEHOLDER
 
     @classmethod
     def from_llava_processor(cls, processor: LlavaProcessor, voco_tokens: int, tokenizer=None) -> "VoCoLlavaProcessor":
@@ -115,7 +128,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
     def __call__(self, images=None, text=None, videos=None, instructions=None, **kwargs):
         """As ``LlavaProcessor``, plus ``videos``: each a list of frames (PIL images), one per ``<video>``
         in the text, in order. A video is its frames as consecutive images, so each frame gets its own
-        image tokens and ``voco_tokens`` VoCo tokens (VoCo video, DESIGN 2.2). With videos (or LLaMA-VID)
+        image tokens and ``voco_tokens`` VoCo tokens (VoCo video, docs/design.md §2.2). With videos (or LLaMA-VID)
         the output has ``video_frame_mask``: which images are video frames.
 
         A video may also be precomputed frame features: a tensor ``[frames, patches, dim]`` (the model's
@@ -183,8 +196,9 @@ class VoCoLlavaProcessor(LlavaProcessor):
             raise ValueError(
                 f"{leftover_images} image(s) and {leftover_videos} video(s) given beyond the placeholders in the text"
             )
-        self._frame_flags = frame_flags
-        self._precomputed_frames = precomputed_flags if frame_features else None
+        call_images = _CALL_IMAGES.set(
+            _CallImages(tuple(frame_flags), tuple(precomputed_flags) if frame_features else None)
+        )
         try:
             output = super().__call__(
                 images=ordered_images or ([] if frame_features else None),
@@ -192,8 +206,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
                 **kwargs,
             )
         finally:
-            self._frame_flags = None
-            self._precomputed_frames = None
+            _CALL_IMAGES.reset(call_images)
         if "text_replacement_offsets" in output:
             # Offsets against the caller's text: a <video> is one replacement covering its frames.
             output["text_replacement_offsets"] = [
@@ -224,7 +237,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         if features.ndim != 3:
             raise ValueError(f"frame features must be [frames, patches, dim], got shape {tuple(features.shape)}")
         height, width = self._frame_size()
-        patches = self._get_num_multimodal_tokens(image_sizes=[[height, width]]).num_image_tokens[0]
+        patches = image_token_spec(self).patches
         if features.shape[1] != patches:
             raise ValueError(
                 f"frame features have {features.shape[1]} patches per frame, but this processor's {height}x{width} "
@@ -233,7 +246,8 @@ class VoCoLlavaProcessor(LlavaProcessor):
         return features
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        if self._precomputed_frames is not None:
+        call = _CALL_IMAGES.get()
+        if call is not None and call.is_precomputed is not None:
             return  # __call__ matched every placeholder to an image or a frame; precomputed frames have no pixels
         return super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
@@ -241,13 +255,14 @@ class VoCoLlavaProcessor(LlavaProcessor):
         """Precomputed frames have no pixels: only the other images go through the image processor, and each
         frame gets the tokens of a pixel frame, by ``replace_image_token`` on a stand-in of a frame's size
         (a broadcast zero: no memory)."""
-        if self._precomputed_frames is None:
+        call = _CALL_IMAGES.get()
+        if call is None or call.is_precomputed is None:
             return super()._process_images(images, **kwargs)
         processed = self.image_processor(images, **kwargs) if images else {}
         stand_in = np.broadcast_to(np.zeros((), dtype=np.float32), (3, *self._frame_size()))
         with_pixels = iter(range(len(images)))
         sized = [stand_in if precomputed else processed["pixel_values"][next(with_pixels)]
-                 for precomputed in self._precomputed_frames]
+                 for precomputed in call.is_precomputed]
         image_inputs = {**processed, "pixel_values": sized}
         replacements = [self.replace_image_token(image_inputs, image_idx=index, **kwargs)
                         for index in range(len(sized))]
@@ -269,19 +284,13 @@ class VoCoLlavaProcessor(LlavaProcessor):
         return merged
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        image_tokens = super().replace_image_token(image_inputs, image_idx, **kwargs)
-        if self.llamavid_compress_type is not None:
-            from .llamavid import content_tokens_per_frame
-
-            is_frame = bool(self._frame_flags and self._frame_flags[image_idx])
-            spec = self.llamavid_video_compress_type if is_frame else self.llamavid_compress_type
-            image_tokens = self.image_token * (1 + content_tokens_per_frame(spec, len(image_tokens) // len(self.image_token)))
-        elif self.vision_token_pooling != "none":
-            from .llamavid import content_tokens_per_frame
-
-            patches = len(image_tokens) // len(self.image_token)
-            image_tokens = self.image_token * content_tokens_per_frame(self.vision_token_pooling, patches)
-        return image_tokens + self.voco_token * self.voco_tokens
+        """The image's tokens (``image_inputs.tokens_per_image``: patches, pooled or LLaMA-VID tokens),
+        then its VoCo tokens."""
+        call = _CALL_IMAGES.get()
+        is_frame = bool(call is not None and call.is_frame[image_idx])
+        pixels = image_inputs["pixel_values"][image_idx]
+        count = tokens_per_image(self, is_frame, image_size=tuple(pixels.shape[-2:]))
+        return self.image_token * count.image + self.voco_token * count.voco
 
 
 __all__ = ["VoCoLlavaProcessor", "VOCO_TOKEN"]

@@ -1,10 +1,11 @@
 """A compressed image as a KV cache: only the positions text may read, plus where text resumes.
 
-After one prefill over ``[prefix, V, VoCo]`` the vision keys/values are never read again (DESIGN 2.3),
-so :class:`VoCoCache` keeps ``prefix + k`` positions per image (just ``k`` in ``official`` mode) and
-the position id of the next token, which keeps its original value. It is a ``DynamicCache``, so
-transformers' ``generate`` continues from it; ``VoCoLlavaForConditionalGeneration.generate`` copies it
-first unless asked to keep the turn.
+After one prefill over ``[prefix, V, VoCo]`` the vision keys/values are never read again (docs/design.md
+§2.3), so :class:`VoCoCache` keeps ``prefix + k`` positions per image and the position id of the next token,
+which keeps its original value. In ``official`` mode text may not read the prefix, but a later image's
+tokens may, so the cache keeps it too and the continuation's mask hides it from text. It is a
+``DynamicCache``, so transformers' ``generate`` continues from it; ``model.generate`` (``voco_generation``)
+copies it first unless asked to keep the turn.
 """
 
 from __future__ import annotations
@@ -99,6 +100,40 @@ class VoCoCache(DynamicCache):
         positions = self.next_position.to(attention_mask.device)[:, None] + after_cache.cumsum(-1) - 1
         positions = positions.masked_fill(after_cache == 0, 0)
         return positions[:, -query_length:]
+
+    def first_voco_index(self, voco_token_id: int) -> torch.Tensor:
+        """``[batch]``: index among the cached positions of each row's first VoCo token (-1 if none)."""
+        is_voco = (self.token_ids == voco_token_id) & self.attention_mask.bool()
+        index = torch.arange(is_voco.shape[1], device=is_voco.device).expand_as(is_voco)
+        first = torch.where(is_voco, index, is_voco.shape[1]).amin(dim=1) if is_voco.shape[1] else is_voco.new_zeros(
+            is_voco.shape[0], dtype=torch.long)
+        return torch.where(is_voco.any(dim=1), first, -1)
+
+    def continuation_inputs(
+        self, batch_size: int, query_length: int, attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2D attention mask over cache + new tokens, position ids of the new tokens) for a forward of
+        ``query_length`` new tokens; ``attention_mask`` may cover the new tokens only, or cache + new."""
+        past_length = self.get_seq_length()
+        if self.batch_size != batch_size:
+            raise VoCoCacheError(
+                f"the VoCoCache holds {self.batch_size} row(s), the input has {batch_size}; "
+                "use cache.repeat_rows(...) or generate(), which does it for you"
+            )
+        if attention_mask is None or attention_mask.shape[1] == query_length:
+            device = self.attention_mask.device if attention_mask is None else attention_mask.device
+            new_mask = attention_mask if attention_mask is not None else torch.ones(
+                batch_size, query_length, dtype=torch.long, device=device)
+            attention_mask = self.attention_mask_with(new_mask.long())
+        elif attention_mask.shape[1] != past_length + query_length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions; with a VoCoCache of {past_length} it "
+                f"must cover the new {query_length} tokens or cache + new ({past_length + query_length})"
+            )
+        if position_ids is None:
+            position_ids = self.position_ids_for(attention_mask, query_length)
+        return attention_mask, position_ids
 
     # -- batch bookkeeping that generate() drives -----------------------------------------------
     def _select_rows(self, rows: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""The VoCo attention rule (DESIGN 2.2), in one place.
+"""The VoCo attention rule (docs/design.md §2.2), in one place.
 
 Every backend derives its mask from :class:`VoCoLayout`: the dense boolean mask below, the 4D masks
 transformers builds for eager / sdpa / flex through ``create_causal_mask(and_mask_function=...)``,
@@ -15,6 +15,7 @@ that queries after the last VoCo token see nothing before the first VoCo token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,13 +68,14 @@ class VoCoLayout:
         voco_tokens: int,
         mode: str = "paper",
         num_images: int | None = None,
-        tokens_per_image: int | None = None,
+        tokens_per_image: int | Sequence[int] | None = None,
     ) -> "VoCoLayout":
         """Find each image span and its VoCo span, vectorised over the batch.
 
         Raises :class:`VoCoLayoutError` naming the sample (batch row) when an image span is not
         followed by exactly ``voco_tokens`` VoCo tokens, when VoCo tokens follow no image, or when
-        the spans disagree with ``num_images`` / ``tokens_per_image`` (known when pixels are given).
+        the spans disagree with ``num_images`` / ``tokens_per_image`` (known when pixels are given: one count
+        for every image, or one per image of the batch in token order).
         """
         check_mask_mode(mode)
         if voco_tokens < 1:
@@ -145,12 +147,17 @@ class VoCoLayout:
                 f"but {num_images} image(s) were given"
             )
         if tokens_per_image is not None:
-            wrong = vision_run & (run_len != tokens_per_image)
+            if isinstance(tokens_per_image, int):
+                expected = torch.full_like(run_len, tokens_per_image)
+            else:
+                per_image = torch.as_tensor(list(tokens_per_image), dtype=torch.long, device=device)
+                expected = per_image[image_index.clamp(0, max(len(per_image) - 1, 0))] if len(per_image) else run_len
+            wrong = vision_run & (run_len != expected)
             if wrong.any():
                 run = int(wrong.nonzero()[0])
                 raise VoCoLayoutError(
-                    f"{image_name(run)}: the image span has {int(run_len[run])} image tokens but each "
-                    f"image gives {tokens_per_image} features"
+                    f"{image_name(run)}: the image span has {int(run_len[run])} image tokens but the "
+                    f"image gives {int(expected[run])} features"
                 )
 
         # Per key: the last query allowed to see it.
@@ -165,24 +172,48 @@ class VoCoLayout:
         text_start = torch.where(has_voco, last_voco + 1, torch.full_like(last_voco, NEVER_HIDDEN))
         return cls(key_visible_until, first_voco, text_start, images_per_sample, mode)
 
-    def after_cache(self, cache_length: int) -> "VoCoLayout":
-        """This layout (of new tokens) placed after ``cache_length`` cached positions, which every new
-        token may see: the cache already holds only what the rule lets later tokens read."""
-        if cache_length == 0:
-            return self
-        batch_size = self.key_visible_until.shape[0]
-        cached = self.key_visible_until.new_full((batch_size, cache_length), NEVER_HIDDEN)
+    @classmethod
+    def continuing(
+        cls,
+        new_tokens: "VoCoLayout | None",
+        *,
+        cache_length: int,
+        cache_first_voco: torch.Tensor,
+        batch_size: int,
+        query_length: int,
+        mode: str,
+    ) -> "VoCoLayout":
+        """The layout of (cache, new tokens) for a forward that continues a compressed cache.
 
-        def shift(positions: torch.Tensor) -> torch.Tensor:
-            return torch.where(positions < NEVER_HIDDEN, positions + cache_length, positions)
+        The cache holds only keys that later tokens may read, so none of them is hidden by the rule; in
+        ``official`` mode, text (what follows the last VoCo token, in the cache or in the new tokens) may
+        still not read the cached positions before the first VoCo token (``cache_first_voco``, per row, -1
+        when the cache holds no VoCo token). ``new_tokens`` is the layout of the new tokens alone (None when
+        they hold no image).
+        """
+        device = cache_first_voco.device
+        cached = torch.full((batch_size, cache_length), NEVER_HIDDEN, dtype=torch.long, device=device)
+        cache_has_voco = cache_first_voco >= 0
+        if new_tokens is None:
+            new_visible = torch.full((batch_size, query_length), NEVER_HIDDEN, dtype=torch.long, device=device)
+            new_first_voco = torch.zeros(batch_size, dtype=torch.long, device=device)
+            new_text_start = torch.full_like(new_first_voco, NEVER_HIDDEN)
+            num_images = torch.zeros(batch_size, dtype=torch.long, device=device)
+        else:
+            def shift(positions: torch.Tensor) -> torch.Tensor:
+                return torch.where(positions < NEVER_HIDDEN, positions + cache_length, positions)
 
-        return VoCoLayout(
-            torch.cat([cached, shift(self.key_visible_until)], dim=1),
-            torch.where(self.text_start < NEVER_HIDDEN, self.first_voco + cache_length, self.first_voco),
-            shift(self.text_start),
-            self.num_images,
-            self.mode,
+            new_visible = shift(new_tokens.key_visible_until)
+            new_first_voco, new_text_start = new_tokens.first_voco + cache_length, shift(new_tokens.text_start)
+            num_images = new_tokens.num_images
+        new_has_voco = new_text_start < NEVER_HIDDEN
+        # text starts after the last VoCo token: in the new tokens if they hold one, else every new token is text
+        text_start = torch.where(
+            new_has_voco, new_text_start,
+            torch.where(cache_has_voco, torch.full_like(new_text_start, cache_length), new_text_start),
         )
+        first_voco = torch.where(cache_has_voco, cache_first_voco, torch.where(new_has_voco, new_first_voco, 0))
+        return cls(torch.cat([cached, new_visible], dim=1), first_voco, text_start, num_images, mode)
 
     def visible_to(self, query_position: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch, seq]``: which keys a query at ``query_position[b]`` may read: what a cache must keep."""

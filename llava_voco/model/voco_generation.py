@@ -1,0 +1,220 @@
+"""Compress once, answer many: the inference API of a VoCo model (docs/design.md §2.3).
+
+``compress`` prefills a prompt's images and keeps, in a :class:`VoCoCache`, only what later text may read;
+``generate`` answers from such a cache (copying it, or extending it with the turn for a multi-turn chat).
+A mixin of ``VoCoLlavaForConditionalGeneration``, kept beside the cache rather than in the model file.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .image_inputs import ImageInputs, encode_images
+from .voco_cache import VoCoCache, VoCoCacheError, model_fingerprint
+
+
+class VoCoGenerationMixin:
+    """``compress`` / ``generate`` / ``keep_turn`` for ``VoCoLlavaForConditionalGeneration``."""
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """Decoding steps only see their new token: give them the layout of the whole sequence, or, when
+        continuing a VoCoCache, the original position ids (text resumes after the dropped vision)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
+        if not kwargs.get("is_first_iteration") and kwargs.get("use_cache", True):
+            # like pixel_values, precomputed frames are read by the prefill only
+            model_inputs.pop("frame_features", None)
+            model_inputs.pop("frame_features_mask", None)
+        if isinstance(past_key_values, VoCoCache):
+            # input_ids are every token after the cache's described part (generate's own bookkeeping)
+            if attention_mask is None:  # generate drops an all-ones mask
+                described = past_key_values.attention_mask.to(input_ids.device).expand(input_ids.shape[0], -1)
+                attention_mask = torch.cat([described, torch.ones_like(input_ids)], dim=1)
+            query_length = model_inputs["input_ids"].shape[1]
+            model_inputs["position_ids"] = past_key_values.position_ids_for(attention_mask, query_length)
+            if self.config.voco_tokens > 0 and input_ids.shape[1] > 0:
+                # the rule over every token after the cache: an image in the question stays hidden from the
+                # answer's tokens after its VoCo tokens (the decoding steps see only their own token)
+                layout = self.model.continuation_layout(
+                    input_ids, past_key_values, input_ids.shape[1], attention_mask[:, -input_ids.shape[1]:], None,
+                    cache_length=past_key_values.described_length,
+                )
+                if layout is not None:
+                    model_inputs["voco_layout"] = layout
+        elif self.config.voco_tokens > 0 and input_ids is not None and input_ids.shape[1] > 0:
+            if attention_mask is None or attention_mask.ndim == 2:
+                model_inputs["voco_layout"] = self.model.voco_layout(
+                    input_ids, attention_mask, images=ImageInputs.from_forward(
+                        model_inputs.get("pixel_values"), model_inputs.get("frame_features"),
+                        model_inputs.get("frame_features_mask"), model_inputs.get("video_frame_mask"),
+                    ),
+                )
+        return model_inputs
+
+    @torch.no_grad()
+    def compress(
+        self,
+        input_ids: torch.LongTensor,  # [batch, seq] prompts up to (and possibly a little past) their last VoCo token
+        pixel_values: torch.Tensor | None = None,  # [images with pixels, 3, H, W]
+        attention_mask: torch.Tensor | None = None,  # [batch, seq], rows left padded
+        image_sizes: torch.Tensor | None = None,  # accepted for LlavaProcessor outputs; the counts come from the config
+        frame_features: torch.Tensor | None = None,  # [precomputed frames, N, C]
+        frame_features_mask: torch.Tensor | None = None,  # [images] True for the precomputed frames
+        video_frame_mask: torch.Tensor | None = None,  # [images] True for video frames
+        instruction_input_ids: torch.Tensor | None = None,  # [images, L] LLaMA-VID: each image's instruction
+        instruction_attention_mask: torch.Tensor | None = None,  # [images, L]
+    ) -> VoCoCache:
+        """Prefill prompts that contain images and keep only what later text may read.
+
+        ``input_ids`` are laid out by ``VoCoLlavaProcessor``; a batch gives a batched cache (rows left padded).
+        A prompt with several images is compressed one image at a time, each image's vision keys/values
+        dropped as soon as its VoCo tokens are computed, so the cache peaks at prefix + VoCo so far + one
+        image. LLaMA-VID's context tokens read each image's instruction (pass the processor's
+        ``instruction_input_ids`` / ``instruction_attention_mask``, made from the question, as in training).
+        """
+        if self.config.voco_tokens == 0:
+            raise ValueError("compress() needs a model with voco_tokens > 0")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        images = ImageInputs.from_forward(
+            pixel_values, frame_features, frame_features_mask, video_frame_mask,
+            instruction_input_ids, instruction_attention_mask,
+        )
+        layout = self.model.voco_layout(input_ids, attention_mask, images=images)
+        fingerprint = model_fingerprint(self)
+        images_before = torch.cat([layout.num_images.new_zeros(1), layout.num_images.cumsum(0)]).tolist()
+        rows = []
+        for row in range(input_ids.shape[0]):
+            row_ids = input_ids[row, attention_mask[row].bool()][None]  # [1, n]
+            row_images = images.select(slice(images_before[row], images_before[row + 1])) if images else None
+            rows.append(self._compress_row(row_ids, row_images, fingerprint))
+        if len(rows) == 1:
+            return rows[0]
+        return VoCoCache.concatenate(rows, pad_token_id=self._pad_token_id())
+
+    def _pad_token_id(self) -> int:
+        for pad in (self.generation_config.pad_token_id, self.config.text_config.pad_token_id,
+                    self.generation_config.eos_token_id):
+            if isinstance(pad, (list, tuple)):
+                pad = pad[0] if pad else None
+            if pad is not None:
+                return int(pad)
+        raise ValueError("batching caches of different lengths needs a pad (or eos) token id in the model's config")
+
+    def _compress_row(self, input_ids: torch.LongTensor, images: ImageInputs | None, fingerprint: str) -> VoCoCache:
+        """One prompt (``[1, n]``, no padding): prefill image by image, dropping what no later token may read."""
+        layout = self.model.voco_layout(input_ids)
+        length = input_ids.shape[1]
+        device = input_ids.device
+        # Segment ends: after each image's last VoCo token, and the end of the prompt.
+        voco_ends = layout.key_visible_until[0][input_ids[0] == self.config.image_token_id].unique() + 1
+        ends = sorted(set(voco_ends.tolist()) | {length})
+        cache = VoCoCache(
+            config=self.config.text_config,
+            voco_tokens=self.config.voco_tokens,
+            mask_mode=self.config.voco_mask_mode,
+            fingerprint=fingerprint,
+        )
+        cached_positions = torch.zeros(0, dtype=torch.long, device=device)
+        # Images go through the vision tower frame_chunk at a time (a video's frames batch well), a chunk only
+        # when the LLM reaches it; the LLM reads one image at a time so that its vision keys/values are dropped
+        # before the next: memory stays flat however long the video.
+        chunk = self.config.frame_chunk
+        encoded, encoded_from = [], 0
+        num_images = len(voco_ends) if images else 0
+        start = 0
+        for image, end in enumerate(ends):
+            segment_inputs = {}
+            if image < num_images:
+                if image >= encoded_from + len(encoded):
+                    encoded_from = image
+                    encoded = encode_images(self.model, images.select(slice(image, image + chunk)))
+                segment_inputs["mm_encoder_outputs"] = {
+                    "image": BaseModelOutputWithPooling(pooler_output=[encoded[image - encoded_from]])
+                }
+            self(
+                input_ids=input_ids[:, start:end],
+                **segment_inputs,
+                past_key_values=cache,
+                position_ids=torch.arange(start, end, device=device)[None],
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cached_positions = torch.cat([cached_positions, torch.arange(start, end, device=device)])
+            # Keep every key some later token may read: all but the vision keys of images whose VoCo tokens
+            # are done. (official mode: text may not read the prefix, but a later image's tokens may; the
+            # cache keeps it and the continuation's mask hides it from text.)
+            keep = layout.key_visible_until[0, cached_positions] >= end
+            if not bool(keep.all()):
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+                cached_positions = cached_positions[keep]
+            # Between segments the cache holds exactly what the next forward may read, described here.
+            cache.token_ids = input_ids[:, cached_positions]
+            cache.attention_mask = torch.ones_like(cache.token_ids)
+            cache.next_position = torch.tensor([end], device=device)
+            start = end
+        cache.num_images = layout.num_images.clone()
+        cache.vision_tokens_dropped = (input_ids == self.config.image_token_id).sum(1)
+        return cache
+
+    def generate(self, inputs=None, *, past_key_values=None, keep_turn: bool = False, **kwargs):
+        """transformers' generate; from a ``VoCoCache`` (``model.compress``), pass only the new text.
+
+        The cache is copied unless ``keep_turn=True``, which extends it with this turn (question and answer)
+        for a multi-turn conversation; one cache row answers a whole batch of questions.
+        """
+        if not isinstance(past_key_values, VoCoCache):
+            if keep_turn:
+                raise ValueError("keep_turn=True needs past_key_values=a VoCoCache")
+            return super().generate(inputs, past_key_values=past_key_values, **kwargs)
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = past_key_values
+        if cache.get_seq_length() != cache.described_length:
+            raise VoCoCacheError("this VoCoCache was extended outside generate(); use a fresh or kept cache")
+        batch_size = input_ids.shape[0]
+        if keep_turn and cache.batch_size != batch_size:
+            raise VoCoCacheError(f"keep_turn needs one question per cache row ({cache.batch_size}), got {batch_size}")
+        if not keep_turn:
+            cache = cache.clone()
+        if cache.batch_size == 1 and batch_size > 1:
+            cache = cache.repeat_rows(torch.zeros(batch_size, dtype=torch.long))
+        elif cache.batch_size != batch_size:
+            raise VoCoCacheError(f"the VoCoCache holds {cache.batch_size} rows, got {batch_size} questions")
+        full_attention_mask = cache.attention_mask_with(attention_mask.long())
+        output = super().generate(
+            input_ids=input_ids, attention_mask=full_attention_mask, past_key_values=cache, **kwargs
+        )
+        if keep_turn:
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            self.keep_turn(cache, sequences, attention_mask, kwargs.get("eos_token_id"))
+        return output
+
+    @torch.no_grad()
+    def keep_turn(self, cache: VoCoCache, sequences, question_mask, eos_token_id=None) -> None:
+        """Make ``cache`` describe question + answer; feeds the answer's last token, which generate never
+        forwards. ``sequences``: generate's output for ``cache`` (question then answer)."""
+        question_length = question_mask.shape[1]
+        answer = sequences[:, question_length:]
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=answer.device)
+        is_eos = torch.isin(answer, eos).long()
+        after_eos = (is_eos.cumsum(1) - is_eos) > 0  # tokens after the first EOS: padding of finished rows
+        answer_mask = (~after_eos).long()
+        new_ids = torch.cat([sequences[:, :question_length], answer], dim=1)
+        new_mask = torch.cat([question_mask.long(), answer_mask], dim=1)
+        if answer.shape[1] > 0:
+            full_mask = torch.cat([cache.attention_mask, new_mask], dim=1)
+            self(input_ids=answer[:, -1:], attention_mask=full_mask, past_key_values=cache, use_cache=True,
+                 logits_to_keep=1)
+        cache.next_position = cache.next_position + new_mask.sum(1)
+        cache.token_ids = torch.cat([cache.token_ids, new_ids], dim=1)
+        cache.attention_mask = torch.cat([cache.attention_mask, new_mask], dim=1)
+
+
+__all__ = ["VoCoGenerationMixin"]
