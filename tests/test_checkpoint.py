@@ -54,7 +54,7 @@ def test_add_voco_to_llava(llava_dir, tmp_path, digit_images):
 
 
 def test_voco_tokens_zero_saves_a_plain_llava_checkpoint(voco_dir, tmp_path, digit_images):
-    """A model saved with voco_tokens=0 is a plain Llava checkpoint (DESIGN 4)."""
+    """A model saved with voco_tokens=0 is a plain Llava checkpoint (docs/design.md §4)."""
     model = VoCoLlavaForConditionalGeneration.from_pretrained(voco_dir, voco_tokens=0).eval()
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llava"
@@ -90,3 +90,28 @@ def test_plain_llava_checkpoint_loads_into_our_classes(llava_dir):
     base = llava_voco.VoCoLlavaModel.from_pretrained(llava_dir)
     for name, tensor in llava.model.state_dict().items():
         assert torch.equal(base.state_dict()[name], tensor), name
+
+
+def test_add_special_tokens_with_mean_rows(llava_dir):
+    """The one way new tokens get rows (add_voco_to_llava and the training entry): new ones at the mean of the
+    rows the tokenizer had, in the embedding and an untied lm_head; tokens already there keep theirs."""
+    from llava_voco.model.builder import add_special_tokens_with_mean_rows
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    tokenizer = LlavaProcessor.from_pretrained(llava_dir).tokenizer
+    known = len(tokenizer)
+    before = {name: model.get_parameter(name).detach().clone()
+              for name in ("model.language_model.embed_tokens.weight", "lm_head.weight")}
+    assert not model.config.tie_word_embeddings
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    ids = add_special_tokens_with_mean_rows(tokenizer, model, ["<image>", "<a>", "<b>"])
+    assert ids == [image_id, known, known + 1] and len(tokenizer) == known + 2
+    assert {"<a>", "<b>"} <= set(tokenizer.all_special_tokens)
+    for name, old in before.items():
+        new = model.get_parameter(name)
+        assert new.shape[0] == known + 2
+        assert torch.equal(new[:known], old[:known])  # <image> included: it was there
+        for token_id in ids[1:]:
+            torch.testing.assert_close(new[token_id], old[:known].mean(0), atol=0, rtol=0)
+    # Already there: nothing changes.
+    assert add_special_tokens_with_mean_rows(tokenizer, model, ["<a>"]) == [known] and len(tokenizer) == known + 2

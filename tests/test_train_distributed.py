@@ -1,4 +1,4 @@
-"""DeepSpeed on CPU (DESIGN 7): two processes, gloo, ``DS_ACCELERATOR=cpu``.
+"""DeepSpeed on CPU (docs/design.md §7): two processes, gloo, ``DS_ACCELERATOR=cpu``.
 
 The first DeepSpeed run on a machine JIT-builds a shared-memory op (about a minute), later runs reuse it.
 """

@@ -1,15 +1,58 @@
-"""Turn a plain LLaVA checkpoint into a VoCo one (the start of VoCo fine-tuning)."""
+"""Turn a plain LLaVA checkpoint into a VoCo one (the start of VoCo fine-tuning), and add tokens to a model.
+
+``add_special_tokens_with_mean_rows`` is the one way new tokens (``<voco>``, ``<image>``, a pad token) get
+their embedding rows, here and in the training entry; it works under DeepSpeed ZeRO-3 too, where each
+rank holds a slice of every weight (``gathered``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from transformers import AddedToken, AutoProcessor, LlavaConfig
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from ..constants import VOCO_TOKEN
 from .configuration_voco_llava import VOCO_FIELDS, VoCoLlavaConfig
 from .modeling_voco_llava import VoCoLlavaForConditionalGeneration
-from .processing_voco_llava import VOCO_TOKEN, VoCoLlavaProcessor
+from .processing_voco_llava import VoCoLlavaProcessor
+
+
+def gathered(params):
+    """Under DeepSpeed ZeRO-3, the whole parameters (modified on rank 0, then re-partitioned); else a no-op."""
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def add_special_tokens_with_mean_rows(tokenizer, model, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` as special tokens where absent, growing ``model``'s embedding matrix
+    (and an untied ``lm_head``) if a new id needs a row; each new token's rows start at the mean of the rows
+    of the tokens the tokenizer had before. Returns the ids of ``tokens``.
+
+    The mean is a neutral, deterministic start: the new token's logit and embedding begin at the
+    vocabulary's average instead of at random values that could dominate early fine-tuning (LLaVA's
+    token resizing does the same). Tokens the tokenizer already has keep their rows.
+    """
+    missing = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        known = len(tokenizer)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in missing]},
+            replace_extra_special_tokens=False,
+        )
+        new_ids = tokenizer.convert_tokens_to_ids(missing)
+        if max(new_ids) >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
+        weights = list({model.get_input_embeddings().weight, model.get_output_embeddings().weight})
+        with gathered(weights), torch.no_grad():  # whole rows under ZeRO-3; rank 0's values are broadcast on exit
+            for weight in weights:
+                weight[new_ids] = weight[:known].mean(dim=0)
+    return tokenizer.convert_tokens_to_ids(list(tokens))
 
 
 def add_voco_to_llava(
@@ -21,38 +64,20 @@ def add_voco_to_llava(
 ) -> tuple[VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor]:
     """Load a ``LlavaForConditionalGeneration`` checkpoint (with its processor) as a VoCo model.
 
-    Adds ``<voco>`` to the tokenizer as a special token, grows the embedding matrix (and an untied
-    ``lm_head``) if the token needs a new row, and sets that row to the mean of the rows of the tokens
-    the tokenizer had before. The mean is a neutral, deterministic start: the new token's logit and
-    embedding begin at the vocabulary's average instead of at random values that could dominate early
-    fine-tuning. Saves model and processor to ``output_dir`` when given.
+    Adds ``<voco>`` with ``add_special_tokens_with_mean_rows`` (a new token's rows start at the mean of the
+    existing rows). Saves model and processor to ``output_dir`` when given.
     """
+    if voco_tokens < 0:
+        raise ValueError(f"voco_tokens must be >= 0, got {voco_tokens}")
     processor = AutoProcessor.from_pretrained(llava_path)
-    tokenizer = processor.tokenizer
-    rows_of_known_tokens = len(tokenizer)
-    voco_ids = tokenizer.convert_tokens_to_ids([VOCO_TOKEN])
-    newly_added = voco_ids[0] is None or voco_ids[0] == tokenizer.unk_token_id
-    if newly_added:
-        tokenizer.add_special_tokens(
-            {"extra_special_tokens": [AddedToken(VOCO_TOKEN, special=True, normalized=False)]},
-            replace_extra_special_tokens=False,
-        )
-    voco_token_id = tokenizer.convert_tokens_to_ids(VOCO_TOKEN)
-
     llava_config = LlavaConfig.from_pretrained(llava_path)
     values = {k: v for k, v in llava_config.to_dict().items() if k not in ("model_type", *VOCO_FIELDS)}
-    config = VoCoLlavaConfig(
-        **values, voco_tokens=voco_tokens, voco_token_id=voco_token_id, voco_mask_mode=voco_mask_mode
-    )
+    config = VoCoLlavaConfig(**values, voco_mask_mode=voco_mask_mode)  # VoCo on once <voco> has its id, below
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
     model = VoCoLlavaForConditionalGeneration.from_pretrained(llava_path, config=config, **from_pretrained_kwargs)
-
-    if voco_token_id >= model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(voco_token_id + 1, mean_resizing=False)
-    if newly_added:
-        with torch.no_grad():
-            for embedding in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
-                embedding[voco_token_id] = embedding[:rows_of_known_tokens].mean(dim=0)
+    tokenizer = processor.tokenizer
+    (model.config.voco_token_id,) = add_special_tokens_with_mean_rows(tokenizer, model, [VOCO_TOKEN])
+    model.config.voco_tokens = voco_tokens
 
     processor = VoCoLlavaProcessor.from_llava_processor(processor, voco_tokens, tokenizer=tokenizer)
     if output_dir is not None:

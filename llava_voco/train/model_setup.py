@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import AddedToken, AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.deepspeed import (
     is_deepspeed_zero3_enabled,
     set_hf_deepspeed_config,
@@ -33,7 +33,9 @@ from transformers.integrations.deepspeed import (
 )
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from llava_voco import VOCO_TOKEN, VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
+from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
+from llava_voco.constants import IMAGE_PLACEHOLDER, VOCO_TOKEN
+from llava_voco.model.builder import add_special_tokens_with_mean_rows, gathered
 from llava_voco.model.configuration_voco_llava import VOCO_FIELDS
 from llava_voco.model.projector import build_projector, llava_projector_state_dict
 
@@ -41,32 +43,9 @@ from .arguments import SELECT_FEATURE, ModelArguments, TrainConfigError, Trainin
 
 logger = logging.getLogger("llava_voco.train")
 
-IMAGE_TOKEN = "<image>"
-
 
 def is_llava_checkpoint(path: str, cache_dir: str | None = None) -> bool:
     return AutoConfig.from_pretrained(path, cache_dir=cache_dir).model_type in ("llava", VoCoLlavaConfig.model_type)
-
-
-def add_tokens_with_mean_rows(tokenizer, model, tokens: list[str]) -> None:
-    """Add ``tokens`` as special tokens if absent; their new embedding (and untied lm_head) rows start at
-    the mean of the existing rows, as ``add_voco_to_llava`` and LLaVA's token resizing do."""
-    missing = [t for t in tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
-    if not missing:
-        return
-    known = len(tokenizer)
-    tokenizer.add_special_tokens(
-        {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in missing]},
-        replace_extra_special_tokens=False,
-    )
-    new_ids = tokenizer.convert_tokens_to_ids(missing)
-    if max(new_ids) >= model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(max(new_ids) + 1, mean_resizing=False)
-    weights = list({model.get_input_embeddings().weight, model.get_output_embeddings().weight})
-    with gathered(weights):  # whole rows under ZeRO-3; rank 0's values are broadcast on exit
-        with torch.no_grad():
-            for weight in weights:
-                weight[new_ids] = weight[:known].mean(dim=0)
 
 
 @contextlib.contextmanager
@@ -80,15 +59,6 @@ def zero3_context_off(training_args):
         yield
     finally:
         set_hf_deepspeed_config(ds_config)
-
-
-def gathered(params):
-    """Under DeepSpeed ZeRO-3, the full parameters (modified on rank 0, then re-partitioned)."""
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
 
 
 def load_vision_tower(path: str, cache_dir: str | None, attn_implementation: str):
@@ -138,9 +108,9 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         if tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
         else:
-            add_tokens_with_mean_rows(tokenizer, llm, ["<pad>"])
+            add_special_tokens_with_mean_rows(tokenizer, llm, ["<pad>"])
             tokenizer.pad_token = "<pad>"
-    add_tokens_with_mean_rows(tokenizer, llm, [IMAGE_TOKEN] + ([VOCO_TOKEN] if voco_tokens else []))
+    add_special_tokens_with_mean_rows(tokenizer, llm, [IMAGE_PLACEHOLDER] + ([VOCO_TOKEN] if voco_tokens else []))
 
     vision_config = vision_tower.config
     select_feature = model_args.mm_vision_select_feature or "patch"
@@ -157,7 +127,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     config = VoCoLlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=llm.config.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
         image_seq_length=image_tokens,
         vision_feature_layer=model_args.mm_vision_select_layer if model_args.mm_vision_select_layer is not None else -1,
         vision_feature_select_strategy=strategy,
@@ -284,9 +254,8 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
     )
     processor = transformers.AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
     if voco_tokens and not saved_voco:
-        # The VoCo finetune stage, as llava_voco.add_voco_to_llava does it: <voco> added as a special
-        # token, its embedding (and lm_head) row at the mean of the existing rows.
-        add_tokens_with_mean_rows(processor.tokenizer, model, [VOCO_TOKEN])
+        # The VoCo finetune stage, as llava_voco.add_voco_to_llava does it.
+        add_special_tokens_with_mean_rows(processor.tokenizer, model, [VOCO_TOKEN])
         model.config.voco_tokens = voco_tokens
         model.config.voco_token_id = processor.tokenizer.convert_tokens_to_ids(VOCO_TOKEN)
         model.config.voco_mask_mode = model_args.voco_mask_mode or "paper"
