@@ -12,7 +12,7 @@ All paths run in one process, interleaved, each figure the median of ``--reps`` 
     included), a reused full-token cache, a reused VoCo cache, and the same question with no image
     (only the prompt cached: the floor any cache can reach);
 (c) total time for Q = 1, 4, 16 questions about one image, compression included.
-Prints ratios (DESIGN 6) and writes every figure as JSON.
+Prints ratios (docs/design.md §6) and writes every figure as JSON.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformers import DynamicCache
 import llava_voco
 from llava_voco.conversation import HUMAN, get_template
 from llava_voco.fixtures import TinySizes, build_tiny_llava
-from llava_voco.serve.chat import first_human_turn, prompt_for_reply
+from llava_voco.inference import first_human_turn, prompt_for_reply
 
 ANSWER_TOKENS = 8
 

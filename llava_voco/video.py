@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .image_io import ImageReadError, load_image
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 FRAME_FEATURES_SUFFIX = ".safetensors"
@@ -40,10 +42,9 @@ def read_frame_folder(folder: str | os.PathLike, max_frames: int | None = None) 
     frames = []
     for index in sample_indices(len(paths), 1, max_frames):
         try:
-            with Image.open(paths[index]) as image:
-                frames.append(image.convert("RGB"))
-        except OSError as error:
-            raise VideoError(f"{paths[index]}: unreadable frame: {error}") from error
+            frames.append(load_image(paths[index]))
+        except ImageReadError as error:
+            raise VideoError(f"{error} (a frame of the video {folder})") from None
     return frames
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llava_voco.serve.chat import load_model
+from llava_voco.inference import load_model
 from llava_voco.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, decode_video
 
 

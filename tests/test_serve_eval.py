@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from llava_voco.conversation import GPT, HUMAN, get_template
-from llava_voco.serve.chat import ImageChat, first_human_turn, prompt_for_reply
+from llava_voco.inference import ImageChat, first_human_turn, prompt_for_reply
 
 from conftest import load_voco
 

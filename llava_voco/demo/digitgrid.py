@@ -1,4 +1,4 @@
-"""DigitGrid: LLaVA-format data made from scikit-learn's bundled handwritten digits (DESIGN 5).
+"""DigitGrid: LLaVA-format data made from scikit-learn's bundled handwritten digits (docs/design.md §5).
 
     python -m llava_voco.demo.digitgrid build --out playground/data/digitgrid [--train-images 4000]
         [--test-images 400] [--train-clips 1000] [--test-clips 100] [--frames 4] [--seed 0]

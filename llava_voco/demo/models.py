@@ -4,7 +4,7 @@
     base/vision_tower/   a CLIPVisionModel pretrained here ("stage 0") and its CLIP image processor
     base/text_decoder_tokenizer/, base/text_decoder.json   LLaMA-VID's BERT WordPiece tokenizer and Q-Former size
 
-Nothing pretrained can be downloaded here, and DESIGN 5 found that a LLaVA whose vision tower starts from
+Nothing pretrained can be downloaded here, and docs/design.md §5 found that a LLaVA whose vision tower starts from
 random weights stays at chance for a long time. Real LLaVA starts from a pretrained CLIP; so does this
 demo, from a tiny one pretrained for a few seconds on the *train* grids to name the digit of each
 quadrant from the patch tokens (``pretrain_vision_tower``). Test images are never seen.
@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -32,11 +31,12 @@ from transformers import (
 
 from ..conversation import get_template
 from ..fixtures import LLAVA_V1_CHAT_TEMPLATE, train_wordpiece_tokenizer
+from ..image_io import load_image
 
 
 @dataclass
 class BaseSizes:
-    """Sizes of the demo's models (DESIGN 5's calibration model: ViT 3 x 96, patch 4 on 32 px, Llama 4 x 128)."""
+    """Sizes of the demo's models (docs/design.md §5's calibration model: ViT 3 x 96, patch 4 on 32 px, Llama 4 x 128)."""
 
     image_size: int = 32
     patch_size: int = 4  # 64 vision tokens per image
@@ -102,13 +102,13 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
     test_names = sorted(n for n in labels if n.startswith("images/test_"))[:200]
 
     def load(names):
-        pixels = processor([Image.open(data_dir / n).convert("RGB") for n in names], return_tensors="pt")["pixel_values"]
+        pixels = processor([load_image(data_dir / n) for n in names], return_tensors="pt")["pixel_values"]
         return pixels, torch.tensor([labels[n]["digits"] for n in names])  # [n, 3, H, W], [n, 4]
 
     def load_frames(split, limit=None):
         folders = sorted(n for n in labels if n.startswith(f"clips/{split}_"))[:limit]
         paths = [(data_dir / f / f"{i:03d}.png", d) for f in folders for i, d in enumerate(labels[f]["digits"])]
-        pixels = processor([Image.open(p).convert("RGB") for p, _ in paths], return_tensors="pt")["pixel_values"]
+        pixels = processor([load_image(p) for p, _ in paths], return_tensors="pt")["pixel_values"]
         return pixels, torch.tensor([d for _, d in paths])  # [frames, 3, H, W], [frames]
 
     train_pixels, train_digits = load(train_names)

@@ -393,14 +393,13 @@ def plot(rows: dict[str, dict], video_rows: dict[str, dict], path: Path, title: 
 # 5. The chat path.
 # ---------------------------------------------------------------------------------------------------
 def chat_example(model_dir: Path, data_dir: Path) -> dict:
-    from PIL import Image
-
     from ..conversation import get_template
-    from ..serve.chat import ImageChat, load_model
+    from ..image_io import load_image
+    from ..inference import ImageChat, load_model
 
     question = json.loads((data_dir / "test_questions.jsonl").read_text().splitlines()[0])
     model, processor = load_model(str(model_dir))
-    image = Image.open(data_dir / question["image"]).convert("RGB")
+    image = load_image(data_dir / question["image"])
     chat = ImageChat(model, processor, get_template("v1"), [image], generation_kwargs={"max_new_tokens": 4})
     answer = chat.ask(question["text"])
     return {"model": str(model_dir), "image": question["image"], "question": question["text"], "answer": answer,

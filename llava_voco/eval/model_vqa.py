@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..conversation import get_template
-from ..serve.chat import ImageChat, count_vision_passes, load_images, load_model
+from ..inference import ImageChat, count_vision_passes, load_images, load_model
 from ..video import load_video
 
 

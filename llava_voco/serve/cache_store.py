@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..image_io import ImageReadError, load_image
 from ..model.voco_cache import VoCoCache, VoCoCacheError, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,19 @@ def image_digest(image) -> str:
         header = f"{image.mode}:{image.size}".encode()
         return hashlib.sha256(header + image.tobytes()).hexdigest()
     raise TypeError(f"cannot digest an image of type {type(image).__name__}")
+
+
+def as_rgb(image) -> Image.Image:
+    """A path (read with ``image_io.load_image``), encoded bytes or a PIL image, as an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, bytes):
+        try:
+            with Image.open(io.BytesIO(image)) as opened:
+                return opened.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise ImageReadError(f"<{len(image)} bytes>: not an image PIL can read: {error}") from None
+    return image.convert("RGB")
 
 
 class VoCoCacheStore:
@@ -125,9 +139,7 @@ class VoCoCacheStore:
         cache = self.get(key, model)
         if cache is not None:
             return cache, True
-        pil_images = [Image.open(io.BytesIO(image)) if isinstance(image, bytes) else
-                      Image.open(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
-        inputs = processor(images=[im.convert("RGB") for im in pil_images], text=prompt, return_tensors="pt")
+        inputs = processor(images=[as_rgb(image) for image in images], text=prompt, return_tensors="pt")
         inputs = inputs.to(model.device)
         cache = model.compress(**inputs)
         self.put(key, cache)

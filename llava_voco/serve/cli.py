@@ -15,8 +15,8 @@ from pathlib import Path
 from transformers import TextStreamer
 
 from ..conversation import get_template
+from ..inference import ImageChat, count_vision_passes, image_tokens_per_frame, load_images, load_model
 from .cache_store import VoCoCacheStore
-from .chat import ImageChat, count_vision_passes, image_tokens_per_frame, load_images, load_model
 from ..video import VIDEO_SUFFIXES, is_frame_features, load_video
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     with count_vision_passes(model) as vision:
         chat = ImageChat(model, processor, template, images, store=store, generation_kwargs=generation, video=video)
         if video is not None:
-            per_frame = image_tokens_per_frame(processor, video)
+            per_frame = image_tokens_per_frame(processor)
             print(f"[video: {len(video)} frames, {per_frame} tokens per frame]", flush=True)
         source = "loaded from the cache store" if chat.loaded_from_store else "compressed"
         if chat.uses_voco:
