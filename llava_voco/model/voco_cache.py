@@ -194,8 +194,7 @@ class VoCoCache(DynamicCache):
         for i, layer in enumerate(out.layers):
             keys = [left_pad(c.layers[i].keys, 2, 0) for c in caches]
             values = [left_pad(c.layers[i].values, 2, 0) for c in caches]
-            layer.lazy_initialization(keys[0], values[0])
-            layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+            layer.update(torch.cat(keys), torch.cat(values))  # a fresh layer takes them as its keys/values
         out.token_ids = torch.cat([left_pad(c.token_ids, 1, pad_token_id) for c in caches])
         out.attention_mask = torch.cat([left_pad(c.attention_mask, 1, 0) for c in caches])
         for name in ("next_position", "num_images", "vision_tokens_dropped"):
@@ -288,8 +287,7 @@ class VoCoCache(DynamicCache):
             raise VoCoCacheError(f"{path}: {metadata['num_layers']} layers, the model has {len(cache.layers)}")
         for i, layer in enumerate(cache.layers):
             keys, values = tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device)
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+            layer.update(keys, values)
         for name in ("token_ids", "attention_mask", "next_position", "num_images", "vision_tokens_dropped"):
             setattr(cache, name, tensors[name].to(device))
         return cache
