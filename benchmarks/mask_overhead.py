@@ -8,7 +8,7 @@ forward + backward of the same batch with voco_tokens=1 (VoCo mask) and with voc
 plain causal path of LlavaForConditionalGeneration, one VoCo token still in the sequence), interleaved,
 and prints the median ratio. It also times building the mask alone (transformers' vmap mask builder
 with our and_mask_function, and the broadcast dense_mask) against the step. Ratios only: absolute
-seconds on these shared machines mean little (DESIGN 6).
+seconds on these shared machines mean little (docs/design.md §6).
 """
 
 from __future__ import annotations

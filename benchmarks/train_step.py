@@ -2,7 +2,7 @@
 
 Same weights, same samples, the batches built by the training data pipeline (``llava_voco.train.data``)
 with the v1 template; a step is forward + backward + AdamW, as the Trainer does it. The two settings
-alternate step by step, so machine noise hits both alike; the ratio is what to read (DESIGN 6).
+alternate step by step, so machine noise hits both alike; the ratio is what to read (docs/design.md §6).
 
     python benchmarks/train_step.py [--steps 30] [--batch 8]
 """

@@ -114,7 +114,7 @@ def test_information_flows_through_voco(voco_dir, digit_images):
 
 
 def test_dropping_vision_from_the_cache_changes_nothing(voco_dir, digit_images):
-    """DESIGN 2.3 equivalence 1: the masked full forward == prefill [prefix, V, VoCo], drop V's keys and
+    """docs/design.md §2.3 equivalence 1: the masked full forward == prefill [prefix, V, VoCo], drop V's keys and
     values from every layer, then run the text on that cache with its original positions."""
     model, processor = load_voco(voco_dir)
     batch = processor(images=digit_images[4], text=prompt(processor, "Which digit is at the top left?"), return_tensors="pt")
@@ -216,7 +216,7 @@ def test_errors(voco_dir, digit_images):
 
 def test_backend_that_cannot_express_the_mask_is_refused(voco_dir, digit_images):
     """A flash-attn style backend (mask builder that keeps only padding) would silently drop the
-    VoCo rule; the model refuses it instead. Flash varlen will be its own backend (DESIGN 2.5)."""
+    VoCo rule; the model refuses it instead. Flash varlen will be its own backend (docs/design.md §2.5)."""
     AttentionInterface.register("padding_only_test", sdpa_attention_forward)
     AttentionMaskInterface.register("padding_only_test", flash_attention_mask)
     model, processor = load_voco(voco_dir)

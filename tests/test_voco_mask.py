@@ -1,4 +1,4 @@
-"""The mask rule (DESIGN 2.2) against matrices written out by hand, and its errors."""
+"""The mask rule (docs/design.md §2.2) against matrices written out by hand, and its errors."""
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ def matrix(rows: str) -> torch.Tensor:
     return torch.tensor([[c == "1" for c in row.split()] for row in rows.strip().splitlines()])
 
 
-# DESIGN 2.2 worked example: p0 p1 v0 v1 v2 c0 t0 t1
+# docs/design.md §2.2 worked example: p0 p1 v0 v1 v2 c0 t0 t1
 WORKED_IDS = [[1, 2, IMG, IMG, IMG, VOCO, 3, 4]]
 WORKED_PAPER = matrix("""
 1 . . . . . . .

@@ -5,6 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
+from .image_inputs import parse_compress_type
 from .projector import check_projector_type
 from .voco_mask import check_mask_mode
 
@@ -16,7 +17,7 @@ VOCO_FIELDS = (
 
 @strict
 class VoCoLlavaConfig(LlavaConfig):
-    r"""``LlavaConfig`` plus VoCo (DESIGN 2).
+    r"""``LlavaConfig`` plus VoCo (docs/design.md §2).
 
     voco_tokens (`int`, defaults to 0):
         VoCo tokens after each image. 0 switches VoCo off: the model is then plain LLaVA, and
@@ -29,7 +30,7 @@ class VoCoLlavaConfig(LlavaConfig):
     mm_projector_type (`str`, defaults to ``"mlp2x_gelu"``):
         LLaVA's projector name: ``"mlp2x_gelu"`` (Llava's own projector), ``"linear"`` or ``"llamavid"``.
     llamavid_num_query, llamavid_qformer, llamavid_compress_type, llamavid_video_compress_type, frame_chunk:
-        LLaMA-VID (``mm_projector_type="llamavid"``, DESIGN 3): learnable queries of the text decoder, its
+        LLaMA-VID (``mm_projector_type="llamavid"``, docs/design.md §3): learnable queries of the text decoder, its
         ``InstructBlipQFormerConfig`` fields, the content pooling of images and of video frames
         (``none`` | ``mean`` | ``grid:g``), and how many frames go through the vision tower at once.
     vision_token_pooling (`str`, defaults to ``"none"``):
@@ -55,13 +56,9 @@ class VoCoLlavaConfig(LlavaConfig):
         check_mask_mode(self.voco_mask_mode)
         check_projector_type(self.mm_projector_type)
         if self.mm_projector_type == "llamavid":
-            from .llamavid import parse_compress_type
-
             parse_compress_type(self.llamavid_compress_type)
             parse_compress_type(self.llamavid_video_compress_type)
         if self.vision_token_pooling != "none":
-            from .llamavid import parse_compress_type
-
             parse_compress_type(self.vision_token_pooling)
             if self.mm_projector_type == "llamavid":
                 raise ValueError("vision_token_pooling is for linear/mlp2x_gelu projectors; LLaMA-VID pools with "
@@ -74,7 +71,7 @@ class VoCoLlavaConfig(LlavaConfig):
             raise ValueError(f"voco_token_id and image_token_id are both {self.voco_token_id}")
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """With VoCo off the checkpoint is written as plain LLaVA (DESIGN 4), unless its projector is one
+        """With VoCo off the checkpoint is written as plain LLaVA (docs/design.md §4), unless its projector is one
         Llava does not have (``linear``): stock Llava would then load it with a wrong projector."""
         if self.voco_tokens == 0 and self.mm_projector_type == "mlp2x_gelu" and self.vision_token_pooling == "none":
             return self.to_llava_config().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
