@@ -7,7 +7,8 @@ and (later) the flash-attn varlen segments. The rule, on top of causality and pa
     a token that comes after the last VoCo token of image m may not attend to the vision tokens
     of image m.
 
-It reduces to one number per key: the last query position allowed to see it
+Torch only (no transformers import), so that the same file carries the rule into an upstream LLaVA
+checkout (``patches/``). It reduces to one number per key: the last query position allowed to see it
 (``key_visible_until``). Vision keys of an image followed by VoCo tokens are visible up to that
 image's last VoCo token; every other key is visible forever. ``official`` mode adds, per sample,
 that queries after the last VoCo token see nothing before the first VoCo token.
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers.masking_utils import and_masks, causal_mask_function, padding_mask_function
 
 MASK_MODES = ("paper", "official")
 # "visible to every later query": larger than any position a sequence can have.
@@ -242,11 +242,18 @@ class VoCoLayout:
         return voco_rule
 
     def full_mask_function(self, attention_mask: torch.Tensor | None = None) -> Callable:
-        """Causal & padding & VoCo: the whole mask as one index function."""
-        parts = [causal_mask_function, self.mask_function()]
-        if attention_mask is not None:
-            parts.append(padding_mask_function(attention_mask.bool()))
-        return and_masks(*parts)
+        """Causal & padding & VoCo: the whole mask as one index function (``attention_mask``: ``[batch, kv]``,
+        1 for real tokens)."""
+        voco_rule = self.mask_function()
+        padding = attention_mask.bool() if attention_mask is not None else None
+
+        def full_mask(batch_idx, head_idx, q_idx, kv_idx):
+            allowed = (kv_idx <= q_idx) & voco_rule(batch_idx, head_idx, q_idx, kv_idx)
+            if padding is not None:
+                allowed = allowed & padding[batch_idx, kv_idx]
+            return allowed
+
+        return full_mask
 
     def dense_mask(
         self,
