@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_voco_llava import VoCoLlavaConfig
 from .image_inputs import ImageInputs, encode_images, vision_patch_features
 from .projector import build_projector
+from .varlen import PLAN_KWARG, VARLEN_IMPLEMENTATIONS, VOCO_FLASH, build_varlen_plan, require_flash_attn
 from .voco_cache import VoCoCache
 from .voco_generation import VoCoGenerationMixin
 from .voco_mask import VoCoLayout
@@ -45,6 +46,10 @@ class VoCoLlavaModel(LlavaModel):
         # the sequence but plain causal attention, so text learns to read the vision tokens; the saved model
         # is then evaluated with the mask. Not a config field: a checkpoint always loads with the mask on.
         self.apply_voco_mask = True
+        if config.voco_tokens > 0 and self.language_model.config._attn_implementation == "flash_attention_2":
+            # transformers' flash path keeps only padding and would drop the rule: the same kernel, through
+            # the VoCo segment plan (varlen.py)
+            self.language_model.config._attn_implementation = VOCO_FLASH
         if getattr(config, "mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
             self.multi_modal_projector = build_projector(config)
             self.post_init()
@@ -203,7 +208,15 @@ class VoCoLlavaModel(LlavaModel):
                     "generate() passes the layout itself"
                 )
             voco_layout = self.voco_layout(input_ids, attention_mask, images=images)
-        if voco_layout is not None and voco_layout.has_voco and self.apply_voco_mask and not mask_is_4d:
+        with_rule = voco_layout is not None and voco_layout.has_voco and self.apply_voco_mask and not mask_is_4d
+        if self.language_model.config._attn_implementation in VARLEN_IMPLEMENTATIONS and not mask_is_4d:
+            # no mask at all: the rule (or plain causal attention) as varlen segments, padding never computed
+            padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            kwargs[PLAN_KWARG] = build_varlen_plan(
+                voco_layout if with_rule else None, padding, batch_size=batch_size, q_offset=past_length,
+                q_length=query_length, device=(input_ids if input_ids is not None else inputs_embeds).device,
+            )
+        elif with_rule:
             attention_mask = self.voco_attention_mask(
                 voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
             )
@@ -230,6 +243,15 @@ class VoCoLlavaForConditionalGeneration(VoCoGenerationMixin, LlavaForConditional
         super().__init__(config)
         self.model = VoCoLlavaModel(config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, attn_implementation: str | dict | None = None, **kwargs):
+        """``from_pretrained``; ``attn_implementation="flash_attention_2"`` without flash-attn installed is refused
+        here, before any weight is read, naming the extra that installs it."""
+        asked = attn_implementation.values() if isinstance(attn_implementation, dict) else [attn_implementation]
+        if "flash_attention_2" in asked:
+            require_flash_attn()
+        return super().from_pretrained(*args, attn_implementation=attn_implementation, **kwargs)
 
     def forward(
         self,
