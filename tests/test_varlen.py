@@ -52,6 +52,26 @@ def test_plan_reads_exactly_what_the_rule_allows(mode, voco_tokens):
         assert torch.equal(plan_as_dense(plan), expected & real_queries), (mode, q_offset)
 
 
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_plan_of_packed_rows_reads_within_each_sample(mode):
+    """Two samples per row (position ids restart): the plan equals the dense rule, which never crosses them."""
+    from llava_voco.model.voco_mask import packed_sample_index
+
+    samples = [[1, 2, IMG, IMG, VOCO, 5, 6], [1, IMG, IMG, VOCO, 4, IMG, VOCO, 7], [1, 3, 4]]
+    rows = [samples[0] + samples[1], samples[2] + samples[0] + [0, 0, 0, 0, 0]]
+    positions = [list(range(7)) + list(range(8)), list(range(3)) + list(range(7)) + list(range(5))]
+    ids, position_ids = torch.tensor(rows), torch.tensor(positions)
+    mask = torch.tensor([[1] * 15, [1] * 10 + [0] * 5])
+    sample_index = packed_sample_index(position_ids)
+    assert sample_index[0].tolist() == [0] * 7 + [1] * 8
+    layout = VoCoLayout.from_input_ids(ids, mask, image_token_id=IMG, voco_token_id=VOCO, voco_tokens=1, mode=mode,
+                                       sample_index=sample_index)
+    expected = layout.dense_mask(mask)[:, 0]
+    assert not expected[0, 7:, :7].any()  # the second sample reads nothing of the first
+    plan = build_varlen_plan(layout, mask, batch_size=2, q_offset=0, q_length=15)
+    assert torch.equal(plan_as_dense(plan), expected & mask.bool()[:, :, None])
+
+
 def test_reference_kernel_is_bottom_right_causal_with_gqa():
     torch.manual_seed(0)
     q, k, v = torch.randn(5, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)

@@ -29,7 +29,7 @@ from .projector import build_projector
 from .varlen import PLAN_KWARG, VARLEN_IMPLEMENTATIONS, VOCO_FLASH, build_varlen_plan, require_flash_attn
 from .voco_cache import VoCoCache
 from .voco_generation import VoCoGenerationMixin
-from .voco_mask import VoCoLayout
+from .voco_mask import VoCoLayout, packed_sample_index
 
 # Mask builders that honour a mask function. flash-attn's builder only keeps padding, so it would silently
 # drop the VoCo rule: its varlen path is a separate backend (docs/design.md §2.5).
@@ -69,6 +69,7 @@ class VoCoLlavaModel(LlavaModel):
         pixel_values: torch.Tensor | None = None,
         *,
         images: ImageInputs | None = None,
+        sample_index: torch.Tensor | None = None,
         **image_inputs,
     ) -> VoCoLayout | None:
         """The layout of the sequence in ``input_ids``, or None when VoCo is off. With the images given (as
@@ -87,6 +88,7 @@ class VoCoLlavaModel(LlavaModel):
             mode=self.config.voco_mask_mode,
             num_images=len(images) if images is not None else None,
             tokens_per_image=images.token_counts(self.config) if images is not None else None,
+            sample_index=sample_index,
         )
 
     def continuation_layout(
@@ -207,8 +209,17 @@ class VoCoLlavaModel(LlavaModel):
                     "(VoCoLayout.from_input_ids on all ids so far), or a VoCoCache from model.compress(); "
                     "generate() passes the layout itself"
                 )
-            voco_layout = self.voco_layout(input_ids, attention_mask, images=images)
-        with_rule = voco_layout is not None and voco_layout.has_voco and self.apply_voco_mask and not mask_is_4d
+            voco_layout = self.voco_layout(
+                input_ids, attention_mask, images=images, sample_index=packed_sample_index(position_ids)
+            )
+        elif voco_layout is None and not mask_is_4d and past_length == 0:
+            # packed rows without VoCo (or training the lower bound): only "no token reads another sample";
+            # transformers' own flash path reads packed position ids itself
+            sample_index = packed_sample_index(position_ids)
+            if sample_index is not None and self.language_model.config._attn_implementation != "flash_attention_2":
+                voco_layout = VoCoLayout.packed_only(sample_index, self.config.voco_mask_mode)
+        with_rule = (voco_layout is not None and not mask_is_4d
+                     and (voco_layout.has_voco and self.apply_voco_mask or voco_layout.sample_index is not None))
         if self.language_model.config._attn_implementation in VARLEN_IMPLEMENTATIONS and not mask_is_4d:
             # no mask at all: the rule (or plain causal attention) as varlen segments, padding never computed
             padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None

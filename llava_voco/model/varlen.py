@@ -98,12 +98,15 @@ def build_varlen_plan(
         row_real = real[row]
         if layout is not None:
             visible_until = layout.key_visible_until[row]  # [kv_length]
+            first_voco, text_start = layout.first_voco[row], layout.text_start[row]  # [kv_length], per sample
+            samples = layout.sample_index[row] if layout.sample_index is not None else None
             ends = (visible_until[(visible_until < NEVER_HIDDEN) & row_real] + 1).unique().tolist()
-            first_voco, text_start = int(layout.first_voco[row]), int(layout.text_start[row])
-            if layout.mode == "official" and text_start < NEVER_HIDDEN:
-                ends.append(text_start)  # text reads no prefix: its own segment (after a cache: no VoCo end marks it)
+            if layout.mode == "official":  # text reads no prefix: its own segment (after a cache no VoCo end marks it)
+                ends += text_start[(text_start < NEVER_HIDDEN) & row_real].unique().tolist()
+            if samples is not None:  # packed samples never share a segment
+                ends += (torch.nonzero(samples[1:] != samples[:-1]).flatten() + 1).tolist()
         else:
-            visible_until, ends, first_voco, text_start = None, [], 0, NEVER_HIDDEN
+            visible_until, samples, ends = None, None, []
         starts = [0, *sorted({end for end in ends if 0 < end < kv_length})]
         stops = [*starts[1:], kv_length]
         for start, stop in zip(starts, stops):
@@ -112,8 +115,10 @@ def build_varlen_plan(
             earlier = row_real[:start]
             if visible_until is not None:
                 earlier = earlier & (visible_until[:start] >= start)
-                if layout.mode == "official" and start >= text_start:
-                    earlier = earlier & (positions[:start] >= first_voco)
+                if samples is not None:
+                    earlier = earlier & (samples[:start] == samples[start])
+                if layout.mode == "official" and start >= int(text_start[start]):
+                    earlier = earlier & (positions[:start] >= first_voco[start])
             own = row_real[start:stop]
             own_keys = positions[start:stop][own]
             queries = own_keys[own_keys >= q_offset]

@@ -33,6 +33,19 @@ class VoCoLayoutError(ValueError):
     """The token sequence does not have the image/VoCo structure the mask rule needs."""
 
 
+def packed_sample_index(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """``[batch, seq]`` sample of each position when rows are packed (position ids restart at 0 for each
+    sample, docs/design.md §2.6), else None. Left padding (positions 1, 1, ..., 0, 1, 2) is not packing."""
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    starts = position_ids == 0
+    samples = starts.long().cumsum(1)
+    real_starts = starts[:, 1:] & (position_ids[:, :-1] >= position_ids[:, 1:]) & (samples[:, :-1] > 0)
+    if not bool(real_starts.any()):
+        return None
+    return samples.clamp(min=1) - 1
+
+
 def check_mask_mode(mode: str) -> str:
     if mode not in MASK_MODES:
         raise ValueError(f"voco_mask_mode must be one of {MASK_MODES}, got {mode!r}")
@@ -48,14 +61,30 @@ class VoCoLayout:
     """
 
     key_visible_until: torch.Tensor  # [batch, seq] last query position allowed to see each key
-    first_voco: torch.Tensor  # [batch] position of the first VoCo token (0 if none)
-    text_start: torch.Tensor  # [batch] position after the last VoCo token (NEVER_HIDDEN if none)
-    num_images: torch.Tensor  # [batch] image spans per sample
+    first_voco: torch.Tensor  # [batch, seq] first VoCo token of the position's sample (0 if none)
+    text_start: torch.Tensor  # [batch, seq] position after its sample's last VoCo token (NEVER_HIDDEN if none)
+    num_images: torch.Tensor  # [batch] image spans per row
     mode: str = "paper"
+    # [batch, seq] sample of each position in a packed row (docs/design.md §2.6): no token reads another
+    # sample; None when each row is one sample
+    sample_index: torch.Tensor | None = None
 
     @property
     def has_voco(self) -> bool:
         return bool((self.text_start < NEVER_HIDDEN).any())
+
+    @property
+    def has_rule(self) -> bool:
+        """Whether the mask differs from causal + padding: VoCo tokens, or packed samples."""
+        return self.has_voco or self.sample_index is not None
+
+    @classmethod
+    def packed_only(cls, sample_index: torch.Tensor, mode: str = "paper") -> "VoCoLayout":
+        """Packed rows without VoCo (``voco_tokens=0``): only "no token reads another sample"."""
+        batch_size, seq_len = sample_index.shape
+        never = torch.full((batch_size, seq_len), NEVER_HIDDEN, dtype=torch.long, device=sample_index.device)
+        return cls(never, torch.zeros_like(never), never.clone(), torch.zeros(batch_size, dtype=torch.long,
+                   device=sample_index.device), mode, sample_index)
 
     @classmethod
     def from_input_ids(
@@ -69,13 +98,15 @@ class VoCoLayout:
         mode: str = "paper",
         num_images: int | None = None,
         tokens_per_image: int | Sequence[int] | None = None,
+        sample_index: torch.Tensor | None = None,
     ) -> "VoCoLayout":
         """Find each image span and its VoCo span, vectorised over the batch.
 
         Raises :class:`VoCoLayoutError` naming the sample (batch row) when an image span is not
         followed by exactly ``voco_tokens`` VoCo tokens, when VoCo tokens follow no image, or when
         the spans disagree with ``num_images`` / ``tokens_per_image`` (known when pixels are given: one count
-        for every image, or one per image of the batch in token order).
+        for every image, or one per image of the batch in token order). ``sample_index`` ``[batch, seq]``: the
+        sample of each position in packed rows (``packed_sample_index``); an image span may not cross samples.
         """
         check_mask_mode(mode)
         if voco_tokens < 1:
@@ -86,16 +117,21 @@ class VoCoLayout:
         is_vision = (input_ids == image_token_id) & real
         is_voco = (input_ids == voco_token_id) & real
         kind = is_vision.long() * _VISION + is_voco.long() * _VOCO  # [batch, seq]
+        # Packed samples are numbered apart in every row, so that nothing is matched across them.
+        group = (torch.arange(batch_size, device=device)[:, None] * (seq_len + 1)
+                 + (sample_index.to(device) if sample_index is not None else 0)).expand(batch_size, seq_len)
 
-        # Runs of equal kind, never crossing a sample boundary.
+        # Runs of equal kind, never crossing a row or sample boundary.
         flat_kind = kind.reshape(-1)
+        flat_group = group.reshape(-1)
         run_begins = torch.ones_like(flat_kind, dtype=torch.bool)
-        run_begins[1:] = flat_kind[1:] != flat_kind[:-1]
+        run_begins[1:] = (flat_kind[1:] != flat_kind[:-1]) | (flat_group[1:] != flat_group[:-1])
         run_begins[::seq_len] = True
         run_start = run_begins.nonzero().squeeze(1)  # [runs] flat index
         run_kind = flat_kind[run_start]
         run_len = torch.diff(run_start, append=run_start.new_tensor([flat_kind.numel()]))
-        run_sample = run_start // seq_len
+        run_sample = run_start // seq_len  # the batch row
+        run_group = flat_group[run_start]
         run_of_token = run_begins.long().cumsum(0) - 1  # [batch*seq]
 
         def shifted(values: torch.Tensor, step: int, fill: int) -> torch.Tensor:
@@ -106,8 +142,8 @@ class VoCoLayout:
                 out[-step:] = values[:step]
             return out
 
-        next_kind, next_len, next_sample = shifted(run_kind, 1, -1), shifted(run_len, 1, 0), shifted(run_sample, 1, -1)
-        prev_kind, prev_sample = shifted(run_kind, -1, -1), shifted(run_sample, -1, -1)
+        next_kind, next_len, next_sample = shifted(run_kind, 1, -1), shifted(run_len, 1, 0), shifted(run_group, 1, -1)
+        prev_kind, prev_sample = shifted(run_kind, -1, -1), shifted(run_group, -1, -1)
         vision_run = run_kind == _VISION
         voco_run = run_kind == _VOCO
         image_index = vision_run.long().cumsum(0) - 1  # global image number of each vision run
@@ -122,7 +158,7 @@ class VoCoLayout:
             nth = int(image_index[run] - sample_first_image[sample]) + 1
             return f"sample {sample} (batch row), image {nth}"
 
-        followed_by_voco = vision_run & (next_kind == _VOCO) & (next_sample == run_sample)
+        followed_by_voco = vision_run & (next_kind == _VOCO) & (next_sample == run_group)
         bad = vision_run & ~(followed_by_voco & (next_len == voco_tokens))
         if bad.any():
             run = int(bad.nonzero()[0])
@@ -133,7 +169,7 @@ class VoCoLayout:
                 f"token(s), expected exactly voco_tokens={voco_tokens} (truncated or built without "
                 "VoCoLlavaProcessor?)"
             )
-        orphan = voco_run & ~((prev_kind == _VISION) & (prev_sample == run_sample))
+        orphan = voco_run & ~((prev_kind == _VISION) & (prev_sample == run_group))
         if orphan.any():
             run = int(orphan.nonzero()[0])
             raise VoCoLayoutError(
@@ -165,12 +201,18 @@ class VoCoLayout:
         run_visible_until = torch.where(vision_run, last_voco_of_run, torch.full_like(run_start, NEVER_HIDDEN))
         key_visible_until = run_visible_until[run_of_token].view(batch_size, seq_len)
 
+        # Per sample (a row, or a packed sample of it): its first VoCo token and where its text starts.
         positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
-        has_voco = is_voco.any(dim=1)
-        first_voco = torch.where(is_voco, positions, seq_len).amin(dim=1).masked_fill(~has_voco, 0)
-        last_voco = torch.where(is_voco, positions, -1).amax(dim=1)
-        text_start = torch.where(has_voco, last_voco + 1, torch.full_like(last_voco, NEVER_HIDDEN))
-        return cls(key_visible_until, first_voco, text_start, images_per_sample, mode)
+        groups = group.reshape(-1)
+        slots = batch_size * (seq_len + 1)
+        first = torch.full((slots,), seq_len, dtype=torch.long, device=device).scatter_reduce(
+            0, groups, torch.where(is_voco, positions, seq_len).reshape(-1), reduce="amin")
+        last = torch.full((slots,), -1, dtype=torch.long, device=device).scatter_reduce(
+            0, groups, torch.where(is_voco, positions, -1).reshape(-1), reduce="amax")
+        has_voco = last[group] >= 0  # [batch, seq]
+        first_voco = torch.where(has_voco, first[group], 0)
+        text_start = torch.where(has_voco, last[group] + 1, NEVER_HIDDEN)
+        return cls(key_visible_until, first_voco, text_start, images_per_sample, mode, sample_index)
 
     @classmethod
     def continuing(
@@ -204,7 +246,8 @@ class VoCoLayout:
                 return torch.where(positions < NEVER_HIDDEN, positions + cache_length, positions)
 
             new_visible = shift(new_tokens.key_visible_until)
-            new_first_voco, new_text_start = new_tokens.first_voco + cache_length, shift(new_tokens.text_start)
+            # new tokens are one sample per row: its values are those of any position
+            new_first_voco, new_text_start = new_tokens.first_voco[:, 0] + cache_length, shift(new_tokens.text_start[:, 0])
             num_images = new_tokens.num_images
         new_has_voco = new_text_start < NEVER_HIDDEN
         # text starts after the last VoCo token: in the new tokens if they hold one, else every new token is text
@@ -213,7 +256,9 @@ class VoCoLayout:
             torch.where(cache_has_voco, torch.full_like(new_text_start, cache_length), new_text_start),
         )
         first_voco = torch.where(cache_has_voco, cache_first_voco, torch.where(new_has_voco, new_first_voco, 0))
-        return cls(torch.cat([cached, new_visible], dim=1), first_voco, text_start, num_images, mode)
+        length = cache_length + query_length
+        return cls(torch.cat([cached, new_visible], dim=1), first_voco[:, None].expand(-1, length),
+                   text_start[:, None].expand(-1, length), num_images, mode)
 
     def visible_to(self, query_position: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[batch, seq]``: which keys a query at ``query_position[b]`` may read: what a cache must keep."""
@@ -231,12 +276,15 @@ class VoCoLayout:
         combine it with causality and padding (``create_causal_mask(and_mask_function=...)``).
         """
         key_visible_until, first_voco, text_start = self.key_visible_until, self.first_voco, self.text_start
+        sample_index = self.sample_index
         official = self.mode == "official"
 
         def voco_rule(batch_idx, head_idx, q_idx, kv_idx):
             allowed = q_idx <= key_visible_until[batch_idx, kv_idx]
+            if sample_index is not None:
+                allowed = allowed & (sample_index[batch_idx, q_idx] == sample_index[batch_idx, kv_idx])
             if official:
-                allowed = allowed & ((q_idx < text_start[batch_idx]) | (kv_idx >= first_voco[batch_idx]))
+                allowed = allowed & ((q_idx < text_start[batch_idx, q_idx]) | (kv_idx >= first_voco[batch_idx, q_idx]))
             return allowed
 
         return voco_rule
