@@ -10,15 +10,10 @@ from transformers import HfArgumentParser
 
 import llava_voco
 from llava_voco.conversation import UnknownTemplateError
-from llava_voco.train.collator import BATCH_STAT_KEYS, pop_batch_stats
-from llava_voco.train.data import (
-    IGNORE_INDEX,
-    DataArguments,
-    DataError,
-    LazySupervisedDataset,
-    expand_to_square,
-    make_supervised_data_module,
-)
+from llava_voco.constants import IGNORE_INDEX
+from llava_voco.image_io import expand_to_square
+from llava_voco.train.collator import BATCH_STAT_KEYS, is_skipped, pop_batch_stats
+from llava_voco.train.data import DataArguments, DataError, LazySupervisedDataset, make_supervised_data_module
 from llava_voco.train.samplers import LengthGroupedSampler, modality_length_grouped_indices
 
 from conftest import load_voco
@@ -236,11 +231,38 @@ def test_truncation_cuts_at_a_round_boundary(voco_dir, image_folder, tmp_path, c
     assert cut["num_samples_truncated"] == 1 and data.stats["truncated"] == 1
     assert "'long'" in caplog.text and "cut after round 2" in caplog.text
 
-    # Room for the image and part of the first reply only: cut at the limit, inside the reply.
+    # Room for the image and part of the first reply only: no partial answer is learned, and with no whole
+    # reply left the sample is skipped (counted and logged).
     limit = len(first["input_ids"]) - 1  # drops the first reply's </s>
-    inside = dataset(full_path, processor, image_folder, model_max_length=limit)[0]
-    assert torch.equal(inside["input_ids"], first["input_ids"][:limit])
-    assert (inside["labels"] != IGNORE_INDEX).any() and inside["num_samples_truncated"] == 1
+    with_short = write_data(tmp_path / "with_short.json", [THREE_ROUNDS, sample("short", "Hi", "ok")])
+    inside = dataset(with_short, processor, image_folder, model_max_length=limit)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        item = inside[0]
+    assert is_skipped(item) and item["num_samples_skipped"] == 1 and item["num_replies_dropped"] == 1
+    assert inside.stats["skipped_too_long"] == 1 and inside.stats["replies_dropped"] == 1
+    assert "'long'" in caplog.text and "no whole reply within model_max_length" in caplog.text
+
+
+def test_a_reply_cut_by_the_limit_is_not_learned(voco_dir, image_folder, tmp_path, caplog):
+    """No round ends after the image and within the limit, so the cut falls inside the second reply: that
+    reply's labels are dropped (a partial answer would teach the model to stop mid-sentence without its end
+    of turn); the first round's reply, whole, is still learned. Counted and logged."""
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir, voco_tokens=1)
+    path = write_data(tmp_path / "d.json", [sample("second", "Hi", "hello", "<image>\nWhat is it?", "a seven", image="digit0.png")])
+    full = dataset(path, processor, image_folder)[0]
+    first_round = dataset(write_data(tmp_path / "r1.json", [sample("r1", "Hi", "hello")]), processor, image_folder)[0]
+    limit = len(full["input_ids"]) - 1  # drops the second reply's </s>
+    data = dataset(path, processor, image_folder, model_max_length=limit)
+    with caplog.at_level(logging.WARNING):
+        cut = data[0]
+    assert torch.equal(cut["input_ids"], full["input_ids"][:limit])
+    learned = cut["input_ids"][cut["labels"] != IGNORE_INDEX]
+    assert torch.equal(learned, first_round["input_ids"][first_round["labels"] != IGNORE_INDEX])  # "hello</s>"
+    assert processor.tokenizer.decode(learned) == "hello</s>"
+    assert cut["num_samples_truncated"] == 1 and cut["num_replies_dropped"] == 1
+    assert data.stats["truncated"] == 1 and data.stats["replies_dropped"] == 1
+    assert "'second'" in caplog.text and "labels of the reply it cuts dropped" in caplog.text
 
 
 def test_image_block_that_does_not_fit_is_skipped(voco_dir, image_folder, tmp_path, caplog):
@@ -253,10 +275,9 @@ def test_image_block_that_does_not_fit_is_skipped(voco_dir, image_folder, tmp_pa
     with caplog.at_level(logging.WARNING):
         item = data[0]
     assert "'late-image'" in caplog.text and "image tokens and VoCo tokens end at token" in caplog.text
-    assert "pixel_values" not in item and item["num_samples_skipped"] == 1
-    assert data.stats["skipped_too_long"] == 1 and data.stats["items"] == 1
-    # Never an image block cut in two: nothing with the image came out.
-    assert (item["input_ids"] != processor.image_token_id).all()
+    # Never an image block cut in two: nothing of the sample came out, and nothing took its place.
+    assert is_skipped(item) and item["num_samples_skipped"] == 1
+    assert data.stats["skipped_too_long"] == 1 and data.stats["items"] == 0
 
 
 def test_image_block_is_kept_whole_or_not_at_all(voco_dir, image_folder, tmp_path):
@@ -273,7 +294,8 @@ def test_image_block_is_kept_whole_or_not_at_all(voco_dir, image_folder, tmp_pat
     assert torch.equal(kept["input_ids"], full[:image_end]) and kept["num_samples_skipped"] == 0
     assert kept["num_vision_tokens"] == TOKENS_PER_IMAGE and kept["pixel_values"].shape[0] == 1
     skipped = dataset(path, processor, image_folder, model_max_length=image_end - 1)
-    assert skipped[0]["num_samples_skipped"] == 1 and skipped.stats["skipped_too_long"] == 1
+    item = skipped[0]
+    assert is_skipped(item) and item["num_samples_skipped"] == 1 and skipped.stats["skipped_too_long"] == 1
 
 
 def test_text_only_sample_with_no_reply_in_reach_is_skipped(voco_dir, image_folder, tmp_path, caplog):
@@ -286,10 +308,13 @@ def test_text_only_sample_with_no_reply_in_reach_is_skipped(voco_dir, image_fold
     with caplog.at_level(logging.WARNING):
         item = data[0]
     assert "'wordy'" in caplog.text and "no reply token within model_max_length=40" in caplog.text
-    # "short" (43 tokens) took its place, cut inside its reply: no round ends within 40 tokens.
-    assert item["num_samples_skipped"] == 1 and item["num_samples_truncated"] == 1 and len(item["input_ids"]) == 40
-    assert "'short'" in caplog.text and "cut at model_max_length" in caplog.text
-    assert (item["labels"] != IGNORE_INDEX).sum() == 2  # the first tokens of "hello"
+    assert is_skipped(item) and item["num_samples_skipped"] == 1
+    # "short" (43 tokens): the limit cuts its only reply, whose first tokens are not learned alone; with
+    # that, every sample was skipped, which stops training rather than run on empty batches.
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="d.json: every sample was skipped"):
+        data[1]
+    assert "'short'" in caplog.text and "no whole reply within model_max_length=40" in caplog.text
+    assert data.stats["skipped_too_long"] == 2 and data.stats["items"] == 0
 
 
 # ---- bad samples ------------------------------------------------------------------------------------
@@ -322,8 +347,96 @@ def test_bad_sample_raises_with_id_file_and_problem(problem, voco_dir, image_fol
     with caplog.at_level(logging.WARNING):
         item = data[0]
     assert item["num_samples_skipped"] == 1 and data.stats["skipped_bad"] == 1
-    assert torch.equal(item["input_ids"], data[1]["input_ids"])  # the good sample took its place
+    assert is_skipped(item) and not is_skipped(data[1])  # no other sample takes its place
     assert "skipping bad sample" in caplog.text and "'bad'" in caplog.text
+
+
+WORDS = "zero one two three four five six seven eight nine".split()
+
+
+def test_an_epoch_holds_each_usable_sample_once(voco_dir, image_folder, tmp_path):
+    """Skipped samples (a bad one, one too long) are left out of their batch and counted there; no other
+    sample stands in for them, so through LLaVA's modality-grouped sampler and the collator (as the
+    Trainer draws them) each usable sample appears exactly once and each batch holds one modality."""
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
+    # 6 image and 6 text-only samples with the skipped ones: whole batches of 2, no mixed leftover batch
+    samples = [sample(f"image-{n}", "<image>\nWhich digit?", WORDS[n], image=f"digit{n}.png") for n in range(5)]
+    samples += [sample(f"text-{n}", "Say a word.", WORDS[n]) for n in range(5)]
+    samples.insert(1, sample("bad", "<image>\nWhat?", "x", image="nowhere.png"))
+    samples.insert(6, sample("wordy", " ".join(WORDS) * 12, "ok"))  # no reply within the limit
+    path = write_data(tmp_path / "d.json", samples)
+    usable = [s["id"] for s in samples if s["id"] not in ("bad", "wordy")]
+    args = dict(lazy_preprocess=True, skip_bad_samples=True, model_max_length=100)
+    reference = dataset(path, processor, image_folder, **args)
+    id_of = {}
+    for index, record in enumerate(samples):
+        item = reference[index]
+        if not is_skipped(item):
+            id_of[tuple(item["input_ids"].tolist())] = record["id"]
+    assert sorted(id_of.values()) == sorted(usable)
+
+    data = dataset(path, processor, image_folder, **args)
+    collate = make_supervised_data_module(processor, DataArguments(data_path=path, lazy_preprocess=True), version="v1",
+                                          model_max_length=100)["data_collator"]
+    sampler = LengthGroupedSampler(2, lengths=data.modality_lengths, generator=torch.Generator().manual_seed(0),
+                                   group_by_modality=True)
+    seen, skipped, counted = [], 0, 0
+    for batch in torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler, collate_fn=collate):
+        stats = pop_batch_stats(batch)
+        skipped += stats["num_samples_skipped"]
+        counted += stats["num_samples"]
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        if stats["num_samples"]:
+            seen.extend(id_of[row] for row in rows)
+            assert len({id_of[row].startswith("image") for row in rows}) == 1, rows  # one modality per batch
+    assert sorted(seen) == sorted(usable)  # each once: none twice, none lost
+    assert skipped == 2 and counted == len(usable)
+    assert data.stats["skipped_bad"] == 1 and data.stats["skipped_too_long"] == 1 and data.stats["items"] == len(usable)
+
+
+def test_a_batch_of_skipped_samples_is_one_unlearned_row(voco_dir, image_folder, tmp_path):
+    """When every sample of a batch was skipped the Trainer still needs a batch (every rank runs each step):
+    one attended pad token with no label, counted as no sample."""
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
+    path = write_data(tmp_path / "d.json", [BAD["missing image file"], BAD["empty assistant turn"], GOOD])
+    data = dataset(path, processor, image_folder, lazy_preprocess=True, skip_bad_samples=True)
+    collate = make_supervised_data_module(processor, DataArguments(data_path=path, lazy_preprocess=True), version="v1",
+                                          model_max_length=64)["data_collator"]
+    batch = collate([data[0], data[1], None])
+    stats = pop_batch_stats(batch)
+    assert stats["num_samples"] == 0 and stats["num_samples_skipped"] == 3 and stats["num_vision_tokens"] == 0
+    assert batch["input_ids"].tolist() == [[processor.tokenizer.pad_token_id]]
+    assert batch["attention_mask"].tolist() == [[1]] and batch["labels"].tolist() == [[IGNORE_INDEX]]
+    assert "pixel_values" not in batch
+    mixed = collate([data[0], data[2]])
+    assert pop_batch_stats(mixed)["num_samples"] == 1 and len(mixed["input_ids"]) == 1
+    assert torch.equal(mixed["input_ids"][0], data[2]["input_ids"])
+
+
+def test_a_tokenizer_without_offsets_is_refused(voco_dir, image_folder, tmp_path, monkeypatch):
+    """Labels come from the tokenizer's character offsets: a tokenizer that gives none (all zero) would
+    leave every reply unlearned without a word, so it is refused, naming it."""
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
+    data = dataset(write_data(tmp_path / "d.json", [GOOD]), processor, image_folder)
+    real_call = type(processor).__call__
+
+    def without_offsets(self, *args, **kwargs):
+        encoded = real_call(self, *args, **kwargs)
+        encoded["offset_mapping"] = torch.zeros_like(encoded["offset_mapping"])
+        return encoded
+
+    monkeypatch.setattr(type(processor), "__call__", without_offsets)
+    with pytest.raises(ValueError, match="gives no character offsets"):
+        data[0]
+
+    def no_offsets(self, *args, **kwargs):
+        encoded = real_call(self, *args, **kwargs)
+        del encoded["offset_mapping"]
+        return encoded
+
+    monkeypatch.setattr(type(processor), "__call__", no_offsets)
+    with pytest.raises(ValueError, match="gives no character offsets"):
+        data[0]
 
 
 def test_malformed_json_lines_name_the_line(voco_dir, tmp_path):

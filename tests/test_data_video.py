@@ -3,9 +3,11 @@ instructions per image."""
 
 import json
 
+import pytest
 import torch
 
 import llava_voco
+from llava_voco.constants import IGNORE_INDEX
 from llava_voco.model.llamavid import encode_instructions
 from llava_voco.fixtures import train_wordpiece_tokenizer
 from llava_voco.train.collator import pop_batch_stats
@@ -42,7 +44,7 @@ def test_video_samples_train(voco_dir, image_folder, tmp_path):
     first = dataset[0]
     assert first["pixel_values"].shape[0] == 3 and first["num_voco_tokens"] == 3
     assert first["video_frame_mask"].tolist() == [True, True, True]
-    labelled = first["input_ids"][first["labels"] != -100]
+    labelled = first["input_ids"][first["labels"] != IGNORE_INDEX]
     assert processor.tokenizer.decode(labelled) == "12</s>"
     assert dataset[1]["pixel_values"].shape[0] == 2 and dataset[1]["num_voco_tokens"] == 2
     assert dataset.modality_lengths[0] > 0
@@ -86,3 +88,62 @@ def test_llamavid_instructions_come_from_the_turn(llava_dir, image_folder, tmp_p
     batch = module["data_collator"]([item, item])
     assert batch["instruction_input_ids"].shape[0] == 2
     assert torch.equal(batch["instruction_input_ids"][0], encode_instructions(bert, ["what is the sum of the digits?"])["instruction_input_ids"][0])
+
+
+def test_llamavid_instructions_pad_with_the_text_decoder_pad_id(llava_dir, image_folder, tmp_path):
+    """Instructions of different lengths in one batch are padded with the text decoder tokenizer's pad id (not
+    with 0, another token in a tokenizer whose pad id is not 0): the batch holds what tokenizing them together
+    gives."""
+    bert = train_wordpiece_tokenizer()
+    bert.pad_token = "[MASK]"  # a text decoder tokenizer whose pad id is not 0
+    assert bert.pad_token_id != 0
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(llava_dir, llamavid_compress_type="grid:2")
+    processor.text_decoder_tokenizer = bert
+    questions = ["What is the sum of the digits?", "Which digit?"]
+    samples = [{"id": f"q{n}", "image": "digit0.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "7"}]}
+        for n, question in enumerate(questions)]
+    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder))
+    module = make_supervised_data_module(processor, args, version="v1", model_max_length=512)
+    batch = module["data_collator"]([module["train_dataset"][0], module["train_dataset"][1]])
+    together = encode_instructions(bert, questions)
+    assert batch["instruction_input_ids"].shape[1] > module["train_dataset"][1]["instruction_input_ids"].shape[1]
+    assert torch.equal(batch["instruction_input_ids"], together["instruction_input_ids"])
+    assert torch.equal(batch["instruction_attention_mask"], together["instruction_attention_mask"])
+
+
+def test_llamavid_without_text_decoder_tokenizer_or_pad_is_refused(llava_dir, image_folder, tmp_path):
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(llava_dir, llamavid_compress_type="grid:2")
+    samples = [{"id": "q", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "7"}]}]
+    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder))
+    with pytest.raises(ValueError, match="text_decoder_tokenizer"):
+        make_supervised_data_module(processor, args, version="v1", model_max_length=512)
+    processor.text_decoder_tokenizer = train_wordpiece_tokenizer()
+    processor.text_decoder_tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="text decoder tokenizer has no pad token"):
+        make_supervised_data_module(processor, args, version="v1", model_max_length=512)
+
+
+def test_lengths_count_images_and_frames_as_the_model_does(llava_dir, image_folder, tmp_path):
+    """--group_by_modality_length's estimate counts each image and each video frame with tokens_per_image:
+    LLaMA-VID images (1 context + grid:2 content = 5) and frames (1 + mean = 2), VoCo tokens after each."""
+    from llava_voco.model.image_inputs import tokens_per_image
+
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(
+        llava_dir, llamavid_compress_type="grid:2", llamavid_video_compress_type="mean")
+    processor.text_decoder_tokenizer = train_wordpiece_tokenizer()
+    samples = [
+        {"id": "i", "image": "digit0.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhich digit?"}, {"from": "gpt", "value": "7"}]},
+        {"id": "v", "video": "clip.mp4", "conversations": [  # not there: lengths need no file
+            {"from": "human", "value": "<video>\nWhat is the sum?"}, {"from": "gpt", "value": "12"}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "hello"}]},
+    ]
+    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder), max_frames=4,
+                         lazy_preprocess=True)
+    dataset = make_supervised_data_module(processor, args, version="v1", model_max_length=512)["train_dataset"]
+    assert (tokens_per_image(processor).total, tokens_per_image(processor, is_frame=True).total) == (5, 2)
+    assert dataset.lengths == [4 + 5, 6 + 4 * 2, 3]  # words (LLaVA counts "<image>" as one) + tokens
+    assert dataset.modality_lengths == [4 + 5, 6 + 4 * 2, -3]
+    item = dataset[0]
+    assert item["num_vision_tokens"] + item["num_voco_tokens"] == 5  # the estimate of the image part is exact

@@ -374,7 +374,8 @@ def test_wandb_gets_the_compression_stats(tiny, tmp_path, monkeypatch):
     samples = digit_samples(tiny.targets[:4])
     samples.insert(1, {"id": "missing", "image": "digits/nope.png",
                        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "one"}]})
-    samples.append({"id": "long", "image": "digits/5.png", "conversations": [
+    samples.append({"id": "long", "image": "digits/5.png", "conversations": [  # its second reply is cut
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"},
         {"from": "human", "value": "<image>\nDescribe the image."},
         {"from": "gpt", "value": " ".join(WORDS * 20)}]})
     data_path = tmp_path / "data.json"
@@ -392,6 +393,7 @@ def test_wandb_gets_the_compression_stats(tiny, tmp_path, monkeypatch):
     assert 0.0 < summary["train/image_token_share"] < 1.0
     assert summary["train/samples_skipped"] >= 1  # the missing image
     assert summary["train/samples_truncated"] >= 1  # the long answer
+    assert summary["train/replies_dropped"] >= 1  # ... which is not learned in part
     assert "train/loss" in summary
 
 
@@ -539,6 +541,7 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     batch = processor(images=[Image.open(tiny.image_folder / "digits/0.png")], text="USER: <image>\nWhat is in the image? ASSISTANT:",
                       instructions=["What is in the image?"], return_tensors="pt")
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 1 + 4
+    assert model.config.image_seq_length == 1 + 4  # what an image becomes (tokens_per_image)
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] > batch["input_ids"].shape[1]
 
     # --freeze_text_decoder: the Q-Former stays as it is, the queries and projections still train

@@ -116,3 +116,39 @@ def test_llava_finetune_command_with_voco_under_zero3(tiny, tmp_path):
     assert model.config.voco_tokens == 1 and processor.voco_tokens == 1
     assert model.config.vision_feature_layer == -2
     assert len(new_tokens) >= 1
+
+
+# One ZeRO-3 run per kind of image tokens (mlp2x_gelu without pooling: the LLaVA command above).
+ZERO3_PROJECTORS = {
+    "linear, CLS kept": ["--mm_projector_type", "linear", "--mm_vision_select_feature", "cls_patch"],
+    "pooled mean": ["--mm_projector_type", "mlp2x_gelu", "--vision_token_pooling", "mean"],
+    "pooled grid:2, VoCo": ["--mm_projector_type", "mlp2x_gelu", "--vision_token_pooling", "grid:2", "--voco_tokens", "1"],
+    "llamavid": ["--mm_projector_type", "llamavid", "--num_query", "4", "--compress_type", "grid:2"],
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO3_PROJECTORS))
+def test_zero3_text_only_rank_with_each_projector(tiny, tmp_path, name):
+    """ZeRO-3 on 2 CPU processes, one sample each: one rank's batch is text-only while the other's has an
+    image, so the text-only rank adds a blank-image row to run the vision tower and projector in step with
+    the other. The row must hold the tokens this projector gives an image (pooled, CLS, LLaMA-VID's context
+    and content tokens, VoCo) and, for LLaMA-VID, an instruction; otherwise the step fails. One step."""
+    from llava_voco.fixtures import train_wordpiece_tokenizer
+
+    samples = json.loads(tiny.data_path.read_text())
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([samples[0], next(s for s in samples if "image" not in s)]))
+    extra = list(ZERO3_PROJECTORS[name])
+    if "llamavid" in extra:
+        train_wordpiece_tokenizer().save_pretrained(tmp_path / "bert")
+        (tmp_path / "qformer.json").write_text(json.dumps(
+            {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64}))
+        extra += ["--text_decoder_tokenizer", tmp_path / "bert", "--text_decoder_config", tmp_path / "qformer.json"]
+    output_dir = tmp_path / "out"
+    run_cli(["--model_name_or_path", tiny.llm, "--vision_tower", tiny.clip, "--mm_vision_select_layer", "-2",
+             "--deepspeed", "scripts/zero3.json"] + extra
+            + common_args(tiny, output_dir, data_path=data, max_steps=1, save_strategy="no",
+                          per_device_train_batch_size=1),
+            launcher=torchrun(2), env=DS_ENV)
+    curve = losses(output_dir)
+    assert sorted(curve) == [1] and 0 < curve[1] < 20

@@ -4,10 +4,11 @@ A sample is ``{"id", "image": str | [str] (optional), "video": str (optional: a 
 folder of frames, at ``--video_fps`` up to ``--max_frames``; or a ``.safetensors`` file of precomputed frame
 features, ``[frames, patches, dim]``, up to ``--max_frames``), "conversations": [{"from": "human" | "gpt",
 "value"}]}``, in a JSON list or a JSONL file. A video's placeholder is ``<video>`` (an ``<image>`` in a
-sample with a video and no images is read as it); each frame becomes an image with its own VoCo tokens. The processor does everything that depends on the model:
-image preprocessing, expanding each ``<image>`` to the vision tokens and appending the VoCo tokens.
-Labels come from character spans (``llava_voco.conversation``) mapped through the tokenizer's
-offsets, so they are exact for any tokenizer.
+sample with a video and no images is read as it); each frame becomes an image with its own VoCo tokens.
+The processor does everything that depends on the model: image preprocessing, expanding each ``<image>``
+to the vision tokens and appending the VoCo tokens. Labels come from character spans
+(``llava_voco.conversation``) mapped through the tokenizer's offsets, so they are exact for any
+(fast) tokenizer; one that gives no offsets is refused.
 
 Dataset items (``LazySupervisedDataset.__getitem__``):
     ``input_ids`` [seq] and ``labels`` [seq] (IGNORE_INDEX except assistant replies and their end of
@@ -15,13 +16,20 @@ Dataset items (``LazySupervisedDataset.__getitem__``):
     processor gives them), ``frame_features`` [frames, patches, dim] and ``frame_features_mask`` [n_images]
     for a video given as a features file (its frames are then not in ``pixel_values``),
     ``video_frame_mask`` [n_images] with videos, ``instruction_input_ids`` /
-    ``instruction_attention_mask`` [n_images, L] for LLaMA-VID, and the counters of ``BATCH_STAT_KEYS`` as ints.
+    ``instruction_attention_mask`` [n_images, L] for LLaMA-VID, and the counters of
+    ``llava_voco.train.collator.BATCH_STAT_KEYS`` as ints.
+    A sample that is skipped (bad with ``--skip_bad_samples``, or too long) is ``skipped_item()``: its
+    counters only. The collator leaves it out of the batch, so no other sample takes its place and none
+    appears twice in an epoch (nor in a batch of the other modality).
 
 Batches and their counters: ``llava_voco.train.collator``; samplers: ``llava_voco.train.samplers``.
 
-Truncation never cuts an image block or its VoCo tokens: a sample whose last image block would end
-beyond ``model_max_length`` is skipped with a warning; text after it is cut at the last round that
-fits, else at ``model_max_length``. Skips and cuts are logged with the sample id and counted.
+Truncation never cuts an image block or its VoCo tokens, and no partial answer is learned: a sample
+whose last image block would end beyond ``model_max_length`` is skipped; text after it is cut at the
+last round that fits, else at ``model_max_length``, where the labels of the reply the cut falls in are
+dropped (learning its first words without its end of turn would teach the model to stop mid-answer);
+a sample left with no whole reply is skipped. Skips, cuts and dropped replies are logged with the
+sample id and counted.
 """
 
 from __future__ import annotations
@@ -35,18 +43,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, ConversationError, RenderedConversation, get_template
+from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from ..conversation import GPT, HUMAN, ConversationError, RenderedConversation, get_template
+from ..image_io import ImageReadError, load_image, pad_to_square
+from ..model import image_inputs
 from ..video import VideoError, decode_video, is_frame_features, read_frame_features
-from .collator import BATCH_STAT_KEYS, DataCollatorForSupervisedDataset, pop_batch_stats
+from .collator import DataCollatorForSupervisedDataset, skipped_item
+from .collator import pop_batch_stats  # noqa: F401  (still imported from here by test_frame_features and benchmarks)
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 ASPECT_RATIOS = ("pad", "square")
-VIDEO_PLACEHOLDER = "<video>"
 # Per-image inputs the processor may give (video frames, LLaMA-VID instructions), collated across the batch.
 PER_IMAGE_KEYS = ("video_frame_mask", "instruction_input_ids", "instruction_attention_mask")
 # Precomputed frames of a video given as a features file, in place of their pixels (VoCoLlavaModel.forward).
@@ -117,7 +127,11 @@ class DataError(ValueError):
 
 
 class _TooLong(Exception):
-    """The sample's image blocks (or every reply) do not fit in model_max_length: skipped, not an error."""
+    """The sample's image blocks (or every whole reply) do not fit in model_max_length: skipped, not an error."""
+
+    def __init__(self, message: str, replies_dropped: int = 0):
+        super().__init__(message)
+        self.replies_dropped = replies_dropped
 
 
 @dataclass
@@ -148,18 +162,6 @@ def load_samples(data_path: str) -> list:
     return samples
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """Centre ``image`` on a square canvas of ``background`` colour (LLaVA's ``pad``), so that the
-    processor's centre crop keeps the whole image."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
 def _image_files(sample) -> list:
     """The sample's ``image`` as a list (a malformed entry stays in it, for ``_prepare`` to report)."""
     files = sample.get("image") if isinstance(sample, dict) else None
@@ -183,8 +185,9 @@ class LazySupervisedDataset(Dataset):
     """LLaVA's samples, rendered with a ``--version`` template and processed one at a time.
 
     ``stats`` (a ``Counter``) counts, in this process: ``items``, ``skipped_bad``, ``skipped_too_long``,
-    ``truncated``, ``vision_tokens``, ``voco_tokens``. A sample skipped when drawn is replaced by the
-    next usable one, so the epoch keeps its length; it is counted each time it is drawn.
+    ``truncated``, ``replies_dropped``, ``vision_tokens``, ``voco_tokens``. A sample skipped when drawn
+    is ``skipped_item()`` (left out of its batch by the collator, with nothing in its place); it is
+    counted each time it is drawn.
 
     ``vision_hidden_size``: the model's vision tower width, so that a features file of another width is
     refused here, naming the sample and file (the model would refuse it too, without naming them).
@@ -217,6 +220,7 @@ class LazySupervisedDataset(Dataset):
         self.samples = load_samples(self.data_path)
         self._indices = list(range(len(self.samples)))  # positions in the file, after up-front skips
         self._cache: dict[int, dict] | None = {} if data_args.cache_samples else None  # position -> built item
+        self._skipped: set[int] = set()  # positions skipped when drawn, in this process
         if not data_args.lazy_preprocess:
             self._check_all()
         if not self._indices:
@@ -226,22 +230,24 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def tokens_per_image(self) -> int:
-        """Image tokens plus VoCo tokens the processor gives one image, without an image: LLaVA's
-        processor resizes every image to its crop size, and ``_get_num_multimodal_tokens`` is its own
-        count for that size (the one serving engines read)."""
-        if not hasattr(self, "_tokens_per_image"):
-            crop = self.processor.image_processor.crop_size
-            counts = self.processor._get_num_multimodal_tokens(image_sizes=[[crop["height"], crop["width"]]])
-            self._tokens_per_image = counts.num_image_tokens[0] + getattr(self.processor, "voco_tokens", 0)
-        return self._tokens_per_image
+        """Image tokens plus VoCo tokens one image becomes, without an image (``tokens_per_image`` of the
+        processor: the count the processor and the model use)."""
+        return image_inputs.tokens_per_image(self.processor).total
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """The same for one video frame (LLaMA-VID pools frames with its video compress type)."""
+        return image_inputs.tokens_per_image(self.processor, is_frame=True).total
 
     @property
     def lengths(self) -> list[int]:
         """Estimated tokens per sample: words of the turns plus image and VoCo tokens (as LLaVA estimates)."""
         frames = self.data_args.max_frames or 8  # without decoding: the cap, or a typical short clip
+        per_image, per_frame = self.tokens_per_image, self.tokens_per_frame
         return [
             _word_count(self.samples[i])
-            + (len(_image_files(self.samples[i])) + (frames if _video_file(self.samples[i]) else 0)) * self.tokens_per_image
+            + len(_image_files(self.samples[i])) * per_image
+            + (frames * per_frame if _video_file(self.samples[i]) else 0)
             for i in self._indices
         ]
 
@@ -363,13 +369,11 @@ class LazySupervisedDataset(Dataset):
         if not os.path.isfile(path):
             raise self._error(position, sample_id, f"missing image file {path}")
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise self._error(position, sample_id, f"unreadable image file {path}: {error}") from None
+            image = load_image(path)
+        except ImageReadError as error:
+            raise self._error(position, sample_id, f"unreadable image file {error}") from None
         if self.data_args.image_aspect_ratio == "pad":
-            mean = self.processor.image_processor.image_mean
-            image = expand_to_square(image, tuple(int(channel * 255) for channel in mean))
+            image = pad_to_square(image, self.processor.image_processor)
         return image
 
     def _video_path(self, position: int, sample_id: Any, name: str) -> str:
@@ -399,8 +403,7 @@ class LazySupervisedDataset(Dataset):
         except VideoError as error:
             raise self._error(position, sample_id, str(error)) from None
         if self.data_args.image_aspect_ratio == "pad":
-            mean = self.processor.image_processor.image_mean
-            frames = [expand_to_square(frame, tuple(int(channel * 255) for channel in mean)) for frame in frames]
+            frames = [pad_to_square(frame, self.processor.image_processor) for frame in frames]
         return frames
 
     def _instructions(self, turns: list) -> list[str] | None:
@@ -434,7 +437,14 @@ class LazySupervisedDataset(Dataset):
             **media,
         )
         input_ids = encoded["input_ids"][0]  # [seq]
-        offsets = encoded["offset_mapping"][0]  # [seq, 2] character span of each token in the expanded text
+        offsets = encoded.get("offset_mapping")
+        if offsets is None or not bool(offsets[0][:, 1].any()):
+            raise ValueError(
+                f"the tokenizer ({type(self.processor.tokenizer).__name__}) gives no character offsets, and the "
+                "data pipeline places the labels by them (every reply would go unlearned): use a tokenizer "
+                "whose offset_mapping is filled in (a fast tokenizer from tokenizers)"
+            )
+        offsets = offsets[0]  # [seq, 2] character span of each token in the expanded text
         replacements = encoded["text_replacement_offsets"][0]
 
         def expanded(char: int) -> int:
@@ -449,15 +459,19 @@ class LazySupervisedDataset(Dataset):
         is_image_block = input_ids == self.image_token_id
         if self.voco_token_id is not None:
             is_image_block |= input_ids == self.voco_token_id
-        learned = torch.zeros_like(input_ids, dtype=torch.bool)
-        for start, end in rendered.target_spans:
-            learned |= (token_end > expanded(start)) & (token_start < expanded(end))
-        labels = torch.where(learned & ~is_image_block, input_ids, IGNORE_INDEX)  # [seq]
+        replies = [  # [seq] each, the tokens one reply (and its end of turn) teaches
+            (token_end > expanded(start)) & (token_start < expanded(end)) & ~is_image_block
+            for start, end in rendered.target_spans
+        ]
+        learned = torch.stack(replies).any(dim=0) if replies else torch.zeros_like(input_ids, dtype=torch.bool)
+        labels = torch.where(learned, input_ids, IGNORE_INDEX)  # [seq]
 
-        truncated = 0
+        truncated = replies_dropped = 0
         if len(input_ids) > self.model_max_length:
-            cut = self._cut_point(prepared, position, input_ids, labels, is_image_block, token_end, rendered, expanded)
-            input_ids, labels, truncated = input_ids[:cut], labels[:cut], 1
+            where = f"{self.data_path}: sample id {prepared.sample_id!r} (index {position})"
+            cut = self._cut_point(where, input_ids, labels, is_image_block, token_end, rendered, expanded)
+            input_ids, labels, truncated = input_ids[:cut], labels[:cut].clone(), 1
+            replies_dropped = self._drop_cut_replies(where, labels, [reply[:cut] for reply in replies], replies)
 
         item = {"input_ids": input_ids, "labels": labels}
         if images or frames is not None:
@@ -468,14 +482,14 @@ class LazySupervisedDataset(Dataset):
         item["num_vision_tokens"] = int((input_ids == self.image_token_id).sum())
         item["num_voco_tokens"] = int((input_ids == self.voco_token_id).sum()) if self.voco_token_id is not None else 0
         item["num_samples_truncated"] = truncated
+        item["num_replies_dropped"] = replies_dropped
         return item
 
-    def _cut_point(self, prepared, position, input_ids, labels, is_image_block, token_end, rendered, expanded) -> int:
+    def _cut_point(self, where, input_ids, labels, is_image_block, token_end, rendered, expanded) -> int:
         """Where to cut a sample longer than model_max_length; raises _TooLong when nothing usable fits."""
         limit = self.model_max_length
         block_positions = is_image_block.nonzero().flatten()
         image_end = int(block_positions[-1]) + 1 if len(block_positions) else 0
-        where = f"{self.data_path}: sample id {prepared.sample_id!r} (index {position})"
         if image_end > limit:
             raise _TooLong(
                 f"{where}: skipped, its image tokens and VoCo tokens end at token {image_end}, beyond "
@@ -498,8 +512,27 @@ class LazySupervisedDataset(Dataset):
                            "cut at model_max_length", where, len(input_ids), limit)
         else:
             raise _TooLong(f"{where}: skipped, no reply token within model_max_length={limit}")
-        self.stats["truncated"] += 1
         return cut
+
+    def _drop_cut_replies(self, where: str, labels: torch.Tensor, kept: list, whole: list) -> int:
+        """Unlabel (in place) each reply the cut falls inside, so no partial answer is learned; returns how many.
+        ``kept``: each reply's tokens before the cut; ``whole``: all of them. Raises _TooLong when no whole
+        reply is left."""
+        dropped = 0
+        for reply_number, (before_cut, reply) in enumerate(zip(kept, whole), start=1):
+            if bool(before_cut.any()) and int(before_cut.sum()) < int(reply.sum()):
+                labels[before_cut] = IGNORE_INDEX
+                dropped += 1
+                logger.warning("%s: model_max_length=%d cuts reply %d: labels of the reply it cuts dropped",
+                               where, self.model_max_length, reply_number)
+        self.stats["replies_dropped"] += dropped
+        if not bool((labels != IGNORE_INDEX).any()):
+            raise _TooLong(
+                f"{where}: skipped, no whole reply within model_max_length={self.model_max_length} (a reply cut "
+                "by it is not learned)", replies_dropped=dropped,
+            )
+        self.stats["truncated"] += 1
+        return dropped
 
     def _count_bad(self, error: DataError) -> None:
         self.stats["skipped_bad"] += 1
@@ -514,26 +547,29 @@ class LazySupervisedDataset(Dataset):
         return dict(self._cache[position])  # a copy: the counters added below are per draw
 
     def __getitem__(self, index: int) -> dict:
-        skipped = 0
-        for attempt in range(len(self._indices)):
-            position = self._indices[(index + attempt) % len(self._indices)]
-            try:
-                item = self._cached_build(position)
-            except _TooLong as reason:
-                self.stats["skipped_too_long"] += 1
-                logger.warning("%s", reason)
-            except DataError as error:
-                if not self.data_args.skip_bad_samples:
-                    raise
-                self._count_bad(error)
-            else:
-                item["num_samples_skipped"] = skipped
-                self.stats["items"] += 1
-                self.stats["vision_tokens"] += item["num_vision_tokens"]
-                self.stats["voco_tokens"] += item["num_voco_tokens"]
-                return item
-            skipped += 1
-        raise RuntimeError(f"{self.data_path}: every sample was skipped (see the warnings above)")
+        """The item of sample ``index``, or ``skipped_item()`` (counted and logged) when it is skipped."""
+        position = self._indices[index]
+        skipped = skipped_item()
+        try:
+            item = self._cached_build(position)
+        except _TooLong as reason:
+            self.stats["skipped_too_long"] += 1
+            skipped["num_replies_dropped"] = reason.replies_dropped
+            logger.warning("%s", reason)
+        except DataError as error:
+            if not self.data_args.skip_bad_samples:
+                raise
+            self._count_bad(error)
+        else:
+            item["num_samples_skipped"] = 0
+            self.stats["items"] += 1
+            self.stats["vision_tokens"] += item["num_vision_tokens"]
+            self.stats["voco_tokens"] += item["num_voco_tokens"]
+            return item
+        self._skipped.add(position)
+        if len(self._skipped) == len(self._indices):
+            raise RuntimeError(f"{self.data_path}: every sample was skipped (see the warnings above)")
+        return skipped
 
 
 def make_supervised_data_module(
@@ -548,23 +584,32 @@ def make_supervised_data_module(
             "the tokenizer has no pad token; set one before building the data module "
             "(LLaVA uses the unk token: tokenizer.pad_token = tokenizer.unk_token)"
         )
+    instruction_pad_token_id = None
+    if getattr(processor, "llamavid_compress_type", None) is not None:
+        text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
+        if text_decoder_tokenizer is None:
+            raise ValueError(
+                "the processor is LLaMA-VID's (llamavid_compress_type is set) but has no text_decoder_tokenizer "
+                "to tokenize each image's instruction with"
+            )
+        if text_decoder_tokenizer.pad_token_id is None:
+            raise ValueError("LLaMA-VID's text decoder tokenizer has no pad token; set one (BERT's is [PAD])")
+        instruction_pad_token_id = text_decoder_tokenizer.pad_token_id
     dataset = LazySupervisedDataset(
         data_args.data_path, processor, data_args, version=version, model_max_length=model_max_length,
         vision_hidden_size=vision_hidden_size,
     )
-    collator = DataCollatorForSupervisedDataset(tokenizer=processor.tokenizer, label_pad_token_id=IGNORE_INDEX)
+    collator = DataCollatorForSupervisedDataset(
+        tokenizer=processor.tokenizer, label_pad_token_id=IGNORE_INDEX, instruction_pad_token_id=instruction_pad_token_id
+    )
     return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
 
 
 __all__ = [
     "ASPECT_RATIOS",
-    "BATCH_STAT_KEYS",
-    "IGNORE_INDEX",
     "DataArguments",
-    "DataCollatorForSupervisedDataset",
     "DataError",
     "LazySupervisedDataset",
-    "expand_to_square",
     "load_samples",
     "make_supervised_data_module",
     "pop_batch_stats",

@@ -37,6 +37,7 @@ from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoL
 from llava_voco.constants import IMAGE_PLACEHOLDER, VOCO_TOKEN
 from llava_voco.model.builder import add_special_tokens_with_mean_rows, gathered
 from llava_voco.model.configuration_voco_llava import VOCO_FIELDS
+from llava_voco.model.image_inputs import tokens_per_image
 from llava_voco.model.projector import build_projector, llava_projector_state_dict
 
 from .arguments import SELECT_FEATURE, ModelArguments, TrainConfigError, TrainingArguments
@@ -118,17 +119,10 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     has_cls = vision_config.model_type == "clip_vision_model"
     if select_feature == "cls_patch" and not has_cls:
         raise TrainConfigError(f"--mm_vision_select_feature cls_patch: {model_args.vision_tower} has no CLS token")
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    image_tokens = patches + (1 if strategy == "full" else 0)
-    if model_args.vision_token_pooling != "none":
-        from llava_voco.model.llamavid import content_tokens_per_frame
-
-        image_tokens = content_tokens_per_frame(model_args.vision_token_pooling, image_tokens)
     config = VoCoLlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=llm.config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=image_tokens,
         vision_feature_layer=model_args.mm_vision_select_layer if model_args.mm_vision_select_layer is not None else -1,
         vision_feature_select_strategy=strategy,
         tie_word_embeddings=llm.config.tie_word_embeddings,
@@ -140,6 +134,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         vision_token_pooling=model_args.vision_token_pooling,
         **llamavid_fields(model_args),
     )
+    config.image_seq_length = tokens_per_image(config).image  # tokens one image becomes, VoCo tokens aside
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
     config._attn_implementation = attn
     # The shell is built on the meta device (no memory, no init), then the loaded parts are put in it.

@@ -38,6 +38,8 @@ if __package__ in (None, ""):  # run as a file (``deepspeed llava_voco/train/tra
 from transformers import set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from llava_voco.model.image_inputs import tokens_per_image
+
 from .arguments import TrainConfigError, parse_args, refuse_flags_without_effect
 from .data import make_supervised_data_module
 from .model_setup import build_model_and_processor, save_lora, set_trainable
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     logger.info(
         "model: %s projector, voco_tokens=%d (%s mask), %d image tokens per image",
         model.config.mm_projector_type, model.config.voco_tokens, model.config.voco_mask_mode,
-        model.config.image_seq_length,
+        tokens_per_image(model.config).image,
     )
     model.model.apply_voco_mask = model_args.voco_mask_in_training
 

@@ -9,7 +9,9 @@
 
 Two more things LLaVA does elsewhere (its dataset and model) are done here: under ZeRO-3 a text-only
 batch gets a blank image row, so every rank runs the vision tower and projector at every step
-(``with_blank_image_row``); and a checkpoint resumes with its weights (``_load_from_checkpoint``).
+(``with_blank_image_row``); and a checkpoint resumes with its weights (``_load_from_checkpoint``). A
+batch whose every sample was skipped (``llava_voco.train.collator``) still runs its forward, with a loss
+of 0.
 
 It also logs, beside the Trainer's metrics, what the compression does to each batch (see
 ``CompressionStats``); they reach every ``--report_to`` integration (wandb: ``train/<name>``).
@@ -26,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from ..constants import IGNORE_INDEX
+from ..model.image_inputs import tokens_per_image
 from .collator import pop_batch_stats
 from .samplers import LengthGroupedSampler
 
@@ -52,26 +56,29 @@ class CompressionStats:
     Logged with each training loss, summed over ranks:
     ``vision_tokens_per_sample``, ``voco_tokens_per_sample``, ``image_token_share`` (vision tokens /
     non-padding tokens) and ``compression_ratio`` (vision tokens / VoCo tokens, only when VoCo is on),
-    over the batches since the previous log; ``samples_skipped`` and ``samples_truncated``, totals since
-    the start of this run (``skipped_up_front``: samples the dataset dropped before training, when it
-    checks every sample first).
+    over the batches since the previous log; ``samples_skipped``, ``samples_truncated`` and
+    ``replies_dropped`` (replies cut by ``model_max_length``, not learned), totals since the start of this
+    run (``skipped_up_front``: samples the dataset dropped before training, when it checks every sample first).
     """
 
     def __init__(self, skipped_up_front: int = 0):
         self.samples = self.vision = self.voco = self.tokens = 0
-        self.skipped = self.truncated = 0
+        self.skipped = self.truncated = self.replies_dropped = 0
         self.skipped_up_front = skipped_up_front
 
     def update(self, batch_stats: dict[str, int], attention_mask: torch.Tensor | None, batch_size: int, seq_len: int):
-        self.samples += batch_size
+        samples = int(batch_stats.get("num_samples", batch_size))
+        self.samples += samples
         self.vision += int(batch_stats.get("num_vision_tokens", 0))
         self.voco += int(batch_stats.get("num_voco_tokens", 0))
-        self.tokens += int(attention_mask.sum()) if attention_mask is not None else batch_size * seq_len
+        if samples:  # a batch of skipped samples holds one stand-in token, not data
+            self.tokens += int(attention_mask.sum()) if attention_mask is not None else batch_size * seq_len
         self.skipped += int(batch_stats.get("num_samples_skipped", 0))
         self.truncated += int(batch_stats.get("num_samples_truncated", 0))
+        self.replies_dropped += int(batch_stats.get("num_replies_dropped", 0))
 
     def totals(self, device) -> torch.Tensor:
-        values = [self.samples, self.vision, self.voco, self.tokens, self.skipped, self.truncated]
+        values = [self.samples, self.vision, self.voco, self.tokens, self.skipped, self.truncated, self.replies_dropped]
         return torch.tensor(values, dtype=torch.float64, device=device)
 
     def reset_window(self):
@@ -79,8 +86,9 @@ class CompressionStats:
 
     def metrics(self, totals: torch.Tensor) -> dict[str, float]:
         """``totals`` summed over ranks."""
-        samples, vision, voco, tokens, skipped, truncated = totals.tolist()
-        metrics = {"samples_skipped": skipped + self.skipped_up_front, "samples_truncated": truncated}
+        samples, vision, voco, tokens, skipped, truncated, replies_dropped = totals.tolist()
+        metrics = {"samples_skipped": skipped + self.skipped_up_front, "samples_truncated": truncated,
+                   "replies_dropped": replies_dropped}
         if samples:
             metrics["vision_tokens_per_sample"] = vision / samples
             metrics["voco_tokens_per_sample"] = voco / samples
@@ -88,6 +96,83 @@ class CompressionStats:
             if voco > 0:
                 metrics["compression_ratio"] = vision / voco
         return metrics
+
+
+def with_blank_image_row(inputs: dict, model, processor) -> dict:
+    """A batch without pixels plus one row holding a blank image and no labels.
+
+    Under ZeRO-3 every rank must run the same modules in the same order (each module's weights are
+    gathered from all ranks as it runs), so a rank whose batch has no image cannot skip the vision
+    tower and projector while another rank runs them (it hangs). LLaVA feeds such batches a blank
+    image whose features it slices away; here the blank image gets its own row: its labels are all
+    ignored and rows do not attend to each other, so the loss and the gradients are those of the
+    other rows alone. The row holds the tokens ``tokens_per_image`` gives this model's images (pooled,
+    LLaMA-VID's context and content tokens, CLS, VoCo); LLaMA-VID also gets an empty instruction from
+    the processor's ``text_decoder_tokenizer``.
+
+    ``model``: the ``VoCoLlavaForConditionalGeneration`` (unwrapped); ``processor``: its processor.
+    """
+    config = model.config
+    vision = config.vision_config
+    count = tokens_per_image(config)
+    row = [config.image_token_id] * count.image + [config.voco_token_id] * count.voco
+    input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    length = max(input_ids.shape[1], len(row))
+    pad_id = _pad_id(processor.tokenizer, "the tokenizer")
+
+    def widen(tensor, value, width=length):
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    blank_ids = widen(input_ids.new_tensor([row]), pad_id)
+    blank_mask = widen(attention_mask.new_ones((1, len(row))), 0)
+    inputs = dict(inputs)
+    inputs["input_ids"] = torch.cat([widen(input_ids, pad_id), blank_ids])
+    inputs["attention_mask"] = torch.cat([widen(attention_mask, 0), blank_mask])
+    inputs["labels"] = torch.cat([widen(labels, IGNORE_INDEX), torch.full_like(blank_ids, IGNORE_INDEX)])
+    size = vision.image_size if isinstance(vision.image_size, (tuple, list)) else (vision.image_size,) * 2
+    inputs["pixel_values"] = torch.zeros(
+        1, vision.num_channels, *size, dtype=model.dtype, device=input_ids.device
+    )
+    if "frame_features" in inputs:  # a batch of precomputed frames only: the blank image is the last image
+        precomputed = inputs.get("frame_features_mask")
+        if precomputed is None:
+            precomputed = torch.ones(len(inputs["frame_features"]), dtype=torch.bool, device=input_ids.device)
+        inputs["frame_features_mask"] = torch.cat([precomputed.bool(), precomputed.new_zeros(1, dtype=torch.bool)])
+        if "video_frame_mask" in inputs:
+            frames = inputs["video_frame_mask"]
+            inputs["video_frame_mask"] = torch.cat([frames, frames.new_zeros(1)])
+    if config.mm_projector_type == "llamavid":
+        inputs.update(_with_empty_instruction(inputs, processor, input_ids.device))
+    return inputs
+
+
+def _pad_id(tokenizer, what: str) -> int:
+    if tokenizer is None:
+        raise ValueError(f"{what} is missing")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{what} has no pad token; set one (LLaVA uses the unk token)")
+    return tokenizer.pad_token_id
+
+
+def _with_empty_instruction(inputs: dict, processor, device) -> dict:
+    """LLaMA-VID's instruction rows plus an empty one for the blank image, all padded to one width with the
+    text decoder tokenizer's pad id."""
+    from ..model.llamavid import encode_instructions
+
+    text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
+    pad_id = _pad_id(text_decoder_tokenizer, "LLaMA-VID's text decoder tokenizer (processor.text_decoder_tokenizer)")
+    empty = encode_instructions(text_decoder_tokenizer, [""])
+    rows = {}
+    for key, value in (("instruction_input_ids", pad_id), ("instruction_attention_mask", 0)):
+        blank = empty[key].to(device)
+        if inputs.get(key) is None:
+            rows[key] = blank
+            continue
+        earlier = inputs[key]
+        width = max(earlier.shape[1], blank.shape[1])
+        padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in (earlier, blank.to(earlier.dtype))]
+        rows[key] = torch.cat(padded)
+    return rows
 
 
 class VoCoLlavaTrainer(Trainer):
@@ -196,7 +281,7 @@ class VoCoLlavaTrainer(Trainer):
             return
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    # ---- compression stats --------------------------------------------------------------------------
+    # ---- compression stats, the ZeRO-3 blank image, batches of skipped samples ---------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch_stats = pop_batch_stats(inputs)  # data counters, not model inputs
         if self.compression_stats is not None and model.training:
@@ -204,52 +289,23 @@ class VoCoLlavaTrainer(Trainer):
             self.compression_stats.update(batch_stats, inputs.get("attention_mask"), *input_ids.shape[:2])
         if self.blank_image_for_text_batches and "pixel_values" not in inputs:
             inputs = self.with_blank_image_row(inputs)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")
+        if labels is None or bool((labels != IGNORE_INDEX).any()):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        # Nothing to learn (every sample of the batch was skipped): the forward still runs, as on the other
+        # ranks, and the loss is 0 with zero gradients instead of the NaN of a mean over no label.
+        _, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = outputs.logits.sum() * 0.0
+        return (loss, outputs) if return_outputs else loss
 
     def with_blank_image_row(self, inputs: dict) -> dict:
-        """A text-only batch plus one row holding a blank image and no labels.
-
-        Under ZeRO-3 every rank must run the same modules in the same order (each module's weights are
-        gathered from all ranks as it runs), so a rank whose batch has no image cannot skip the vision
-        tower and projector while another rank runs them (it hangs). LLaVA feeds such batches a blank
-        image whose features it slices away; here the blank image gets its own row: its labels are all
-        ignored and rows do not attend to each other, so the loss and the gradients are those of the
-        text rows alone.
-        """
+        """``with_blank_image_row`` for this Trainer's model (unwrapped, PEFT's base) and processor."""
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "get_base_model"):  # PEFT
             model = model.get_base_model()
-        config = model.config
-        vision = config.vision_config
-        image_tokens = (vision.image_size // vision.patch_size) ** 2
-        if config.vision_feature_select_strategy == "full":
-            image_tokens += 1
-        row = [config.image_token_id] * image_tokens + [config.voco_token_id] * config.voco_tokens
-        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        length = max(input_ids.shape[1], len(row))
-        pad_id = self.processing_class.tokenizer.pad_token_id
-
-        def widen(tensor, value):
-            return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
-
-        blank_ids = widen(input_ids.new_tensor([row]), pad_id)
-        blank_mask = widen(attention_mask.new_ones((1, len(row))), 0)
-        inputs = dict(inputs)
-        inputs["input_ids"] = torch.cat([widen(input_ids, pad_id), blank_ids])
-        inputs["attention_mask"] = torch.cat([widen(attention_mask, 0), blank_mask])
-        inputs["labels"] = torch.cat([widen(labels, -100), torch.full_like(blank_ids, -100)])
-        inputs["pixel_values"] = torch.zeros(
-            1, vision.num_channels, vision.image_size, vision.image_size, dtype=model.dtype, device=input_ids.device
-        )
-        if "frame_features" in inputs:  # a batch of precomputed frames only: the blank image is the last image
-            precomputed = inputs.get("frame_features_mask")
-            if precomputed is None:
-                precomputed = torch.ones(len(inputs["frame_features"]), dtype=torch.bool, device=input_ids.device)
-            inputs["frame_features_mask"] = torch.cat([precomputed.bool(), precomputed.new_zeros(1, dtype=torch.bool)])
-            if "video_frame_mask" in inputs:
-                frames = inputs["video_frame_mask"]
-                inputs["video_frame_mask"] = torch.cat([frames, frames.new_zeros(1)])
-        return inputs
+        return with_blank_image_row(inputs, model, self.processing_class)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.compression_stats is not None and "loss" in logs:
