@@ -114,3 +114,19 @@ def test_a_sample_reads_nothing_of_the_one_before(voco_dir, digit_images):
     start = int(starts[1])
     assert (a[0, :start] - b[0, :start]).abs().max() > 1e-4  # the first samples differ
     torch.testing.assert_close(a[0, start:], b[0, start:], atol=ATOL, rtol=0)
+
+
+def test_pack_rows_and_packed_text_batch():
+    from llava_voco.train.packing import PackingError, pack_rows, packed_text_batch
+
+    assert pack_rows([3, 4, 2, 5, 1], max_length=7) == [[0, 1], [2, 3], [4]]  # in order, never split
+    with pytest.raises(PackingError, match="item 1 of the batch has 9 tokens"):
+        pack_rows([3, 9], max_length=8)
+    items = [{"input_ids": torch.tensor([1, 5, 6]), "labels": torch.tensor([1, 5, 6])},
+             {"input_ids": torch.tensor([1, 7]), "labels": torch.tensor([IGNORE_INDEX, 7])},
+             {"input_ids": torch.tensor([1, 8, 9, 4]), "labels": torch.tensor([1, 8, 9, 4])}]
+    batch = packed_text_batch(items, max_length=6, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 1, 7], [1, 8, 9, 4, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5, 6, IGNORE_INDEX, 7], [IGNORE_INDEX, 8, 9, 4, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
