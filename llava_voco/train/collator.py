@@ -7,11 +7,12 @@ batch] when a sample has precomputed frames; ``video_frame_mask`` with videos; L
 ``instruction_input_ids`` / ``instruction_attention_mask`` [images in the batch, L] padded with the text
 decoder tokenizer's pad id; ``image_sizes`` if given; and, as plain ints summed over the batch, the keys
 of ``BATCH_STAT_KEYS``, which must be popped before the model's forward (``pop_batch_stats``):
+    ``num_samples``            samples in the batch (its rows, or 0 for the stand-in row below),
     ``num_vision_tokens``      image tokens in the batch,
     ``num_voco_tokens``        VoCo tokens in the batch,
     ``num_samples_skipped``    samples drawn for it but skipped (bad, or beyond ``model_max_length``),
     ``num_samples_truncated``  samples in it whose text was cut at ``model_max_length``,
-    ``num_replies_dropped``    replies cut by that limit whose labels were dropped (no partial answer is learned).
+    ``num_replies_dropped``    replies cut by that limit, whose labels were dropped (no partial answer is learned).
 They travel with the batch because DataLoader workers are other processes: ``dataset.stats`` only
 counts what this process built (all of it when ``dataloader_num_workers`` is 0).
 
@@ -82,9 +83,9 @@ class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
             batch = self._no_sample_batch()
         else:
             batch = self._collate(features)
-        batch["num_samples"] = len(features)
-        for key in BATCH_STAT_KEYS[1:]:
+        for key in BATCH_STAT_KEYS:
             batch[key] = sum(int(f.get(key, 0)) for f in features + skipped)
+        batch["num_samples"] = len(features)
         batch["num_samples_skipped"] += sum(1 for f in skipped if "num_samples_skipped" not in f)  # None items
         return batch
 
