@@ -13,7 +13,9 @@ its own):
 - ``"varlen_reference"``: :func:`varlen_reference_attention`, pure torch with ``flash_attn_varlen_func``'s
   signature and semantics, so the plan, gather, scatter and backward run (and are tested) on CPU;
 - ``"flash_attention_2"`` on a VoCo model: ``flash_attn.flash_attn_varlen_func`` through the same plan
-  (registered as ``"voco_flash_attention_2"``; a model without VoCo keeps transformers' own flash path).
+  (registered as ``"voco_flash_attention_2"``; a model without VoCo keeps transformers' own flash path);
+- ``"varlen_torch"``: torch's own CUDA varlen kernel (``torch.nn.attention.varlen``), a second real kernel
+  where flash-attn is not installed (CUDA only; checked by ``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .voco_mask import NEVER_HIDDEN, VoCoLayout
 
 VARLEN_REFERENCE = "varlen_reference"
 VOCO_FLASH = "voco_flash_attention_2"
-VARLEN_IMPLEMENTATIONS = (VARLEN_REFERENCE, VOCO_FLASH)
+VARLEN_TORCH = "varlen_torch"
+VARLEN_IMPLEMENTATIONS = (VARLEN_REFERENCE, VOCO_FLASH, VARLEN_TORCH)
 PLAN_KWARG = "voco_varlen_plan"
 
 
@@ -193,6 +196,17 @@ def _flash_varlen(*args, **kwargs):
     return flash_attn_varlen_func(*args, **kwargs)
 
 
+def _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                  softmax_scale=None, causal=False):
+    """torch's own CUDA varlen kernel (``torch.nn.attention.varlen.varlen_attn``) behind flash-attn's signature."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if dropout_p:
+        raise ValueError("varlen_torch has no attention dropout; use flash_attention_2 or varlen_reference")
+    return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
+                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _varlen_attention(kernel, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """An attention function for transformers' ``AttentionInterface``: ``query`` ``[B, H, S, D]``, ``key`` /
     ``value`` ``[B, H_kv, KV, D]``; returns ``([B, S, H, D], None)``. Reads the plan from ``voco_varlen_plan``;
@@ -233,13 +247,18 @@ def voco_flash_attention_forward(module, query, key, value, attention_mask, scal
     return _varlen_attention(_flash_varlen, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 
 
+def varlen_torch_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    return _varlen_attention(_torch_varlen, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
 def register_varlen_backends() -> None:
     """Make ``"varlen_reference"`` and ``"voco_flash_attention_2"`` valid ``attn_implementation`` names. Their
     mask builder is flash-attention's (padding only, or nothing): the VoCo rule travels in the plan."""
     AttentionInterface.register(VARLEN_REFERENCE, varlen_reference_attention_forward)
     AttentionInterface.register(VOCO_FLASH, voco_flash_attention_forward)
-    AttentionMaskInterface.register(VARLEN_REFERENCE, flash_attention_mask)
-    AttentionMaskInterface.register(VOCO_FLASH, flash_attention_mask)
+    AttentionInterface.register(VARLEN_TORCH, varlen_torch_attention_forward)
+    for name in VARLEN_IMPLEMENTATIONS:
+        AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 __all__ = [
@@ -247,6 +266,7 @@ __all__ = [
     "PLAN_KWARG",
     "VARLEN_IMPLEMENTATIONS",
     "VARLEN_REFERENCE",
+    "VARLEN_TORCH",
     "VOCO_FLASH",
     "VarlenPlan",
     "build_varlen_plan",
