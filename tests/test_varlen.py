@@ -180,3 +180,25 @@ def test_flash_attention_2_without_flash_attn_is_refused_before_loading(voco_dir
     (broken / "model.safetensors").write_bytes(b"not weights")
     with pytest.raises(FlashAttentionUnavailable, match=r"llava-voco\[gpu\]"):
         llava_voco.VoCoLlavaForConditionalGeneration.from_pretrained(broken, attn_implementation="flash_attention_2")
+
+
+def test_flex_block_mask_skips_text_to_vision_blocks(voco_dir):
+    """Flex attention (the GPU training path, where its backward exists) gets the rule as a BlockMask whose
+    block sparsity skips every block of text queries over closed vision keys: they are never computed."""
+    model, _ = load_voco(voco_dir, attn_implementation="flex_attention")
+    config = model.config
+    block = 128
+    ids = torch.tensor([[1] + [config.image_token_id] * 4 * block + [config.voco_token_id] + [5] * 3 * block])
+    layout = model.model.voco_layout(ids)
+    block_mask = model.model.voco_attention_mask(layout, ids.shape[1], 1, None, None, None)
+    computed = block_mask.to_dense()[0, 0]  # [query blocks, key blocks]: 1 where a block is computed
+    text_start = int(layout.text_start[0, 0])
+    text_query_blocks = [b for b in range(computed.shape[0]) if b * block >= text_start]
+    vision_key_blocks = [b for b in range(computed.shape[1]) if 1 <= b * block and (b + 1) * block <= 4 * block]
+    assert text_query_blocks and vision_key_blocks
+    for q in text_query_blocks:
+        assert computed[q, vision_key_blocks].sum() == 0
+        assert computed[q, 0] == 1  # the block holding the prefix (and the first vision tokens) is read
+    # the block holding the VoCo token still reads every vision block: that is where the compression happens
+    voco_block = (text_start - 1) // block
+    assert voco_block not in text_query_blocks and computed[voco_block, vision_key_blocks].all()
