@@ -12,7 +12,8 @@ state dicts load unchanged.
 from __future__ import annotations
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaModel
+from torch import nn
+from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -22,6 +23,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 from .configuration_voco_llava import VoCoLlavaConfig
 from .image_inputs import ImageInputs, encode_images, vision_patch_features
@@ -41,7 +43,12 @@ class VoCoLlavaModel(LlavaModel):
     config: VoCoLlavaConfig
 
     def __init__(self, config: VoCoLlavaConfig):
-        super().__init__(config)
+        # Llava's parts, each built once (LlavaModel.__init__ would build a projector we would then replace:
+        # under ZeRO-3's zero.Init that allocates and partitions it for nothing).
+        LlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = build_projector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
         # False only to train the VoCo paper's lower bound (``--voco_mask_in_training False``): VoCo tokens in
         # the sequence but plain causal attention, so text learns to read the vision tokens; the saved model
         # is then evaluated with the mask. Not a config field: a checkpoint always loads with the mask on.
@@ -50,9 +57,7 @@ class VoCoLlavaModel(LlavaModel):
             # transformers' flash path keeps only padding and would drop the rule: the same kernel, through
             # the VoCo segment plan (varlen.py)
             self.language_model.config._attn_implementation = VOCO_FLASH
-        if getattr(config, "mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-            self.multi_modal_projector = build_projector(config)
-            self.post_init()
+        self.post_init()
 
     def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[images, N, C]``: what precomputed frame features store (``image_inputs.vision_patch_features``)."""
@@ -251,8 +256,10 @@ class VoCoLlavaForConditionalGeneration(VoCoGenerationMixin, LlavaForConditional
     config: VoCoLlavaConfig
 
     def __init__(self, config: VoCoLlavaConfig):
-        super().__init__(config)
+        # as LlavaForConditionalGeneration.__init__, with our model built in place of Llava's (not after it)
+        LlavaPreTrainedModel.__init__(self, config)
         self.model = VoCoLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     @classmethod
