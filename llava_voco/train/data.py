@@ -52,7 +52,6 @@ from ..image_io import ImageReadError, load_image, pad_to_square
 from ..model import image_inputs
 from ..video import VideoError, decode_video, is_frame_features, read_frame_features
 from .collator import DataCollatorForSupervisedDataset, skipped_item
-from .collator import pop_batch_stats  # noqa: F401  (tests/test_frame_features.py imports it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -612,5 +611,4 @@ __all__ = [
     "LazySupervisedDataset",
     "load_samples",
     "make_supervised_data_module",
-    "pop_batch_stats",
 ]
