@@ -253,3 +253,32 @@ def test_continuing_a_cache_equals_the_full_forward(voco_dir, digit_images, mode
     greedy_full = model.generate(**full, max_new_tokens=5, do_sample=False)
     greedy_cache = model.generate(**continuation, past_key_values=cache, max_new_tokens=5, do_sample=False)
     assert torch.equal(greedy_cache[:, continuation["input_ids"].shape[1]:], greedy_full[:, full.input_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_half_precision_caches(voco_dir, digit_images, tmp_path, dtype, implementation):
+    """bf16 / fp16: the eager mask's fill value is the dtype's, the cache saves and loads bit-exact with its
+    fingerprint and checksum, and answering from it matches the full masked forward (half tolerance)."""
+    model, processor = load_voco(voco_dir, attn_implementation=implementation, dtype=dtype)
+    assert all(p.dtype == dtype for p in model.parameters())
+    full_text, head_text, question = split_prompt(processor, "Which digit is at the top left?")
+    full = processor(images=digit_images[2], text=full_text, return_tensors="pt")
+    head = processor(images=digit_images[2], text=head_text, return_tensors="pt")
+    full["pixel_values"], head["pixel_values"] = full["pixel_values"].to(dtype), head["pixel_values"].to(dtype)
+    question_ids = tokenize_text(processor, [question])
+    cache = model.compress(**head)
+    assert cache.layers[0].keys.dtype == dtype
+    cache.save(tmp_path / "half.safetensors")
+    loaded = VoCoCache.load(tmp_path / "half.safetensors", model)
+    for mine, theirs in zip(cache.layers, loaded.layers):
+        assert theirs.keys.dtype == dtype
+        assert torch.equal(mine.keys.view(torch.int16), theirs.keys.view(torch.int16))  # bit-exact
+        assert torch.equal(mine.values.view(torch.int16), theirs.values.view(torch.int16))
+    with torch.no_grad():
+        reference = model(**full).logits[:, head.input_ids.shape[1]:].float()
+        from_cache = model(**question_ids, past_key_values=loaded.clone()).logits.float()
+    assert torch.isfinite(from_cache).all()
+    assert (from_cache - reference).abs().max() <= 2e-2 * reference.abs().max()
+    answer = model.generate(**question_ids, past_key_values=loaded, max_new_tokens=4, do_sample=False)
+    assert answer.shape[1] == question_ids.input_ids.shape[1] + 4

@@ -52,6 +52,12 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def layer_devices_of(model) -> list[torch.device]:
+    """The device of each decoder layer of the language model (several under ``device_map``)."""
+    layers = model.model.language_model.layers
+    return [next(layer.parameters()).device for layer in layers]
+
+
 class VoCoCache(DynamicCache):
     """``DynamicCache`` holding only the positions text may attend to, for a batch of prompts.
 
@@ -252,7 +258,8 @@ class VoCoCache(DynamicCache):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model, device: torch.device | str | None = None) -> "VoCoCache":
-        """Load a cache saved by :meth:`save`, refusing one that does not belong to ``model``."""
+        """Load a cache saved by :meth:`save`, refusing one that does not belong to ``model``. Each layer's
+        keys/values go to the device of that layer of ``model`` (``device``: all of them to one device)."""
         path = Path(path)
         try:
             from safetensors import safe_open
@@ -276,6 +283,7 @@ class VoCoCache(DynamicCache):
                 f"{path}: the cache was made by another model or config (fingerprint "
                 f"{metadata.get('fingerprint', '')[:12]}..., this model {expected[:12]}...)"
             )
+        layer_devices = layer_devices_of(model) if device is None else [torch.device(device)] * len(layer_devices_of(model))
         device = device if device is not None else model.device
         cache = cls(
             config=model.config.text_config,
@@ -285,8 +293,9 @@ class VoCoCache(DynamicCache):
         )
         if int(metadata["num_layers"]) != len(cache.layers):
             raise VoCoCacheError(f"{path}: {metadata['num_layers']} layers, the model has {len(cache.layers)}")
-        for i, layer in enumerate(cache.layers):
-            keys, values = tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device)
+        for i, layer in enumerate(cache.layers):  # each layer's keys/values where that layer runs (device_map)
+            keys = tensors[f"layers.{i}.keys"].to(layer_devices[i])
+            values = tensors[f"layers.{i}.values"].to(layer_devices[i])
             layer.update(keys, values)
         for name in ("token_ids", "attention_mask", "next_position", "num_images", "vision_tokens_dropped"):
             setattr(cache, name, tensors[name].to(device))

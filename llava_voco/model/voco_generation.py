@@ -148,8 +148,9 @@ class VoCoGenerationMixin:
             # cache keeps it and the continuation's mask hides it from text.)
             keep = layout.key_visible_until[0, cached_positions] >= end
             if not bool(keep.all()):
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+                for layer in cache.layers:  # each layer's tensors where that layer runs (device_map)
+                    layer_keep = keep.to(layer.keys.device)
+                    layer.keys, layer.values = layer.keys[:, :, layer_keep], layer.values[:, :, layer_keep]
                 cached_positions = cached_positions[keep]
             # Between segments the cache holds exactly what the next forward may read, described here.
             cache.token_ids = input_ids[:, cached_positions]
