@@ -12,6 +12,7 @@ from .voco_mask import check_mask_mode
 VOCO_FIELDS = (
     "voco_tokens", "voco_token_id", "voco_mask_mode", "mm_projector_type", "llamavid_num_query", "llamavid_qformer",
     "llamavid_compress_type", "llamavid_video_compress_type", "frame_chunk", "vision_token_pooling",
+    "voco_train_tokens",
 )
 
 
@@ -22,6 +23,9 @@ class VoCoLlavaConfig(LlavaConfig):
     voco_tokens (`int`, defaults to 0):
         VoCo tokens after each image. 0 switches VoCo off: the model is then plain LLaVA, and
         ``save_pretrained`` writes a plain ``llava`` config that stock transformers loads.
+    voco_train_tokens (`list[int]`, *optional*):
+        An elastic model's VoCo counts (docs/design.md §2.7): trained with one drawn per sample, it compresses
+        with any of them (``voco_tokens`` is the largest). None: only ``voco_tokens``.
     voco_token_id (`int`, *optional*):
         Id of the ``<voco>`` token in the tokenizer; required when ``voco_tokens > 0``.
     voco_mask_mode (`str`, defaults to ``"paper"``):
@@ -41,6 +45,7 @@ class VoCoLlavaConfig(LlavaConfig):
     model_type = "voco_llava"
 
     voco_tokens: int = 0
+    voco_train_tokens: list[int] | None = None
     voco_token_id: int | None = None
     voco_mask_mode: str = "paper"
     mm_projector_type: str = "mlp2x_gelu"
@@ -65,10 +70,31 @@ class VoCoLlavaConfig(LlavaConfig):
                                  "llamavid_compress_type")
         if self.voco_tokens < 0:
             raise ValueError(f"voco_tokens must be >= 0, got {self.voco_tokens}")
+        if self.voco_train_tokens is not None:
+            counts = sorted(set(int(k) for k in self.voco_train_tokens))
+            if not counts or counts[0] < 1 or counts[-1] != self.voco_tokens:
+                raise ValueError(
+                    f"voco_train_tokens {self.voco_train_tokens}: VoCo counts >= 1 whose largest is voco_tokens="
+                    f"{self.voco_tokens}"
+                )
+            self.voco_train_tokens = counts
         if self.voco_tokens > 0 and self.voco_token_id is None:
             raise ValueError("voco_tokens > 0 needs voco_token_id (the id of <voco> in the tokenizer)")
         if self.voco_token_id is not None and self.voco_token_id == self.image_token_id:
             raise ValueError(f"voco_token_id and image_token_id are both {self.voco_token_id}")
+
+    @property
+    def voco_token_counts(self) -> list[int]:
+        """The VoCo counts this model compresses with: an elastic model's set, else ``[voco_tokens]``."""
+        return list(self.voco_train_tokens) if self.voco_train_tokens else [self.voco_tokens]
+
+    def check_voco_tokens(self, voco_tokens: int) -> int:
+        """``voco_tokens`` if this model was trained for it, else a ValueError naming the counts it was."""
+        if voco_tokens not in self.voco_token_counts:
+            raise ValueError(
+                f"voco_tokens={voco_tokens}: this model was trained with VoCo counts {self.voco_token_counts}"
+            )
+        return voco_tokens
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """With VoCo off the checkpoint is written as plain LLaVA (docs/design.md §4), unless its projector is one

@@ -89,7 +89,7 @@ class VoCoLlavaModel(LlavaModel):
             attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None,
             image_token_id=self.config.image_token_id,
             voco_token_id=self.config.voco_token_id,
-            voco_tokens=self.config.voco_tokens,
+            voco_tokens=self.config.voco_token_counts,
             mode=self.config.voco_mask_mode,
             num_images=len(images) if images is not None else None,
             tokens_per_image=images.token_counts(self.config) if images is not None else None,

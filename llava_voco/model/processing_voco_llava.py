@@ -22,6 +22,7 @@ class _CallImages:
 
     is_frame: tuple[bool, ...]
     is_precomputed: tuple[bool, ...] | None  # None when no image is a precomputed frame
+    voco_tokens: int | None = None  # this call's k (an elastic model's), None: the processor's
 
 
 # The images of the call in progress. LlavaProcessor asks ``replace_image_token`` for each image's tokens
@@ -46,6 +47,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         image_token=IMAGE_PLACEHOLDER,
         num_additional_image_tokens=0,
         voco_tokens: int = 0,
+        voco_token_choices: list[int] | None = None,
         voco_token: str = VOCO_TOKEN,
         llamavid_compress_type: str | None = None,
         llamavid_video_compress_type: str | None = None,
@@ -56,6 +58,8 @@ class VoCoLlavaProcessor(LlavaProcessor):
         if voco_tokens < 0:
             raise ValueError(f"voco_tokens must be >= 0, got {voco_tokens}")
         self.voco_tokens = voco_tokens
+        # an elastic model's VoCo counts (VoCoLlavaConfig.voco_train_tokens): __call__(voco_tokens=k) picks one
+        self.voco_token_choices = sorted(voco_token_choices) if voco_token_choices else None
         self.voco_token = voco_token
         # LLaMA-VID (None: plain LLaVA tokens): each image becomes 1 context + pooled content tokens
         self.llamavid_compress_type = llamavid_compress_type
@@ -100,6 +104,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             image_token=processor.image_token,
             num_additional_image_tokens=processor.num_additional_image_tokens,
             voco_tokens=voco_tokens,
+            voco_token_choices=getattr(processor, "voco_token_choices", None),
             llamavid_compress_type=getattr(processor, "llamavid_compress_type", None),
             llamavid_video_compress_type=getattr(processor, "llamavid_video_compress_type", None),
             instruction_max_length=getattr(processor, "instruction_max_length", 128),
@@ -140,9 +145,20 @@ class VoCoLlavaProcessor(LlavaProcessor):
         LLaMA-VID: ``instructions``, one per ``<image>`` / ``<video>`` placeholder in order (a video's
         goes to each of its frames), become ``instruction_input_ids`` / ``instruction_attention_mask``
         through ``text_decoder_tokenizer``; without them each image gets its sample's text, placeholders
-        removed (left-truncated, so the question at the end is kept)."""
+        removed (left-truncated, so the question at the end is kept).
+
+        ``voco_tokens=k``: this call's VoCo count, one of an elastic model's (``voco_token_choices``)."""
+        voco_tokens = kwargs.pop("voco_tokens", None)
+        if voco_tokens is not None:
+            choices = self.voco_token_choices or [self.voco_tokens]
+            if voco_tokens not in choices:
+                raise ValueError(f"voco_tokens={voco_tokens}: this processor's model was trained with VoCo counts {choices}")
         if videos is None and self.llamavid_compress_type is None:
-            return super().__call__(images=images, text=text, **kwargs)
+            call_images = _CALL_IMAGES.set(_CallImages((), None, voco_tokens))
+            try:
+                return super().__call__(images=images, text=text, **kwargs)
+            finally:
+                _CALL_IMAGES.reset(call_images)
         texts = [text] if isinstance(text, str) else list(text)
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         videos = [] if videos is None else list(videos)
@@ -197,7 +213,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
                 f"{leftover_images} image(s) and {leftover_videos} video(s) given beyond the placeholders in the text"
             )
         call_images = _CALL_IMAGES.set(
-            _CallImages(tuple(frame_flags), tuple(precomputed_flags) if frame_features else None)
+            _CallImages(tuple(frame_flags), tuple(precomputed_flags) if frame_features else None, voco_tokens)
         )
         try:
             output = super().__call__(
@@ -287,10 +303,11 @@ class VoCoLlavaProcessor(LlavaProcessor):
         """The image's tokens (``image_inputs.tokens_per_image``: patches, pooled or LLaMA-VID tokens),
         then its VoCo tokens."""
         call = _CALL_IMAGES.get()
-        is_frame = bool(call is not None and call.is_frame[image_idx])
+        is_frame = bool(call is not None and image_idx < len(call.is_frame) and call.is_frame[image_idx])
         pixels = image_inputs["pixel_values"][image_idx]
         count = tokens_per_image(self, is_frame, image_size=tuple(pixels.shape[-2:]))
-        return self.image_token * count.image + self.voco_token * count.voco
+        voco = call.voco_tokens if call is not None and call.voco_tokens is not None else count.voco
+        return self.image_token * count.image + self.voco_token * voco
 
 
 __all__ = ["VoCoLlavaProcessor", "VOCO_TOKEN"]

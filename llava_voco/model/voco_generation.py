@@ -65,6 +65,7 @@ class VoCoGenerationMixin:
         video_frame_mask: torch.Tensor | None = None,  # [images] True for video frames
         instruction_input_ids: torch.Tensor | None = None,  # [images, L] LLaMA-VID: each image's instruction
         instruction_attention_mask: torch.Tensor | None = None,  # [images, L]
+        voco_tokens: int | None = None,  # an elastic model's k (the prompt's VoCo runs must have it)
     ) -> VoCoCache:
         """Prefill prompts that contain images and keep only what later text may read.
 
@@ -73,9 +74,13 @@ class VoCoGenerationMixin:
         dropped as soon as its VoCo tokens are computed, so the cache peaks at prefix + VoCo so far + one
         image. LLaMA-VID's context tokens read each image's instruction (pass the processor's
         ``instruction_input_ids`` / ``instruction_attention_mask``, made from the question, as in training).
+        An elastic model compresses with any of its VoCo counts (``processor(..., voco_tokens=k)``); the
+        cache records the k it was made with.
         """
         if self.config.voco_tokens == 0:
             raise ValueError("compress() needs a model with voco_tokens > 0")
+        if voco_tokens is not None:
+            self.config.check_voco_tokens(voco_tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         images = ImageInputs.from_forward(
@@ -83,6 +88,11 @@ class VoCoGenerationMixin:
             instruction_input_ids, instruction_attention_mask,
         )
         layout = self.model.voco_layout(input_ids, attention_mask, images=images)
+        if voco_tokens is not None and int(layout.num_images.sum()) > 0:
+            per_image = ((input_ids == self.config.voco_token_id) & attention_mask.bool()).sum() // layout.num_images.sum()
+            if int(per_image) != voco_tokens:
+                raise ValueError(f"compress(voco_tokens={voco_tokens}) but the prompt's images have {int(per_image)} "
+                                 f"VoCo tokens each: lay it out with processor(..., voco_tokens={voco_tokens})")
         fingerprint = model_fingerprint(self)
         images_before = torch.cat([layout.num_images.new_zeros(1), layout.num_images.cumsum(0)]).tolist()
         rows = []
@@ -111,9 +121,12 @@ class VoCoGenerationMixin:
         # Segment ends: after each image's last VoCo token, and the end of the prompt.
         voco_ends = layout.key_visible_until[0][input_ids[0] == self.config.image_token_id].unique() + 1
         ends = sorted(set(voco_ends.tolist()) | {length})
+        # the k these images were laid out with (an elastic model has several)
+        is_voco = input_ids[0] == self.config.voco_token_id
+        voco_tokens = int(is_voco.sum()) // len(voco_ends) if len(voco_ends) else self.config.voco_tokens
         cache = VoCoCache(
             config=self.config.text_config,
-            voco_tokens=self.config.voco_tokens,
+            voco_tokens=voco_tokens,
             mask_mode=self.config.voco_mask_mode,
             fingerprint=fingerprint,
         )

@@ -46,6 +46,12 @@ def packed_sample_index(position_ids: torch.Tensor | None) -> torch.Tensor | Non
     return samples.clamp(min=1) - 1
 
 
+def _expected_k(allowed_k: list[int]) -> str:
+    if len(allowed_k) == 1:
+        return f"exactly voco_tokens={allowed_k[0]}"
+    return f"a number of the model's VoCo counts {allowed_k}"
+
+
 def check_mask_mode(mode: str) -> str:
     if mode not in MASK_MODES:
         raise ValueError(f"voco_mask_mode must be one of {MASK_MODES}, got {mode!r}")
@@ -94,7 +100,7 @@ class VoCoLayout:
         *,
         image_token_id: int,
         voco_token_id: int,
-        voco_tokens: int,
+        voco_tokens: int | Sequence[int],
         mode: str = "paper",
         num_images: int | None = None,
         tokens_per_image: int | Sequence[int] | None = None,
@@ -109,7 +115,8 @@ class VoCoLayout:
         sample of each position in packed rows (``packed_sample_index``); an image span may not cross samples.
         """
         check_mask_mode(mode)
-        if voco_tokens < 1:
+        allowed_k = sorted({voco_tokens} if isinstance(voco_tokens, int) else set(voco_tokens))
+        if not allowed_k or allowed_k[0] < 1:
             raise ValueError(f"a VoCo layout needs voco_tokens >= 1, got {voco_tokens}")
         batch_size, seq_len = input_ids.shape
         device = input_ids.device
@@ -159,14 +166,15 @@ class VoCoLayout:
             return f"sample {sample} (batch row), image {nth}"
 
         followed_by_voco = vision_run & (next_kind == _VOCO) & (next_sample == run_group)
-        bad = vision_run & ~(followed_by_voco & (next_len == voco_tokens))
+        k_allowed = torch.isin(next_len, torch.tensor(allowed_k, device=device))
+        bad = vision_run & ~(followed_by_voco & k_allowed)
         if bad.any():
             run = int(bad.nonzero()[0])
             found = int(next_len[run]) if bool(followed_by_voco[run]) else 0
             raise VoCoLayoutError(
                 f"{image_name(run)}: the image span (positions {int(run_start[run] % seq_len)}.."
                 f"{int((run_start[run] + run_len[run] - 1) % seq_len)}) is followed by {found} VoCo "
-                f"token(s), expected exactly voco_tokens={voco_tokens} (truncated or built without "
+                f"token(s), expected {_expected_k(allowed_k)} (truncated, or built without "
                 "VoCoLlavaProcessor?)"
             )
         orphan = voco_run & ~((prev_kind == _VISION) & (prev_sample == run_group))
@@ -197,7 +205,8 @@ class VoCoLayout:
                 )
 
         # Per key: the last query allowed to see it.
-        last_voco_of_run = (shifted(run_start, 1, 0) + voco_tokens - 1) % seq_len
+        # each image's k is the length of its VoCo run (one k per model, or any of an elastic model's)
+        last_voco_of_run = (shifted(run_start, 1, 0) + next_len - 1) % seq_len
         run_visible_until = torch.where(vision_run, last_voco_of_run, torch.full_like(run_start, NEVER_HIDDEN))
         key_visible_until = run_visible_until[run_of_token].view(batch_size, seq_len)
 
