@@ -1,0 +1,48 @@
+"""Distillation against the uncompressed model (docs/design.md §2.7): zero when student and teacher see the
+same tokens, positive when the VoCo mask hides the vision tokens from the student, and its gradient reaches
+the VoCo path."""
+
+import torch
+
+from llava_voco.constants import IGNORE_INDEX
+from llava_voco.train.distillation import VoCoDistillation, voco_mask_off
+
+from conftest import load_voco, prompt
+
+
+def batch(processor, digit_images):
+    texts = [prompt(processor, "Which digit is at the top left?", 1, answer="seven"),
+             prompt(processor, "What is the sum?", 1, answer="twelve")]
+    processor.tokenizer.padding_side = "right"
+    out = processor(images=digit_images[:2], text=texts, return_tensors="pt", padding=True)
+    labels = out["input_ids"].masked_fill(out["attention_mask"] == 0, IGNORE_INDEX)
+    labels[:, : labels.shape[1] - 8] = IGNORE_INDEX  # learn the answers' end only, as the data pipeline would
+    out["labels"] = labels
+    return out
+
+
+def test_zero_without_the_mask_positive_with_it_and_reaches_the_voco_row(voco_dir, digit_images):
+    model, processor = load_voco(voco_dir)
+    model.train()
+    inputs = batch(processor, digit_images)
+    distill = VoCoDistillation(weight=1.0, temperature=2.0, hidden_weight=1.0)
+    with voco_mask_off(model):  # student and teacher see the same tokens
+        same = distill.terms(model, inputs, model(**inputs, output_hidden_states=True))
+    assert float(same["kl"]) < 1e-6 and float(same["hidden"]) < 1e-10
+    student = model(**inputs, output_hidden_states=True)
+    terms = distill.terms(model, inputs, student)
+    assert float(terms["kl"]) > 1e-6 and float(terms["hidden"]) > 1e-8
+    distill.loss(terms).backward()
+    voco_row = model.get_input_embeddings().weight.grad[model.config.voco_token_id]
+    assert voco_row.abs().sum() > 0  # the gradient reaches the VoCo path
+    assert model.model.apply_voco_mask  # the teacher's forward left the mask on
+
+
+def test_a_frozen_teacher_model(voco_dir, digit_images):
+    model, processor = load_voco(voco_dir)
+    teacher, _ = load_voco(voco_dir)
+    inputs = batch(processor, digit_images)
+    teacher.model.apply_voco_mask = False
+    with_teacher = VoCoDistillation(weight=1.0, teacher=teacher).terms(model, inputs, model(**inputs))
+    same_weights = VoCoDistillation(weight=1.0).terms(model, inputs, model(**inputs))
+    torch.testing.assert_close(with_teacher["kl"], same_weights["kl"], atol=1e-6, rtol=0)
