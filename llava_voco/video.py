@@ -2,8 +2,10 @@
 long videos, precomputed frame features (a ``.safetensors`` file of ``scripts/extract_video_features.py``).
 
 Frames are taken at ``fps`` frames per second of video time (default 1, as LLaMA-VID does), and when
-that gives more than ``max_frames`` they are sampled uniformly over the whole video instead. A features
-file was sampled when it was written: only ``max_frames`` applies to it.
+that gives more than ``max_frames`` they are sampled uniformly over the whole video instead. An ``fps``
+above the video's own rate repeats frames rather than returning fewer: a clip always gives duration x
+``fps`` frames (at most ``max_frames``). A features file was sampled when it was written: only
+``max_frames`` applies to it.
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ class VideoError(ValueError):
 
 
 def sample_indices(total: int, step: float, max_frames: int | None) -> list[int]:
-    """Every ``step``-th frame, or ``max_frames`` spread uniformly over the video when that is fewer."""
+    """The frame nearest every ``step``-th frame time, or ``max_frames`` spread uniformly over the video
+    when that is fewer; in order. A ``step`` below 1 (``fps`` above the video's rate) repeats frames, as do
+    ``max_frames`` above the frames there are: the count is what was asked, and frame ``i`` still stands
+    for time ``i / fps`` (as fixed-count samplers such as LLaVA-NeXT-Video's ``np.linspace`` give them), where
+    dropping repeats would silently shorten the clip and shift every later frame's time."""
     if total <= 0:
         return []
     wanted = np.arange(0, total, max(step, 1e-9))
     if max_frames is not None and len(wanted) > max_frames:
-        wanted = np.linspace(0, total - 1, max_frames)
-    return sorted({min(int(round(i)), total - 1) for i in wanted})
+        indices = np.round(np.linspace(0, total - 1, max_frames))
+    elif step < 1:
+        indices = np.floor(wanted + 1e-6)  # the frame on screen at each sampled time: each repeated evenly
+    else:
+        indices = np.round(wanted)  # the frame nearest each sampled time
+    return [min(int(index), total - 1) for index in indices]
 
 
 def read_frame_folder(folder: str | os.PathLike, max_frames: int | None = None) -> list[Image.Image]:

@@ -52,3 +52,19 @@ def test_frame_folder_and_errors(tmp_path):
 def test_uniform_sampling():
     assert sample_indices(10, 1, None) == list(range(10))
     assert sample_indices(100, 1, 5) == [0, 25, 50, 74, 99]
+
+
+def test_a_rate_above_the_videos_repeats_frames_to_keep_the_count(tmp_path):
+    """--video_fps above the video's own rate, as LLaVA-NeXT-Video / LLaMA-VID style samplers do: every sampled
+    time keeps a frame (the one on screen then), so the count is duration x fps, capped by --max_frames,
+    and never silently fewer."""
+    assert sample_indices(4, 0.5, None) == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 frames per source frame
+    assert len(sample_indices(12, 0.5, 16)) == 16  # 24 wanted, capped at 16, spread over the 12 frames
+    assert sample_indices(3, 1, 5) == [0, 1, 2]  # max_frames is a cap: a short clip at its own rate stays short
+    path = tmp_path / "clip.mp4"
+    write_video(path, frames=12, rate=4)  # 3 seconds
+    frames = decode_video(path, fps=8)
+    assert len(frames) == 24
+    brightness = [np.asarray(f).mean() for f in frames]
+    assert brightness[0::2] == brightness[1::2]  # each source frame twice, in order
+    assert len(decode_video(path, fps=8, max_frames=16)) == 16
