@@ -32,13 +32,20 @@ from transformers import DynamicCache
 import llava_voco
 from llava_voco.conversation import HUMAN, get_template
 from llava_voco.fixtures import TinySizes, build_tiny_llava
-from llava_voco.inference import first_human_turn, prompt_for_reply
+from llava_voco.inference import first_human_turn, ids_after_media, prompt_for_reply
 
 ANSWER_TOKENS = 8
 
 
 def cache_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def split_at(tokenizer, text: str, boundary: int) -> tuple[list[int], list[int]]:
+    """The whole ``text``'s tokens, split into those before character ``boundary`` and those after."""
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    head = sum(1 for start, end in encoded["offset_mapping"] if end <= boundary)
+    return encoded["input_ids"][:head], encoded["input_ids"][head:]
 
 
 def median_time(fn, reps: int) -> float:
@@ -82,10 +89,11 @@ def main() -> None:
     head_text = prompts[0][: prompts[0].index("<image>") + len("<image>")]
     no_image_prompts = [prompt_for_reply(template, [(HUMAN, q)], 0) for q in questions]
     floor_head = no_image_prompts[0][: no_image_prompts[0].index("USER:") + len("USER:")]
-    question_texts = [p[len(head_text):] for p in prompts]
-    floor_texts = [p[len(floor_head):] for p in no_image_prompts]
+    # each question's tokens as the whole prompt has them (tokenized alone they may split otherwise)
+    question_ids = [ids_after_media(tokenizer, p, processors[0].image_token_id) for p in prompts]
+    floor_split = [split_at(tokenizer, p, len(floor_head)) for p in no_image_prompts]
     n_system = len(tokenizer(head_text.split("USER:")[0])["input_ids"])
-    n_question = len(tokenizer(question_texts[0], add_special_tokens=False)["input_ids"])
+    n_question = len(question_ids[0])
     print(f"prompt: {n_system} system tokens, 576 vision tokens, {n_question}-token questions, "
           f"{ANSWER_TOKENS}-token answers, vocabulary {models[0].config.text_config.vocab_size}, {args.reps} reps\n")
 
@@ -100,7 +108,7 @@ def main() -> None:
     def voco_cache(k):
         return models[k].compress(**processors[k](images=image, text=head_text, return_tensors="pt"))
 
-    floor_ids = tokenizer(floor_head, return_tensors="pt")
+    floor_ids = {"input_ids": torch.tensor([floor_split[0][0]])}
 
     def floor_cache():
         cache = DynamicCache(config=models[0].config.text_config)
@@ -123,19 +131,19 @@ def main() -> None:
 
     def answer_from_full_cache(i, tokens, cache=None):
         cache = copy.deepcopy(cache or caches["full"])
-        ids = tokenizer(question_texts[i], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([question_ids[i]])
         mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long)
         models[0].generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=tokens,
                            min_new_tokens=tokens, **generate_kwargs)
 
     def answer_from_voco(i, tokens, cache=None):
-        ids = tokenizer(question_texts[i], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([question_ids[i]])
         models[1].generate(input_ids=ids, past_key_values=cache or caches["voco1"], max_new_tokens=tokens,
                            min_new_tokens=tokens, **generate_kwargs)
 
     def answer_floor(i, tokens):
         cache = copy.deepcopy(caches["floor"])
-        ids = tokenizer(floor_texts[i], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([floor_split[i][1]])
         mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long)
         models[0].generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=tokens,
                            min_new_tokens=tokens, **generate_kwargs)

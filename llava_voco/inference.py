@@ -11,17 +11,43 @@ evaluate both.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from .conversation import GPT, HUMAN, ConversationTemplate
-from .image_io import load_image
+from .conversation import GPT, HUMAN, ConversationError, ConversationTemplate, UnknownTemplateError
+from .image_io import ImageReadError, load_image
 from .model.image_inputs import tokens_per_image
 from .model.voco_cache import VoCoCache
+from .video import VideoError, load_video
 
 _REPLY_PROBE = "x"  # a stand-in reply: rendering it shows where the assistant's text starts
+_PLACEHOLDERS = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
+
+
+class InputError(ValueError):
+    """A user's mistake in what an entry was given (a missing model folder, a bad line in a question or
+    answers file); the message names the file and the problem in one line."""
+
+
+# What the entries report as one line: the user's mistakes, never bugs (those keep their traceback).
+USER_ERRORS = (InputError, ImageReadError, VideoError, UnknownTemplateError, ConversationError)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around an entry's work: a user's mistake (``USER_ERRORS``) ends the process with one line on stderr
+    and exit status 1, where a traceback would bury the file name under frames the user cannot act on."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        print("error: " + " ".join(str(error).split("\n")), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def prompt_for_reply(template: ConversationTemplate, turns: list[tuple[str, str]], num_images: int) -> str:
@@ -32,6 +58,52 @@ def prompt_for_reply(template: ConversationTemplate, turns: list[tuple[str, str]
 
 def first_human_turn(question: str, num_images: int, has_video: bool = False) -> str:
     return (IMAGE_PLACEHOLDER + "\n") * num_images + (VIDEO_PLACEHOLDER + "\n" if has_video else "") + question
+
+
+def media_instruction(turn_text: str) -> str:
+    """LLaMA-VID's instruction for the images of a human turn: the turn without its placeholders, as the
+    training data gives it (so the context token reads the question at inference as it did in training)."""
+    return _PLACEHOLDERS.sub("", turn_text).strip()
+
+
+def role_names(template: ConversationTemplate) -> tuple[str, str]:
+    """The (user, assistant) names to show for ``template``: its roles without chat markup (ChatML's
+    ``<|im_start|>user\\n`` shows as ``user``)."""
+    names = tuple(re.sub(r"<\|[^|>]*\|>", "", role).strip(" \n:") for role in template.roles)
+    return names[0] or "USER", names[1] or "ASSISTANT"
+
+
+def ids_after_media(tokenizer, prompt: str, image_token_id: int) -> list[int]:
+    """The token ids of ``prompt`` after its last image/video placeholder, cut from the tokens of the WHOLE
+    prompt: a SentencePiece tokenizer splits text by what precedes it (LLaMA's prepends "▁" to each piece),
+    so a continuation tokenized on its own is not the end of the prompt the model was trained on. ``<video>``
+    is read as ``<image>``: the processor turns it into image tokens before tokenizing."""
+    ids = list(tokenizer(prompt.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER))["input_ids"])
+    positions = [index for index, token in enumerate(ids) if token == image_token_id]
+    if not positions:
+        raise ValueError(f"the prompt has no {IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER}: {prompt[:80]!r}")
+    return ids[positions[-1] + 1 :]
+
+
+def _shared_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def _truncated(cache: VoCoCache, length: int) -> VoCoCache:
+    """A copy of a one-row cache (nothing appended by decoding) that keeps its first ``length`` positions;
+    text resumes right after them."""
+    dropped = cache.described_length - length
+    out = cache.clone()
+    for layer in out.layers:
+        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+    out.token_ids, out.attention_mask = out.token_ids[:, :length], out.attention_mask[:, :length]
+    out.next_position = out.next_position - dropped
+    return out
 
 
 @contextlib.contextmanager
@@ -47,7 +119,9 @@ def count_vision_passes(model):
 
 @dataclass
 class ImageChat:
-    """A conversation about ``images``; with VoCo the images are compressed once, at construction."""
+    """A conversation about ``images`` (and one ``video``). With VoCo the media are compressed once and each
+    turn sends only the tokens the cache lacks; LLaMA-VID's context token reads the question (the human turn
+    that shows the image, as in training), so there compression waits for the first question."""
 
     model: object
     processor: object
@@ -63,22 +137,50 @@ class ImageChat:
         self.has_video = self.video is not None and len(self.video) > 0
         self.media = len(self.images) + (1 if self.has_video else 0)  # placeholders in the first turn
         self.uses_voco = getattr(self.model.config, "voco_tokens", 0) > 0 and self.media > 0
+        self.reads_instruction = getattr(self.processor, "llamavid_compress_type", None) is not None and self.media > 0
         self.cache: VoCoCache | None = None
+        self.cache_instruction: str | None = None  # what the cache's context tokens read (LLaMA-VID)
+        self.head_length = 0  # cached positions of the prompt up to the last placeholder
         self.loaded_from_store = False
         if self.uses_voco:
             probe = prompt_for_reply(self.template, [(HUMAN, self._first_turn("?"))], len(self.images))
             last = VIDEO_PLACEHOLDER if self.has_video else IMAGE_PLACEHOLDER
             self.head_text = probe[: probe.rindex(last) + len(last)]
-            self.consumed_text = self.head_text  # prompt text the cache already holds
-            self.cache = self.compress(self.head_text)
+            if not self.reads_instruction:  # the compressed image does not depend on the question
+                self._keep_cache(self._compress([None]), None)
 
     # -- VoCo ----------------------------------------------------------------------------------
-    def compress(self, head_text: str) -> VoCoCache:
-        if self.store is not None and not self.has_video:
-            cache, self.loaded_from_store = self.store.get_or_compress(self.model, self.processor, self.images, head_text)
+    def _compress(self, instructions: list[str | None]) -> VoCoCache:
+        """The head compressed once per instruction (one cache row each; ``[None]``: no LLaMA-VID)."""
+        media_instructions = [text for text in instructions for _ in range(self.media)] if self.reads_instruction else None
+        if self.store is not None and not self.has_video and len(instructions) == 1:
+            cache, self.loaded_from_store = self.store.get_or_compress(
+                self.model, self.processor, self.images, self.head_text, instructions=media_instructions
+            )
             return cache
-        inputs = self.processor(text=head_text, return_tensors="pt", **self._media(1)).to(self.model.device)
-        return self.model.compress(**inputs)
+        extra = {"instructions": media_instructions} if media_instructions is not None else {}
+        inputs = self.processor(text=[self.head_text] * len(instructions), return_tensors="pt",
+                                **self._media(len(instructions)), **extra)
+        return self.model.compress(**inputs.to(self.model.device))
+
+    def _keep_cache(self, cache: VoCoCache, instruction: str | None) -> None:
+        self.cache, self.cache_instruction, self.head_length = cache, instruction, cache.described_length
+
+    def _cache_for(self, instruction: str) -> None:
+        """LLaMA-VID: the conversation's cache is made with its first question; until a turn is kept each
+        question is a first one, and another question needs its own compression."""
+        if self.cache is None or (self.reads_instruction and not self.turns and instruction != self.cache_instruction):
+            self._keep_cache(self._compress([instruction]), instruction)
+
+    def _continuation(self, prompts: list[str]) -> tuple[VoCoCache, list[list[int]]]:
+        """(cache, tokens to send for each prompt). The cache is cut back to what it shares with every prompt's
+        tokens (a kept answer as generated may tokenize otherwise once rendered in the conversation, and the
+        template may re-render earlier text); each prompt then sends the rest of its own tokens."""
+        wanted = [ids_after_media(self.processor.tokenizer, prompt, self.processor.image_token_id) for prompt in prompts]
+        held = self.cache.token_ids[0, self.head_length :].tolist()  # the conversation's cache has one row
+        shared = min(min(_shared_length(held, ids) for ids in wanted), min(len(ids) for ids in wanted) - 1)
+        cache = self.cache if shared == len(held) else _truncated(self.cache, self.head_length + shared)
+        return cache, [ids[shared:] for ids in wanted]
 
     def _first_turn(self, question: str) -> str:
         return first_human_turn(question, len(self.images), has_video=self.has_video)
@@ -94,6 +196,8 @@ class ImageChat:
         """Cached positions and what the image would have cost without compression."""
         if not self.uses_voco:
             return "no VoCo cache (voco_tokens=0 or no image): every turn re-reads the whole prompt"
+        if self.cache is None:
+            return "the image is compressed with the first question (LLaMA-VID's context token reads it)"
         vision = int(self.cache.vision_tokens_dropped.sum())
         voco = self.model.config.voco_tokens * int(self.cache.num_images.sum())
         cached = self.cache.get_seq_length()
@@ -103,63 +207,92 @@ class ImageChat:
         )
 
     # -- asking ----------------------------------------------------------------------------------
-    def _instructions(self, questions: list[str]) -> dict:
-        """LLaMA-VID reads each image's instruction: the question asked about it."""
-        if getattr(self.processor, "llamavid_compress_type", None) is None or not self.media:
+    def _instruction(self, turns: list[tuple[str, str]]) -> str:
+        """The instruction LLaMA-VID's context token reads: the human turn that shows the media (the first)."""
+        return media_instruction(turns[0][1])
+
+    def _instructions(self, instructions: list[str]) -> dict:
+        """The processor's ``instructions`` for prompts with these instructions (one per placeholder)."""
+        if not self.reads_instruction:
             return {}
-        return {"instructions": [q for q in questions for _ in range(self.media)]}
+        return {"instructions": [text for text in instructions for _ in range(self.media)]}
 
     def _turns_with(self, question: str) -> list[tuple[str, str]]:
         text = self._first_turn(question) if not self.turns else question
         return [*self.turns, (HUMAN, text)]
 
+    def _new_tokens(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` left padded into ``(input_ids, attention_mask)``; padding is masked, so any id does where
+        the tokenizer has no pad token (its end of sequence then, as ``generate`` pads)."""
+        tokenizer = self.processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        width = max(len(row) for row in rows)
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=self.model.device)
+        return ids, mask
+
     def ask(self, question: str, keep_turn: bool = True, streamer=None) -> str:
-        """Answer one question; with ``keep_turn`` it becomes part of the conversation."""
+        """Answer one question; with ``keep_turn`` it becomes part of the conversation (an empty reply does
+        not: a template cannot render it, and the cache is cut back at the next turn)."""
         turns = self._turns_with(question)
         prompt = prompt_for_reply(self.template, turns, len(self.images))
         tokenizer = self.processor.tokenizer
         if self.uses_voco:
-            if not prompt.startswith(self.consumed_text):
-                raise RuntimeError("the conversation template re-wrote earlier turns; cannot continue the cache")
-            new_text = prompt[len(self.consumed_text) :]
-            inputs = tokenizer(new_text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
+            if not prompt.startswith(self.head_text):
+                raise RuntimeError("the conversation template re-wrote the text before the image; cannot continue the cache")
+            self._cache_for(self._instruction(turns))
+            cache, [sent] = self._continuation([prompt])
+            input_ids, attention_mask = self._new_tokens([sent])
             output = self.model.generate(
-                **inputs, past_key_values=self.cache, keep_turn=keep_turn, streamer=streamer, **self.generation_kwargs
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, keep_turn=keep_turn,
+                streamer=streamer, **self.generation_kwargs,
             )
-            answer_ids = output[0, inputs["input_ids"].shape[1] :]
+            if keep_turn:
+                self.cache = cache  # extended by generate with this turn
         else:
             inputs = self.processor(text=prompt, return_tensors="pt", **self._media(1),
-                                    **self._instructions([question])).to(self.model.device)
+                                    **self._instructions([self._instruction(turns)])).to(self.model.device)
+            input_ids = inputs["input_ids"]
             output = self.model.generate(**stock_llava_inputs(self.model, inputs), streamer=streamer,
                                          **self.generation_kwargs)
-            answer_ids = output[0, inputs["input_ids"].shape[1] :]
-        answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-        if keep_turn:
+        answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+        if keep_turn and answer:
             self.turns = [*turns, (GPT, answer)]
-            if self.uses_voco:
-                rendered = self.template.render(self.turns, num_images=len(self.images))
-                self.consumed_text = rendered.text[: rendered.target_spans[-1][1]]
         return answer
 
     def ask_batch(self, questions: list[str]) -> list[tuple[str, str]]:
-        """(prompt, answer) for independent single-turn questions, in one batch."""
-        prompts = [prompt_for_reply(self.template, self._turns_with(q), len(self.images)) for q in questions]
+        """(prompt, answer) for questions asked independently after the conversation so far, in one batch.
+
+        LLaMA-VID with VoCo and no turn kept: each question is a first question, read by the context token,
+        so the image is compressed once per distinct question (one cache row each)."""
+        all_turns = [self._turns_with(question) for question in questions]
+        prompts = [prompt_for_reply(self.template, turns, len(self.images)) for turns in all_turns]
+        instructions = [self._instruction(turns) for turns in all_turns]
         tokenizer = self.processor.tokenizer
-        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            if self.uses_voco:
-                new_texts = [p[len(self.head_text) :] for p in prompts]
-                inputs = tokenizer(new_texts, add_special_tokens=False, return_tensors="pt", padding=True)
-                inputs = inputs.to(self.model.device)
-                output = self.model.generate(**inputs, past_key_values=self.cache, **self.generation_kwargs)
+        if self.uses_voco:
+            if self.reads_instruction and not self.turns:
+                distinct = list(dict.fromkeys(instructions))
+                cache = self._compress(distinct)
+                if len(distinct) < len(questions):
+                    cache = cache.repeat_rows(torch.tensor([distinct.index(text) for text in instructions]))
+                sent = [ids_after_media(tokenizer, prompt, self.processor.image_token_id) for prompt in prompts]
             else:
+                self._cache_for(instructions[0])
+                cache, sent = self._continuation(prompts)
+            input_ids, attention_mask = self._new_tokens(sent)
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                         **self.generation_kwargs)
+        else:
+            previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+            try:
                 inputs = self.processor(text=prompts, return_tensors="pt", padding=True, **self._media(len(prompts)),
-                                        **self._instructions(questions))
-                inputs = inputs.to(self.model.device)
-                output = self.model.generate(**stock_llava_inputs(self.model, inputs), **self.generation_kwargs)
-        finally:
-            tokenizer.padding_side = previous_side
-        answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                                        **self._instructions(instructions))
+            finally:
+                tokenizer.padding_side = previous_side
+            inputs = inputs.to(self.model.device)
+            input_ids = inputs["input_ids"]
+            output = self.model.generate(**stock_llava_inputs(self.model, inputs), **self.generation_kwargs)
+        answers = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
         return [(prompt, answer.strip()) for prompt, answer in zip(prompts, answers)]
 
 
@@ -183,14 +316,65 @@ def load_images(paths: list[str]) -> list:
     return [load_image(path) for path in paths]
 
 
+def read_video(path: str | os.PathLike, model, processor, fps: float = 1.0, max_frames: int | None = None):
+    """A video for ``ImageChat``: its frames, or its precomputed frame features checked against this model
+    and processor here, so that a features file of another vision tower is named in one line."""
+    video = load_video(path, fps=fps, max_frames=max_frames, width=model.config.vision_config.hidden_size)
+    if isinstance(video, torch.Tensor) and hasattr(processor, "check_frame_features"):
+        try:
+            processor.check_frame_features(video)
+        except ValueError as error:
+            raise VideoError(f"{path}: {error}") from None
+    return video
+
+
+def check_model_path(model_path: str) -> None:
+    """A local model folder must exist and hold a ``config.json``; a Hub id (``org/name``) is left to
+    ``from_pretrained``."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InputError(f"{model_path}: not a model folder (no config.json)")
+        return
+    if path.exists():
+        raise InputError(f"{model_path}: not a model folder")
+    looks_local = path.is_absolute() or model_path.startswith((".", "~")) or model_path.count("/") != 1
+    if looks_local:
+        raise InputError(f"{model_path}: no such model folder")
+
+
 def load_model(model_path: str, device: str | None = None, dtype: str | None = None):
     """Any checkpoint this package saves (VoCo or plain Llava), with its processor."""
     import llava_voco  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    check_model_path(model_path)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
+        processor = AutoProcessor.from_pretrained(model_path)
+    except OSError as error:  # a Hub id that cannot be fetched, a folder with missing files
+        raise InputError(f"{model_path}: cannot load the model: {str(error).strip().splitlines()[0]}") from None
     if device:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(model_path)
     return model, processor
+
+
+__all__ = [
+    "ImageChat",
+    "InputError",
+    "USER_ERRORS",
+    "check_model_path",
+    "count_vision_passes",
+    "first_human_turn",
+    "ids_after_media",
+    "image_tokens_per_frame",
+    "load_images",
+    "load_model",
+    "media_instruction",
+    "one_line_errors",
+    "prompt_for_reply",
+    "read_video",
+    "role_names",
+    "stock_llava_inputs",
+]

@@ -61,12 +61,16 @@ class VoCoCacheStore:
         self.max_bytes = max_bytes
 
     @staticmethod
-    def key(images: list, prompt: str, fingerprint: str) -> str:
+    def key(images: list, prompt: str, fingerprint: str, instructions: list[str] | None = None) -> str:
+        """``instructions``: LLaMA-VID's per-image instructions, which its context tokens read (absent from
+        the key without them, so the keys of other models are unchanged)."""
         digest = hashlib.sha256()
         for image in images:
             digest.update(image_digest(image).encode())
         digest.update(b"\0prompt\0" + prompt.encode())
         digest.update(b"\0model\0" + fingerprint.encode())
+        for instruction in instructions or []:
+            digest.update(b"\0instruction\0" + instruction.encode())
         return digest.hexdigest()
 
     def path(self, key: str) -> Path:
@@ -133,13 +137,17 @@ class VoCoCacheStore:
             removed.append(path)
         return removed
 
-    def get_or_compress(self, model, processor, images: list, prompt: str) -> tuple[VoCoCache, bool]:
-        """(cache, hit): the stored compression of ``prompt`` with ``images``, made and stored on a miss."""
-        key = self.key(images, prompt, model_fingerprint(model))
+    def get_or_compress(
+        self, model, processor, images: list, prompt: str, instructions: list[str] | None = None
+    ) -> tuple[VoCoCache, bool]:
+        """(cache, hit): the stored compression of ``prompt`` with ``images`` (and, for LLaMA-VID, each
+        image's instruction), made and stored on a miss."""
+        key = self.key(images, prompt, model_fingerprint(model), instructions)
         cache = self.get(key, model)
         if cache is not None:
             return cache, True
-        inputs = processor(images=[as_rgb(image) for image in images], text=prompt, return_tensors="pt")
+        extra = {"instructions": instructions} if instructions is not None else {}
+        inputs = processor(images=[as_rgb(image) for image in images], text=prompt, return_tensors="pt", **extra)
         inputs = inputs.to(model.device)
         cache = model.compress(**inputs)
         self.put(key, cache)
