@@ -9,7 +9,8 @@ model's selected vision layer, CLS dropped as its config says). Such a file is a
 accepted (``"video": "name.safetensors"`` in training data, ``processor(videos=[path])``, the CLI and
 eval), skipping the vision tower; ``llava_voco.model.llamavid.FrameFeatures`` reads one a chunk at a
 time for the LLaMA-VID token stage. Frames go through the tower
-``frame_chunk`` at a time; existing outputs are skipped, so an interrupted run resumes.
+``frame_chunk`` at a time; existing outputs are skipped, so an interrupted run resumes. A user's mistake
+(a missing folder or model, an unreadable video) ends the run with one line on stderr.
 """
 
 import argparse
@@ -19,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llava_voco.inference import load_model
-from llava_voco.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, VideoError, decode_video
+from llava_voco.inference import InputError, check_model_path, load_model, one_line_errors
+from llava_voco.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, decode_video
 
 
 def videos_in(folder: Path) -> list[Path]:
@@ -33,30 +34,37 @@ def videos_in(folder: Path) -> list[Path]:
     return found
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--video-folder", required=True)
     parser.add_argument("--output-folder", required=True)
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    with one_line_errors():
+        extract(args)
 
-    model, processor = load_model(args.model_path)
-    output = Path(args.output_folder)
-    output.mkdir(parents=True, exist_ok=True)
+
+def extract(args) -> None:
+    check_model_path(args.model_path)  # every argument is checked before the model loads
+    if not Path(args.video_folder).is_dir():
+        raise InputError(f"{args.video_folder}: no such folder of videos")
     videos = videos_in(Path(args.video_folder))
     if not videos:
-        raise SystemExit(f"{args.video_folder}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) or frame folders")
+        raise InputError(f"{args.video_folder}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) or frame folders")
+    model, processor = load_model(args.model_path)
+    output = Path(args.output_folder)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{output}: cannot create the output folder: {error.strerror or error}") from None
     written = 0
     for video in tqdm(videos, desc="videos", unit="video"):
         target = output / f"{video.stem if video.is_file() else video.name}.safetensors"
         if target.exists():
             continue
-        try:
-            frames = decode_video(video, fps=args.video_fps, max_frames=args.max_frames)
-        except VideoError as error:
-            raise SystemExit(str(error)) from error
+        frames = decode_video(video, fps=args.video_fps, max_frames=args.max_frames)  # VideoError: one line
         pixel_values = processor.image_processor(frames, return_tensors="pt")["pixel_values"].to(model.device)
         with torch.no_grad():
             features = model.model.vision_patch_features(pixel_values).to("cpu").contiguous()

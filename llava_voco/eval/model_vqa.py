@@ -6,7 +6,8 @@
 Reads LLaVA's question JSONL (``question_id``, ``image`` or ``video``, ``text``) and writes LLaVA's answers JSONL
 (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``), one line per answer,
 flushed as it goes. Rerunning with the same answers file resumes: answered questions are skipped and a
-half-written last line (an interrupted run) is dropped first.
+half-written last line (an interrupted run) is dropped first; any other bad line stops the run, naming it.
+A user's mistake (a missing or unreadable file, a bad line) ends the run with one line on stderr.
 """
 
 from __future__ import annotations
@@ -21,47 +22,76 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..conversation import get_template
-from ..inference import ImageChat, count_vision_passes, load_images, load_model
-from ..video import load_video
+from ..inference import ImageChat, InputError, count_vision_passes, load_images, load_model, one_line_errors, read_video
+
+
+def _lines(path: str, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readlines()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the {what}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: the {what} is not UTF-8 text: {error.reason}") from None
 
 
 def read_questions(path: str) -> list[dict]:
     questions = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                question = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON line: {error}") from error
-            missing = [key for key in ("question_id", "text") if key not in question]
-            if missing:
-                raise ValueError(f"{path}:{number}: question without {', '.join(missing)}")
-            questions.append(question)
+    for number, line in enumerate(_lines(path, "question file"), 1):
+        if not line.strip():
+            continue
+        try:
+            question = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number}: not a JSON line: {error}") from None
+        if not isinstance(question, dict):
+            raise InputError(f"{path}:{number}: not a question record (a JSON object)")
+        missing = [key for key in ("question_id", "text") if key not in question]
+        if missing:
+            raise InputError(f"{path}:{number}: question without {', '.join(missing)}")
+        questions.append(question)
     return questions
 
 
 def answered_ids(path: str) -> set:
-    """Question ids already answered; rewrites the file without a half-written last line."""
+    """Question ids already answered. A run writes each answer as one whole line, so only the last line can
+    be cut short (the run was interrupted): it is dropped and the file rewritten without it. Any other
+    line that is not an answer record means the file is damaged or not ours: an error naming the line,
+    and the file is left as it is."""
     if not os.path.exists(path):
         return set()
-    complete, ids = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # interrupted mid-write
-            if line.endswith("\n"):
-                complete.append(line)
-                ids.add(record["question_id"])
+    lines = _lines(path, "answers file")
+    ids = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # interrupted mid-write
+            raise InputError(f"{path}:{number}: not a JSON line ({error}); only a half-written last line is "
+                             "dropped on resume") from None
+        if not line.endswith("\n"):
+            break  # a last line without its newline was cut short too: answer it again
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number}: not an answer record (a JSON object)")
+        if "question_id" not in record:
+            raise InputError(f"{path}:{number}: no question_id in the answer record")
+        ids.add(record["question_id"])
+    else:
+        return ids
     with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(complete)
+        handle.writelines(lines[:-1])
     return ids
 
 
 def main(argv=None) -> None:
+    with one_line_errors():
+        _main(argv)
+
+
+def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None, help="accepted for LLaVA compatibility: must be empty")
@@ -81,20 +111,27 @@ def main(argv=None) -> None:
         raise SystemExit("--model-base (LoRA weights over a base model) is not supported: merge the LoRA first")
 
     template = get_template(args.conv_mode)
-    model, processor = load_model(args.model_path, device=args.device)
-    model_id = Path(args.model_path).name
-    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        generation["temperature"] = args.temperature
-
-    questions = read_questions(args.question_file)
-    Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
+    questions = read_questions(args.question_file)  # the files first: a mistake there costs no model load
+    try:
+        Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{args.answers_file}: cannot create its folder: {error.strerror or error}") from None
     done = answered_ids(args.answers_file)
     pending = [q for q in questions if q["question_id"] not in done]
     by_image: OrderedDict[tuple[str, str], list[dict]] = OrderedDict()
     for question in pending:  # an image, a video (file, frame folder or .safetensors features), or neither
         media = ("video", question["video"]) if question.get("video") else ("image", question.get("image") or "")
         by_image.setdefault(media, []).append(question)
+    for (kind, name), image_questions in by_image.items():  # a missing file is found before the model loads
+        path = os.path.join((args.video_folder or args.image_folder) if kind == "video" else args.image_folder, name)
+        if name and not os.path.exists(path):
+            raise InputError(f"{path}: no such {kind} file (question {image_questions[0]['question_id']!r} of "
+                             f"{args.question_file})")
+    model, processor = load_model(args.model_path, device=args.device)
+    model_id = Path(args.model_path).name
+    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        generation["temperature"] = args.temperature
 
     with count_vision_passes(model) as vision, open(args.answers_file, "a", encoding="utf-8") as out, tqdm(
         total=len(pending), desc="answering", unit="q"
@@ -103,8 +140,8 @@ def main(argv=None) -> None:
             images, video = [], None
             if kind == "video":
                 # a file, a folder of frames, or precomputed frame features (.safetensors)
-                video = load_video(os.path.join(args.video_folder or args.image_folder, name), fps=args.video_fps,
-                                   max_frames=args.max_frames, width=model.config.vision_config.hidden_size)
+                video = read_video(os.path.join(args.video_folder or args.image_folder, name), model, processor,
+                                   fps=args.video_fps, max_frames=args.max_frames)
             elif name:
                 images = load_images([os.path.join(args.image_folder, name)])
             chat = ImageChat(model, processor, template, images, generation_kwargs=generation, video=video)

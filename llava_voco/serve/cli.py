@@ -5,6 +5,8 @@
 
 Each turn is answered from the VoCo cache made at start (or loaded from ``--cache-dir``, a
 ``VoCoCacheStore``), extended by the text of the conversation only. An empty line or end of input ends.
+The speakers are named as the ``--conv-mode`` template names them. A user's mistake (a missing or
+unreadable image, a missing model) ends the session with one line on stderr.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ from pathlib import Path
 from transformers import TextStreamer
 
 from ..conversation import get_template
-from ..inference import ImageChat, count_vision_passes, image_tokens_per_frame, load_images, load_model
+from ..inference import (
+    ImageChat,
+    count_vision_passes,
+    image_tokens_per_frame,
+    load_images,
+    load_model,
+    one_line_errors,
+    read_video,
+    role_names,
+)
+from ..video import VIDEO_SUFFIXES, is_frame_features
 from .cache_store import VoCoCacheStore
-from ..video import VIDEO_SUFFIXES, is_frame_features, load_video
 
 
 def parse_args(argv=None):
@@ -36,22 +47,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def is_video(path: str) -> bool:
+    """A video given as ``--image-file``: a file, a folder of frames, or precomputed frame features."""
+    return Path(path).is_dir() or Path(path).suffix.lower() in VIDEO_SUFFIXES or is_frame_features(path)
+
+
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    with one_line_errors():
+        _main(parse_args(argv))
+
+
+def _main(args) -> None:
     template = get_template(args.conv_mode)
-    model, processor = load_model(args.model_path, device=args.device)
-    images, video = [], None
-    # a video: a file, a folder of frames, or precomputed frame features (.safetensors)
-    width = model.config.vision_config.hidden_size
-    for path in (args.image_file.split(",") if args.image_file else []):
-        if Path(path).is_dir() or Path(path).suffix.lower() in VIDEO_SUFFIXES or is_frame_features(path):
-            video = load_video(path, fps=args.video_fps, max_frames=args.max_frames, width=width)
-        else:
-            images += load_images([path])
-    if args.video_file:
-        video = load_video(args.video_file, fps=args.video_fps, max_frames=args.max_frames, width=width)
-    if not images and video is None:
+    image_files = args.image_file.split(",") if args.image_file else []
+    video_files = [path for path in image_files if is_video(path)] + ([args.video_file] if args.video_file else [])
+    if not image_files and not video_files:
         raise SystemExit("give --image-file and/or --video-file")
+    images = load_images([path for path in image_files if not is_video(path)])  # before the model: fail fast
+    model, processor = load_model(args.model_path, device=args.device)
+    video = None
+    if video_files:  # one video per conversation: the last one given
+        video = read_video(video_files[-1], model, processor, fps=args.video_fps, max_frames=args.max_frames)
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         generation["temperature"] = args.temperature
@@ -63,13 +79,13 @@ def main(argv=None) -> None:
             per_frame = image_tokens_per_frame(processor)
             print(f"[video: {len(video)} frames, {per_frame} tokens per frame]", flush=True)
         source = "loaded from the cache store" if chat.loaded_from_store else "compressed"
-        if chat.uses_voco:
+        if chat.cache is not None:
             what = f"{len(images)} image(s)" + (f" and a {len(video)}-frame video" if video is not None else "")
             print(f"[{source} {what}] {chat.cache_summary()}", flush=True)
         else:
             print(f"[{chat.cache_summary()}]", flush=True)
         streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        user, assistant = "USER", "ASSISTANT"
+        user, assistant = role_names(template)
         turns = 0
         while True:
             try:
