@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.datasets import load_digits
 
 from llava_voco.demo.digitgrid import CELL, POSITIONS, build, digit_cell
+from llava_voco.image_io import load_image
 from llava_voco.train.data import load_samples
 
 
@@ -49,7 +49,7 @@ def test_build(tmp_path):
                     expected = max(values)
                 assert value == str(expected), (sample["id"], text)
             if "image" in sample:  # the cell at each position is that source digit, upscaled
-                pixels = np.asarray(Image.open(tmp_path / media))[:, :, 0]
+                pixels = np.asarray(load_image(tmp_path / media))[:, :, 0]
                 for cell, source in enumerate(label["sources"]):
                     row, col = divmod(cell, 2)
                     crop = pixels[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL]

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from llava_voco.constants import IGNORE_INDEX
 from llava_voco.demo.runner import METHODS
 from llava_voco.eval import exact_match, model_vqa
+from llava_voco.image_io import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +56,8 @@ def test_quick_preset_writes_every_row_the_plot_and_the_chat_answer(quick_run):
     prior = report["rows"]["text prior"]
     assert prior["categories"]["position"] < 0.2 and prior["categories"]["largest"] > 0.3
     assert full["overall"] >= prior["overall"] - 0.05, (full, prior)
-    with Image.open(root / "runs" / "accuracy_vs_tokens.png") as plot:
-        assert plot.size[0] > 300 and plot.size[1] > 200
+    plot = load_image(root / "runs" / "accuracy_vs_tokens.png")
+    assert plot.size[0] > 300 and plot.size[1] > 200
     assert "cached positions:" in stdout and "compression ratio" in stdout
     assert report["chat"]["answer"] and "compression ratio 64x" in report["chat"]["cache"]
     for method in ("full", "voco1"):  # the VoCo rows really start from full's checkpoint
@@ -123,7 +124,7 @@ def test_every_answer_is_labelled_with_the_demo_tokenizer(quick_run):
     tokenizer = processor.tokenizer
     for index in range(0, len(samples), max(1, len(samples) // 40)):
         item = data["train_dataset"][index]
-        labelled = item["labels"][item["labels"] != -100].tolist()
+        labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()
         answers = [turn["value"] for turn in samples[index]["conversations"][1::2]]
         pieces = tokenizer.decode(labelled).split(tokenizer.eos_token)
         assert [p.strip() for p in pieces[:-1]] == answers and pieces[-1] == "", (index, pieces)

@@ -20,12 +20,14 @@ Read top to bottom, the run is:
   4. the table, ``report.json`` and ``accuracy_vs_tokens.png`` in ``<runs-dir>``;
   5. one test question answered through the chat path from a VoCo cache.
 A method whose checkpoint was made by the same command (and whose answers are complete) is reused;
-``--fresh`` retrains everything.
+``--fresh`` retrains everything. What the run needs beyond the package (the ``demo`` and ``train`` extras)
+is checked before the first step, and ``report.json`` names paths relative to its own folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -98,6 +100,34 @@ METHODS = (
     Method("lower", "VoCo k=1 trained without the mask (lower bound)", 1, "full",
            ("--voco_tokens", "1", "--voco_mask_in_training", "False")),
 )
+
+
+# What the run imports beyond the package's own requirements (import name: what pip installs), all of them
+# in the ``demo`` and ``train`` extras: checked before the first step, not found missing 20 minutes in.
+DEPENDENCIES = {
+    "sentencepiece": "sentencepiece",  # the base LLM's tokenizer is trained with it (demo extra)
+    "google.protobuf": "protobuf",  # transformers reads that tokenizer's model with it (train extra, via wandb)
+    "accelerate": "accelerate",  # the train entry's Trainer (train extra)
+    "matplotlib": "matplotlib",  # the accuracy-vs-tokens plot (demo extra)
+}
+INSTALL = "pip install 'llava-voco[demo,train]'"
+
+
+def missing_dependencies() -> list[str]:
+    missing = []
+    for module, package in DEPENDENCIES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def relative(path: str | Path, root: Path) -> str:
+    """``path`` relative to ``root`` (the report's folder), so that the report names no machine's own paths."""
+    return os.path.relpath(Path(path).resolve(), root.resolve())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,11 +336,13 @@ def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path)
                 evaluations=tuple(evaluations))
 
 
-def score(method: Method, output_dir: Path, data_dir: Path, answers: str, questions: str) -> dict:
+def score(method: Method, runs_dir: Path, data_dir: Path, answers: str, questions: str) -> dict:
     from ..eval import exact_match
 
+    output_dir = runs_dir / method.name
     return {"tokens_per_image": method.tokens_per_image, "description": method.description,
-            "checkpoint": str(output_dir), **exact_match.score(str(data_dir / questions), str(output_dir / answers))}
+            "checkpoint": relative(output_dir, runs_dir),
+            **exact_match.score(str(data_dir / questions), str(output_dir / answers))}
 
 
 def text_prior(data_dir: Path, question_file: Path) -> dict:
@@ -418,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    missing = missing_dependencies()
+    if missing:
+        raise SystemExit(f"the DigitGrid demo needs {', '.join(missing)}, not installed here: {INSTALL}")
 
     preset = PRESETS[args.preset]
     suffix = "" if preset.name == "default" else f"_{preset.name}"
@@ -453,10 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3.
     for method in methods:
-        output_dir = runs_dir / method.name
-        rows[method.name] = score(method, output_dir, data_dir, "answers_test.jsonl", "test_questions.jsonl")
+        rows[method.name] = score(method, runs_dir, data_dir, "answers_test.jsonl", "test_questions.jsonl")
         if method.video and preset.test_clips:
-            video_rows[method.name] = score(method, output_dir, data_dir, "answers_test_video.jsonl",
+            video_rows[method.name] = score(method, runs_dir, data_dir, "answers_test_video.jsonl",
                                             "test_video_questions.jsonl")
     evaluations = {name: summary["seconds"] for name, summary in finished.items() if ":" in name}
 
@@ -485,13 +519,14 @@ def main(argv: list[str] | None = None) -> dict:
     chat_model = next((runs_dir / m for m in ("voco1", "voco2", "voco4") if m in rows), None)
     if chat_model is not None:
         tick = time.perf_counter()
-        chat = chat_example(chat_model, data_dir)
+        chat = {**chat_example(chat_model, data_dir), "model": relative(chat_model, runs_dir)}
         seconds["chat"] = time.perf_counter() - tick
         print(f"chat path ({chat_model.name}): {chat['image']}\n  USER: {chat['question']}\n  ASSISTANT: {chat['answer']}"
               f"   (reference: {chat['reference']})\n  {chat['cache']}")
 
     seconds = {k: round(v, 1) for k, v in seconds.items()}
-    report = {"preset": asdict(preset), "base": base, "rows": rows, "video_rows": video_rows, "training": training,
+    report = {"paths": "relative to this report's folder", "preset": asdict(preset), "base": {**base, "data": relative(data_dir, runs_dir)},
+              "rows": rows, "video_rows": video_rows, "training": training,
               "evaluation_seconds": evaluations,
               "chat": chat, "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
               "table": table}

@@ -1,0 +1,91 @@
+"""The DigitGrid demo's runner, without its 25 minutes of training: it checks what the run needs before the
+first step, and its report names paths relative to the report's folder (never the machine's own)."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from llava_voco.demo import runner
+
+
+
+@pytest.mark.parametrize("missing", ["matplotlib", "sentencepiece", "accelerate"])
+def test_a_missing_dependency_stops_the_run_before_the_first_step(tmp_path, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if it were not installed
+
+    def first_step(*args):
+        raise AssertionError("the run started before its dependencies were checked")
+
+    monkeypatch.setattr(runner, "ensure_data", first_step)
+    with pytest.raises(SystemExit) as raised:
+        runner.main(["--preset", "quick", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")])
+    message = str(raised.value.code)
+    assert missing in message and "pip install 'llava-voco[demo,train]'" in message and "\n" not in message
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def write_data(data, image):
+    """A DigitGrid-shaped data folder with two image questions and one clip question."""
+    (data / "images").mkdir(parents=True)
+    image.save(data / "images" / "test_0.png")
+    conversation = [{"from": "human", "value": "<image>\nWhat is the sum?"}, {"from": "gpt", "value": "7"}]
+    (data / "train.json").write_text(json.dumps([{"id": "a", "image": "images/test_0.png", "conversations": conversation}]))
+    questions = [{"question_id": i, "image": "images/test_0.png", "text": text, "answer": "7", "category": "sum"}
+                 for i, text in enumerate(["What is the sum?", "What is the sum?"])]
+    (data / "test_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    clip = {"question_id": 0, "video": "clips/test_0", "text": "What is the sum?", "answer": "7", "category": "sum"}
+    (data / "test_video_questions.jsonl").write_text(json.dumps(clip) + "\n")
+
+
+def test_report_paths_are_relative_to_the_report(tmp_path, monkeypatch, voco_dir, digit_images):
+    """Training and evaluation are stood in for (each evaluation answers with the reference); the scoring, the
+    table, the plot, the chat example (a real VoCo checkpoint) and the report are the runner's own."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_data(data, digit_images[0])
+    shutil.copytree(voco_dir, runs / "voco1")
+
+    def run_tasks(tasks, jobs, fresh=False):
+        finished = {}
+        for task in tasks:
+            finished[task.name] = {"steps": 1, "seconds": 0.1, "first_loss": 1.0, "last_loss": 0.5}
+            for evaluation in task.evaluations:
+                command = evaluation.command
+                questions = command[command.index("--question-file") + 1]
+                answers = command[command.index("--answers-file") + 1]
+                os.makedirs(os.path.dirname(answers), exist_ok=True)
+                with open(questions) as source, open(answers, "w") as out:
+                    for line in source:
+                        question = json.loads(line)
+                        out.write(json.dumps({"question_id": question["question_id"], "text": question["answer"]}) + "\n")
+                finished[evaluation.name] = {"seconds": 0.1}
+        return finished
+
+    monkeypatch.setattr(runner, "ensure_data", lambda preset, data_dir, fresh: {})
+    monkeypatch.setattr(runner, "ensure_base", lambda preset, data_dir, base_dir, fresh: {
+        "sizes": {}, "stage0": {}, "data": str(data_dir.resolve())})
+    monkeypatch.setattr(runner, "run_tasks", run_tasks)
+    monkeypatch.chdir(tmp_path)
+    report = runner.main(["--preset", "quick", "--data-dir", str(data), "--runs-dir", str(runs), "--only", "full,voco1"])
+    assert report["rows"]["voco1"]["overall"] == 1.0 and report["chat"]["answer"] is not None
+
+    written = (runs / "report.json").read_text()
+    strings = []
+
+    def collect(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, str):
+            strings.append(value)
+
+    collect(json.loads(written))
+    assert str(tmp_path) not in written and not any(os.path.isabs(s) for s in strings)
+    saved = json.loads(written)
+    assert saved["rows"]["voco1"]["checkpoint"] == "voco1" and saved["chat"]["model"] == "voco1"
+    assert os.path.normpath(runs / saved["base"]["data"]) == str(data)
