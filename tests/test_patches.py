@@ -48,7 +48,7 @@ GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "
 
 
 def run(command, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, **kwargs)
+    return subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
 
 
 def patches() -> list[Path]:
@@ -221,7 +221,7 @@ def voco_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny_llava_for_patches")
     build_tiny_llava(path, seed=0)
-    model, processor = llava_voco.add_voco_to_llava(path, voco_tokens=1)
+    model, _ = llava_voco.add_voco_to_llava(path, voco_tokens=1)
     torch.manual_seed(1)  # the <voco> rows start at the mean; make them distinct from it
     with torch.no_grad():
         model.get_input_embeddings().weight[model.config.voco_token_id].normal_(0, 0.5)
@@ -263,7 +263,7 @@ def batch(config, tokens_per_image: int):
     ]
     ours, llava = [], []
     for row in rows:
-        ours.append(sum(([image] * tokens_per_image + [voco] if t == "I" else [t] for t in row), []))
+        ours.append([t for token in row for t in ([image] * tokens_per_image + [voco] if token == "I" else [token])])
         llava.append([-200 if t == "I" else t for t in row])
 
     def pad_rows(rows, fill):
