@@ -89,7 +89,7 @@ def read_frame_features(path: str | os.PathLike, max_frames: int | None = None, 
     so that features of another tower are refused here, naming the file."""
     import torch
 
-    from .model.llamavid import FrameFeatures
+    from .frame_features import FrameFeatures
 
     try:
         stored = FrameFeatures(path)

@@ -7,7 +7,7 @@ Every video file (or folder of frame images) in ``--video-folder`` becomes
 ``<output-folder>/<name>.safetensors`` holding one tensor ``features`` ``[frames, patches, dim]`` (the
 model's selected vision layer, CLS dropped as its config says). Such a file is a video wherever one is
 accepted (``"video": "name.safetensors"`` in training data, ``processor(videos=[path])``, the CLI and
-eval), skipping the vision tower; ``llava_voco.model.llamavid.FrameFeatures`` reads one a chunk at a
+eval), skipping the vision tower; ``llava_voco.frame_features.FrameFeatures`` reads one a chunk at a
 time for the LLaMA-VID token stage. Frames go through the tower
 ``frame_chunk`` at a time; existing outputs are skipped, so an interrupted run resumes. A user's mistake
 (a missing folder or model, an unreadable video) ends the run with one line on stderr.
