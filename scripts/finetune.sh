@@ -3,6 +3,9 @@
 # Same flags as LLaVA's scripts/v1_5/finetune.sh; the projector comes from pretrain.sh (LLaVA's own
 # mm_projector.bin works too). Add --voco_tokens 1 to train VoCo from the start.
 # GPU flags (--bf16, --tf32) as in LLaVA; on a CPU-only machine replace them with --use_cpu True.
+# --bf16 True loads the model in bf16 (DeepSpeed keeps fp32 master weights). Where flash-attn is installed
+# (pip install 'llava-voco[gpu]'), LLaVA's train_mem.py equivalent is --attn_implementation flash_attention_2
+# (the VoCo rule runs through flash-attn's varlen kernel); --packing True removes the padding between samples.
 
 deepspeed llava_voco/train/train.py \
     --deepspeed ./scripts/zero3.json \

@@ -51,8 +51,21 @@ def add_special_tokens_with_mean_rows(tokenizer, model, tokens: list[str]) -> li
         weights = list({model.get_input_embeddings().weight, model.get_output_embeddings().weight})
         with gathered(weights), torch.no_grad():  # whole rows under ZeRO-3; rank 0's values are broadcast on exit
             for weight in weights:
-                weight[new_ids] = weight[:known].mean(dim=0)
+                # the mean in fp32 (a bf16 / fp16 sum over 32,000 rows loses digits), stored in the weight's dtype
+                weight[new_ids] = weight[:known].float().mean(dim=0).to(weight.dtype)
     return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def use_voco_attention(model) -> None:
+    """A model whose VoCo was switched on after it was built (``add_voco_to_llava``, the training entry):
+    with ``flash_attention_2`` its language model would run transformers' flash path, which keeps only
+    padding and would drop the VoCo rule; it runs flash-attn through the VoCo segment plan instead, as a
+    model built with VoCo on does (docs/design.md §2.5)."""
+    from .varlen import VOCO_FLASH
+
+    text_config = model.model.language_model.config
+    if model.config.voco_tokens > 0 and text_config._attn_implementation == "flash_attention_2":
+        text_config._attn_implementation = VOCO_FLASH
 
 
 def add_voco_to_llava(
@@ -78,6 +91,7 @@ def add_voco_to_llava(
     tokenizer = processor.tokenizer
     (model.config.voco_token_id,) = add_special_tokens_with_mean_rows(tokenizer, model, [VOCO_TOKEN])
     model.config.voco_tokens = voco_tokens
+    use_voco_attention(model)
 
     processor = VoCoLlavaProcessor.from_llava_processor(processor, voco_tokens, tokenizer=tokenizer)
     if output_dir is not None:

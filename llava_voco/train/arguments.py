@@ -9,18 +9,25 @@ resolved in ``llava_voco.train.model_setup.build_model_and_processor``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 from transformers import HfArgumentParser
 
+from llava_voco.conversation import UnknownTemplateError, get_template
 from llava_voco.model.image_inputs import CompressTypeError, parse_compress_type
 from llava_voco.model.projector import PROJECTOR_TYPES
+from llava_voco.model.varlen import FlashAttentionUnavailable, require_flash_attn
 
 from .data import DataArguments
 
 # LLaVA's --mm_vision_select_feature -> transformers' vision_feature_select_strategy.
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# --attn_implementation: transformers' backends that take the VoCo rule as a mask, and the varlen ones
+# (llava_voco.model.varlen) that take it as a segment plan.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "varlen_reference", "varlen_torch", "flash_attention_2")
 
 
 class TrainConfigError(ValueError):
@@ -65,7 +72,12 @@ class ModelArguments:
         metadata={"help": "False trains the VoCo paper's lower bound: VoCo tokens in the sequence but no VoCo mask "
                   "(text sees the vision tokens); the saved model still compresses (and is evaluated) with the mask."},
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flex_attention."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "The language model's attention backend (docs/design.md §2.5): sdpa, eager, flex_attention, "
+                  "varlen_reference (the flash-attn varlen plan in pure torch), varlen_torch (torch's CUDA varlen "
+                  "kernel) or flash_attention_2 (needs pip install 'llava-voco[gpu]')."},
+    )
     # LLaMA-VID (--mm_projector_type llamavid, set-up (a))
     text_decoder_tokenizer: str | None = field(
         default=None, metadata={"help": "LLaMA-VID: the text decoder's BERT WordPiece tokenizer directory."}
@@ -137,8 +149,36 @@ def build_parser() -> HfArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, TrainingArguments) from ``argv`` (default: the command line)."""
-    return build_parser().parse_args_into_dataclasses(args=argv)
+    """(ModelArguments, DataArguments, TrainingArguments) from ``argv`` (default: the command line). A value
+    the argument classes reject (``--fp16`` with ``--bf16``, an unknown ``--image_aspect_ratio``, ...) is a
+    ``TrainConfigError``."""
+    try:
+        return build_parser().parse_args_into_dataclasses(args=argv)
+    except TrainConfigError:
+        raise
+    except ValueError as error:
+        raise TrainConfigError(one_line(str(error))) from error
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def training_dtype(training_args) -> torch.dtype:
+    """The dtype the model is loaded and trained in: bf16 under ``--bf16``, fp16 under ``--fp16`` with DeepSpeed
+    (its fp16 mode keeps fp32 master weights), fp32 otherwise. ``--fp16`` without DeepSpeed keeps fp32 weights
+    under torch's fp16 autocast: torch AMP's gradient scaler refuses fp16 gradients."""
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16 and training_args.deepspeed:
+        return torch.float16
+    return torch.float32
+
+
+def vision_attn_implementation(attn_implementation: str) -> str:
+    """The vision tower's backend for the LLM's ``attn_implementation``: the varlen backends are causal
+    language-model kernels, so the (bidirectional) vision tower runs sdpa with them."""
+    return "sdpa" if attn_implementation in ("varlen_reference", "varlen_torch") else attn_implementation
 
 
 def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_args: TrainingArguments) -> None:
@@ -216,10 +256,40 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
             refuse("--lora_enable True with ZeRO-3", "merging LoRA on save needs whole weights; use scripts/zero2.json")
     if model_args.model_name_or_path is None:
         refuse("--model_name_or_path", "is required")
+    check_attn_implementation(model_args, training_args)
+    if data_args.data_path is None:
+        refuse("--data_path", "is required")
+    if not os.path.isfile(data_args.data_path):
+        refuse(f"--data_path {data_args.data_path}", "no such file")
+    try:
+        get_template(model_args.version)
+    except UnknownTemplateError as error:
+        refuse(f"--version {model_args.version}", str(error))
+
+
+def check_attn_implementation(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """``--attn_implementation``: a backend this entry can train with, available here (checked before any
+    weight is read)."""
+    attn = model_args.attn_implementation
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise TrainConfigError(f"--attn_implementation {attn}: supported: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    if attn == "flash_attention_2":
+        try:
+            require_flash_attn()
+        except FlashAttentionUnavailable as error:
+            raise TrainConfigError(f"--attn_implementation flash_attention_2: {error}") from None
+    if attn == "varlen_torch" and on_cpu:
+        raise TrainConfigError("--attn_implementation varlen_torch: torch's varlen kernel runs on CUDA only; on CPU "
+                               "use varlen_reference (the same segment plan, pure torch) or sdpa")
+    if attn == "flex_attention" and on_cpu:
+        raise TrainConfigError("--attn_implementation flex_attention: torch's flex attention has no backward on CPU, "
+                               "so it cannot train here; use sdpa, eager or varlen_reference")
 
 
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
     "SELECT_FEATURE",
     "ModelArguments",
     "TrainConfigError",
@@ -227,4 +297,6 @@ __all__ = [
     "build_parser",
     "parse_args",
     "refuse_flags_without_effect",
+    "training_dtype",
+    "vision_attn_implementation",
 ]

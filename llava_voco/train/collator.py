@@ -16,6 +16,13 @@ of ``BATCH_STAT_KEYS``, which must be popped before the model's forward (``pop_b
 They travel with the batch because DataLoader workers are other processes: ``dataset.stats`` only
 counts what this process built (all of it when ``dataloader_num_workers`` is 0).
 
+With ``packed_row_length`` (``--packing True``, docs/design.md §2.6) the samples are not padded to one
+width but laid one after another in rows of at most that many tokens (``llava_voco.train.packing``):
+``position_ids`` [rows, width] restart at 0 at each sample (how the model tells them apart), the first
+label of each sample is ignored (nothing is predicted across a boundary), rows are right padded to the
+longest. Samples keep their order, so the per-image keys above stay in token order; the counters count
+samples, not rows.
+
 A skipped sample is an item without ``input_ids`` (``skipped_item``; or None): the collator leaves it
 out of the batch and counts it, so no other sample stands in for it and none appears twice in an epoch.
 A batch whose every sample was skipped becomes one row of a single pad token with no labels
@@ -33,6 +40,7 @@ from torch.nn import functional as F
 from transformers import DataCollatorForSeq2Seq
 
 from ..constants import IGNORE_INDEX
+from .packing import packed_text_batch
 
 BATCH_STAT_KEYS = (
     "num_samples",
@@ -75,6 +83,7 @@ class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
     """
 
     instruction_pad_token_id: int | None = None
+    packed_row_length: int | None = None  # pack the samples into rows of at most this many tokens (--packing)
 
     def __call__(self, features: Sequence[dict | None], return_tensors=None) -> dict:
         skipped = [f or {} for f in features if is_skipped(f)]
@@ -104,9 +113,12 @@ class DataCollatorForSupervisedDataset(DataCollatorForSeq2Seq):
         }
 
     def _collate(self, features: Sequence[dict]) -> dict:
-        # As lists: the parent pads labels with numpy, which is slow on a list of tensors.
-        text_features = [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
-        batch = dict(super().__call__(text_features, return_tensors="pt"))
+        if self.packed_row_length is not None:
+            batch = packed_text_batch(features, self.packed_row_length, self._pad_id())
+        else:
+            # As lists: the parent pads labels with numpy, which is slow on a list of tensors.
+            text_features = [{"input_ids": f["input_ids"].tolist(), "labels": f["labels"].tolist()} for f in features]
+            batch = dict(super().__call__(text_features, return_tensors="pt"))
         pixel_values = [f["pixel_values"] for f in features if "pixel_values" in f]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)  # [images in the batch, 3, H, W]

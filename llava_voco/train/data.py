@@ -106,6 +106,14 @@ class DataArguments:
     max_frames: int | None = field(
         default=None, metadata={"help": "At most this many frames per video, sampled uniformly over it."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free packing (docs/design.md §2.6): each batch's samples are laid one after another "
+            "in rows of at most --model_max_length tokens (never split), position ids restarting at each sample, "
+            "so no padding is computed between them; losses and gradients equal the padded batch's."
+        },
+    )
 
     def __post_init__(self):
         if self.video_fps <= 0:
@@ -599,7 +607,8 @@ def make_supervised_data_module(
         vision_hidden_size=vision_hidden_size,
     )
     collator = DataCollatorForSupervisedDataset(
-        tokenizer=processor.tokenizer, label_pad_token_id=IGNORE_INDEX, instruction_pad_token_id=instruction_pad_token_id
+        tokenizer=processor.tokenizer, label_pad_token_id=IGNORE_INDEX, instruction_pad_token_id=instruction_pad_token_id,
+        packed_row_length=model_max_length if data_args.packing else None,
     )
     return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
 

@@ -8,6 +8,12 @@
     checkpoint adds VoCo as ``llava_voco.add_voco_to_llava`` does, the VoCo finetune stage
     (``build_from_llava_checkpoint``).
 
+Every refusal on flags or their combination with the directories named is made by ``plan_loading``, from
+configs, tokenizers and the small projector file alone, before any model weight is read. The model is then
+loaded in one dtype (``training_dtype``: bf16 under ``--bf16``, fp16 under ``--fp16`` with DeepSpeed, else
+fp32), new parts (projector, LLaMA-VID, new token rows) in that dtype too; a model left with mixed dtypes is
+refused.
+
 Everything here works under DeepSpeed ZeRO-3, whose weights are partitioned as they load: whole weights
 are gathered where they are read or written (``gathered``), and parts assembled by hand are built outside
 ZeRO-3's init context (``zero3_context_off``).
@@ -20,6 +26,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,18 +42,31 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.constants import IMAGE_PLACEHOLDER, VOCO_TOKEN
-from llava_voco.model.builder import add_special_tokens_with_mean_rows, gathered
+from llava_voco.model.builder import add_special_tokens_with_mean_rows, gathered, use_voco_attention
 from llava_voco.model.configuration_voco_llava import VOCO_FIELDS
 from llava_voco.model.image_inputs import tokens_per_image
 from llava_voco.model.projector import build_projector, llava_projector_state_dict
+from llava_voco.model.varlen import VOCO_FLASH
 
-from .arguments import SELECT_FEATURE, ModelArguments, TrainConfigError, TrainingArguments
+from .arguments import (
+    SELECT_FEATURE,
+    ModelArguments,
+    TrainConfigError,
+    TrainingArguments,
+    one_line,
+    training_dtype,
+    vision_attn_implementation,
+)
 
 logger = logging.getLogger("llava_voco.train")
 
 
-def is_llava_checkpoint(path: str, cache_dir: str | None = None) -> bool:
-    return AutoConfig.from_pretrained(path, cache_dir=cache_dir).model_type in ("llava", VoCoLlavaConfig.model_type)
+def read_config(flag: str, path: str, cache_dir: str | None = None):
+    """The config of a model directory (no weight is read); a directory without one is a TrainConfigError."""
+    try:
+        return AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as error:
+        raise TrainConfigError(f"{flag} {path}: {one_line(str(error))}") from None
 
 
 @contextlib.contextmanager
@@ -62,48 +82,121 @@ def zero3_context_off(training_args):
         set_hf_deepspeed_config(ds_config)
 
 
-def load_vision_tower(path: str, cache_dir: str | None, attn_implementation: str):
+def load_vision_tower(path: str, cache_dir: str | None, attn_implementation: str, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     vision_config = getattr(config, "vision_config", config)  # a full CLIP checkpoint holds its vision config
     model_class = MODEL_MAPPING[type(vision_config)]
     return model_class.from_pretrained(
-        path, config=vision_config, cache_dir=cache_dir, attn_implementation=attn_implementation
+        path, config=vision_config, cache_dir=cache_dir, attn_implementation=attn_implementation, dtype=dtype
     )
 
 
-def load_projector_weights(model: VoCoLlavaForConditionalGeneration, path: str) -> None:
-    """``--pretrain_mm_mlp_adapter``: LLaVA's mm_projector.bin (read with weights_only=True) or safetensors."""
+def read_projector_weights(path: str, config: VoCoLlavaConfig) -> dict[str, torch.Tensor]:
+    """``--pretrain_mm_mlp_adapter``: LLaVA's mm_projector.bin (read with weights_only=True) or safetensors,
+    keyed relative to our projector and checked against the projector ``config`` builds (on the meta device:
+    shapes only), before the model is loaded."""
+    flag = f"--pretrain_mm_mlp_adapter {path}"
     if not os.path.isfile(path):
-        raise TrainConfigError(f"--pretrain_mm_mlp_adapter {path}: no such file")
-    if path.endswith(".safetensors"):
-        state_dict = load_file(path)
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = llava_projector_state_dict(state_dict, model.config.mm_projector_type, source=path)
+        raise TrainConfigError(f"{flag}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            state_dict = load_file(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the flag's problem
+        raise TrainConfigError(f"{flag}: unreadable ({one_line(str(error))[:300]})") from None
+    try:
+        state_dict = llava_projector_state_dict(state_dict, config.mm_projector_type, source=path)
+    except ValueError as error:
+        raise TrainConfigError(one_line(str(error))) from None
+    with torch.device("meta"):
+        projector = build_projector(config)
+    expected = {name: tuple(p.shape) for name, p in projector.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state_dict.items()}
+    if expected != got:
+        raise TrainConfigError(
+            f"{flag}: holds {got}, the {config.mm_projector_type} projector of this model needs {expected} "
+            "(another --mm_projector_type, vision tower or LLM?)"
+        )
+    return state_dict
+
+
+def load_projector_weights(model: VoCoLlavaForConditionalGeneration, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Put the weights ``read_projector_weights`` checked into the model's projector (in the model's dtype)."""
     projector = model.model.multi_modal_projector
     with gathered(list(projector.parameters())):
-        expected = {name: tuple(p.shape) for name, p in projector.state_dict().items()}
-        got = {name: tuple(t.shape) for name, t in state_dict.items()}
-        if expected != got:
-            raise TrainConfigError(
-                f"--pretrain_mm_mlp_adapter {path}: holds {got}, the {model.config.mm_projector_type} projector of "
-                f"this model needs {expected} (another --mm_projector_type, vision tower or LLM?)"
-            )
         projector.load_state_dict(state_dict)
     logger.info("loaded the projector from %s", path)
 
 
-def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: TrainingArguments):
+@dataclass
+class LoadPlan:
+    """What ``plan_loading`` checked and decided; ``build_model_and_processor`` loads by it."""
+
+    dtype: torch.dtype
+    attn: str  # the language model's attention backend
+    vision_attn: str  # the vision tower's
+    checkpoint_config: object | None = None  # set-up (b): the Llava / VoCo-Llava checkpoint's config
+    llm_config: object | None = None  # set-up (a): the LLM's config ...
+    vision_config: object | None = None  # ... and --vision_tower's (vision part), whichever set-up
+    llamavid: dict = field(default_factory=dict)  # set-up (a): LLaMA-VID's config fields
+    projector_state: dict | None = None  # --pretrain_mm_mlp_adapter, checked
+
+
+def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -> LoadPlan:
+    """Every check on the flags against the directories they name, before any weight is read: configs,
+    tokenizers and the projector file only. Raises ``TrainConfigError``."""
+    cache_dir = training_args.cache_dir
+    plan = LoadPlan(
+        dtype=training_dtype(training_args),
+        attn=model_args.attn_implementation,
+        vision_attn=vision_attn_implementation(model_args.attn_implementation),
+    )
+    config = read_config("--model_name_or_path", model_args.model_name_or_path, cache_dir)
+    if model_args.vision_tower is not None:
+        tower = read_config("--vision_tower", model_args.vision_tower, cache_dir)
+        plan.vision_config = getattr(tower, "vision_config", tower)
+    if config.model_type in ("llava", VoCoLlavaConfig.model_type):
+        plan.checkpoint_config = config
+        projector_config = checkpoint_config(model_args, config, plan.vision_config)
+    elif plan.vision_config is None:
+        raise TrainConfigError(
+            f"--model_name_or_path {model_args.model_name_or_path} is not a Llava checkpoint, so it needs "
+            "--vision_tower (a CLIP vision directory) to build one"
+        )
+    else:
+        plan.llm_config = config
+        select_feature = model_args.mm_vision_select_feature or "patch"
+        if select_feature == "cls_patch" and plan.vision_config.model_type != "clip_vision_model":
+            raise TrainConfigError(f"--mm_vision_select_feature cls_patch: {model_args.vision_tower} has no CLS token")
+        plan.llamavid = llamavid_fields(model_args, plan.vision_config)
+        projector_config = VoCoLlavaConfig(
+            vision_config=plan.vision_config.to_dict(),
+            text_config=config.to_dict(),
+            vision_feature_layer=model_args.mm_vision_select_layer if model_args.mm_vision_select_layer is not None else -1,
+            vision_feature_select_strategy=SELECT_FEATURE[select_feature],
+            mm_projector_type=model_args.mm_projector_type or "linear",
+            vision_token_pooling=model_args.vision_token_pooling,
+            **plan.llamavid,
+        )
+    if model_args.pretrain_mm_mlp_adapter:
+        plan.projector_state = read_projector_weights(model_args.pretrain_mm_mlp_adapter, projector_config)
+    return plan
+
+
+def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: TrainingArguments, plan: LoadPlan):
     """Set-up (a): a new VoCo-Llava from an LLM directory and a vision tower directory."""
-    cache_dir, attn = training_args.cache_dir, model_args.attn_implementation
+    cache_dir = training_args.cache_dir
     voco_tokens = model_args.voco_tokens or 0
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, cache_dir=cache_dir, model_max_length=training_args.model_max_length,
         padding_side="right",
     )
     image_processor = AutoImageProcessor.from_pretrained(model_args.vision_tower, cache_dir=cache_dir)
-    llm = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, cache_dir=cache_dir, attn_implementation=attn)
-    vision_tower = load_vision_tower(model_args.vision_tower, cache_dir, attn)
+    llm = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, cache_dir=cache_dir, attn_implementation=plan.attn, dtype=plan.dtype
+    )
+    vision_tower = load_vision_tower(model_args.vision_tower, cache_dir, plan.vision_attn, plan.dtype)
 
     if tokenizer.pad_token is None:  # LLaVA pads with unk (v1 templates)
         if tokenizer.unk_token is not None:
@@ -117,8 +210,6 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     select_feature = model_args.mm_vision_select_feature or "patch"
     strategy = SELECT_FEATURE[select_feature]
     has_cls = vision_config.model_type == "clip_vision_model"
-    if select_feature == "cls_patch" and not has_cls:
-        raise TrainConfigError(f"--mm_vision_select_feature cls_patch: {model_args.vision_tower} has no CLS token")
     config = VoCoLlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=llm.config.to_dict(),
@@ -132,11 +223,11 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         voco_mask_mode=model_args.voco_mask_mode or "paper",
         frame_chunk=model_args.frame_chunk,
         vision_token_pooling=model_args.vision_token_pooling,
-        **llamavid_fields(model_args),
+        **plan.llamavid,
     )
     config.image_seq_length = tokens_per_image(config).image  # tokens one image becomes, VoCo tokens aside
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
-    config._attn_implementation = attn
+    config._attn_implementation = plan.attn
     # The shell is built on the meta device (no memory, no init), then the loaded parts are put in it.
     # (Outside DeepSpeed's ZeRO-3 context, which would try to initialise the meta weights; the loaded
     # parts are partitioned already, the projector is when the engine starts.)
@@ -145,7 +236,12 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     model.model.vision_tower = vision_tower
-    model.model.multi_modal_projector = build_projector(config)  # nn.Linear's own init, as LLaVA's projector
+    # nn.Linear's own init, as LLaVA's projector, from --seed alone: the same weights however the other parts
+    # were loaded (ZeRO-3's zero.Init draws random numbers while loading, one process does not); in the dtype
+    # of the rest
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(training_args.seed)
+        model.model.multi_modal_projector = build_projector(config).to(plan.dtype)
     if model_args.text_decoder_path is not None:
         from llava_voco.model.llamavid import load_text_decoder_from_instructblip
 
@@ -158,6 +254,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     on_meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if on_meta:
         raise RuntimeError(f"parameters left uninitialised while assembling the model: {on_meta[:5]}")
+    use_voco_attention(model)  # the LLM was loaded before VoCo was part of it
 
     processor = VoCoLlavaProcessor(
         image_processor=image_processor,
@@ -177,25 +274,45 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     return model, processor
 
 
-def llamavid_fields(model_args: ModelArguments) -> dict:
-    """The config fields of LLaMA-VID's projector from its flags (set-up (a))."""
+def llamavid_fields(model_args: ModelArguments, vision_config=None) -> dict:
+    """The config fields of LLaMA-VID's projector from its flags (set-up (a)); refuses what cannot fit, from
+    configs and tokenizers only. ``vision_config``: the vision tower's, to check an InstructBLIP Q-Former against."""
     if model_args.mm_projector_type != "llamavid":
         return {}
     if model_args.text_decoder_tokenizer is None:
         raise TrainConfigError("--mm_projector_type llamavid needs --text_decoder_tokenizer (a BERT tokenizer directory)")
     qformer = {}
-    if model_args.text_decoder_path is not None and model_args.text_decoder_config is None:
+    if model_args.text_decoder_path is not None:
         from transformers import InstructBlipConfig
 
-        qformer = InstructBlipConfig.from_pretrained(model_args.text_decoder_path).qformer_config.to_dict()
-        for key in ("model_type", "encoder_hidden_size", "transformers_version", "architectures"):
-            qformer.pop(key, None)
+        try:
+            instructblip = InstructBlipConfig.from_pretrained(model_args.text_decoder_path)
+        except (OSError, ValueError) as error:
+            raise TrainConfigError(f"--text_decoder_path {model_args.text_decoder_path}: {one_line(str(error))}") from None
+        if instructblip.num_query_tokens != model_args.num_query:
+            raise TrainConfigError(
+                f"--text_decoder_path: {model_args.text_decoder_path} has {instructblip.num_query_tokens} query_tokens, "
+                f"--num_query is {model_args.num_query}"
+            )
+        width = instructblip.qformer_config.encoder_hidden_size
+        if vision_config is not None and width != vision_config.hidden_size:
+            raise TrainConfigError(
+                f"--text_decoder_path: the Q-Former of {model_args.text_decoder_path} cross-attends to vision "
+                f"features of width {width}; --vision_tower gives {vision_config.hidden_size}"
+            )
+        if model_args.text_decoder_config is None:
+            qformer = instructblip.qformer_config.to_dict()
+            for key in ("model_type", "encoder_hidden_size", "transformers_version", "architectures"):
+                qformer.pop(key, None)
     if model_args.text_decoder_config is not None:
         try:
             qformer = json.loads(Path(model_args.text_decoder_config).read_text())
         except (OSError, ValueError) as error:
             raise TrainConfigError(f"--text_decoder_config {model_args.text_decoder_config}: {error}") from None
-    vocab = len(AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer))
+    try:
+        vocab = len(AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer))
+    except (OSError, ValueError) as error:
+        raise TrainConfigError(f"--text_decoder_tokenizer {model_args.text_decoder_tokenizer}: {one_line(str(error))}") from None
     if qformer.get("vocab_size", vocab) < vocab:
         raise TrainConfigError(f"--text_decoder_config vocab_size {qformer['vocab_size']} < the tokenizer's {vocab}")
     qformer.setdefault("vocab_size", vocab)
@@ -207,10 +324,15 @@ def llamavid_fields(model_args: ModelArguments) -> dict:
     }
 
 
-def build_from_llava_checkpoint(model_args: ModelArguments, training_args: TrainingArguments):
-    """Set-up (b): a full Llava or VoCo-Llava checkpoint (transformers format)."""
-    path, attn = model_args.model_name_or_path, model_args.attn_implementation
-    saved = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
+# Vision config fields that decide the weights' shapes and the tokens an image becomes.
+VISION_SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "image_size", "patch_size", "num_channels")
+
+
+def checkpoint_config(model_args: ModelArguments, saved, vision_config=None) -> VoCoLlavaConfig:
+    """Set-up (b), before loading: the flags checked against the checkpoint's config ``saved`` (and
+    ``--vision_tower``'s ``vision_config``), and the VoCoLlavaConfig the checkpoint is loaded with."""
+    path = model_args.model_name_or_path
     saved_voco = getattr(saved, "voco_tokens", 0)
     voco_tokens = model_args.voco_tokens if model_args.voco_tokens is not None else saved_voco
     if saved_voco and voco_tokens != saved_voco:
@@ -236,6 +358,25 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
         raise TrainConfigError(
             f"--voco_mask_mode {model_args.voco_mask_mode}: {path} was trained with voco_mask_mode={saved_mode}"
         )
+    if model_args.mm_vision_select_feature is not None:
+        strategy = SELECT_FEATURE[model_args.mm_vision_select_feature]
+        if strategy != saved.vision_feature_select_strategy:
+            raise TrainConfigError(
+                f"--mm_vision_select_feature {model_args.mm_vision_select_feature}: {path} was trained with "
+                f"vision_feature_select_strategy={saved.vision_feature_select_strategy}; changing it changes "
+                "the number of image tokens"
+            )
+    if vision_config is not None:
+        # LLaVA loads the vision tower's weights from --vision_tower: they must fit the checkpoint's tower.
+        differing = [f"{name}: {getattr(vision_config, name, None)} (--vision_tower) vs "
+                     f"{getattr(saved.vision_config, name, None)} ({path})"
+                     for name in VISION_SHAPE_FIELDS
+                     if getattr(vision_config, name, None) != getattr(saved.vision_config, name, None)]
+        if differing:
+            raise TrainConfigError(
+                f"--vision_tower {model_args.vision_tower}: does not match the vision tower of {path} "
+                f"({'; '.join(differing)})"
+            )
 
     values = {k: v for k, v in saved.to_dict().items() if k not in ("model_type", "architectures", *VOCO_FIELDS)}
     values["mm_projector_type"] = saved_type
@@ -244,8 +385,18 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
         values.update(voco_tokens=saved_voco, voco_token_id=saved.voco_token_id, voco_mask_mode=saved_mode)
     config = VoCoLlavaConfig(**values)
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
+    return config
+
+
+def build_from_llava_checkpoint(model_args: ModelArguments, training_args: TrainingArguments, plan: LoadPlan):
+    """Set-up (b): a full Llava or VoCo-Llava checkpoint (transformers format)."""
+    path = model_args.model_name_or_path
+    config = checkpoint_config(model_args, plan.checkpoint_config, plan.vision_config)
+    saved_voco = config.voco_tokens
+    voco_tokens = model_args.voco_tokens if model_args.voco_tokens is not None else saved_voco
     model = VoCoLlavaForConditionalGeneration.from_pretrained(
-        path, config=config, attn_implementation=attn, cache_dir=training_args.cache_dir
+        path, config=config, cache_dir=training_args.cache_dir, dtype=plan.dtype,
+        attn_implementation={"": plan.vision_attn, "text_config": plan.attn, "vision_config": plan.vision_attn},
     )
     processor = transformers.AutoProcessor.from_pretrained(path, cache_dir=training_args.cache_dir)
     if voco_tokens and not saved_voco:
@@ -254,6 +405,7 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
         model.config.voco_tokens = voco_tokens
         model.config.voco_token_id = processor.tokenizer.convert_tokens_to_ids(VOCO_TOKEN)
         model.config.voco_mask_mode = model_args.voco_mask_mode or "paper"
+        use_voco_attention(model)
     processor = rebuild_processor(processor, voco_tokens)
     processor.tokenizer.model_max_length = training_args.model_max_length
 
@@ -262,18 +414,10 @@ def build_from_llava_checkpoint(model_args: ModelArguments, training_args: Train
         logger.warning("--mm_vision_select_layer %s replaces the checkpoint's vision_feature_layer %s",
                        model_args.mm_vision_select_layer, model.config.vision_feature_layer)
         model.config.vision_feature_layer = model_args.mm_vision_select_layer
-    if model_args.mm_vision_select_feature is not None:
-        strategy = SELECT_FEATURE[model_args.mm_vision_select_feature]
-        if strategy != model.config.vision_feature_select_strategy:
-            raise TrainConfigError(
-                f"--mm_vision_select_feature {model_args.mm_vision_select_feature}: {path} was trained with "
-                f"vision_feature_select_strategy={model.config.vision_feature_select_strategy}; changing it changes "
-                "the number of image tokens"
-            )
     if model_args.vision_tower is not None:
         # LLaVA loads the vision tower's weights from --vision_tower, whatever the checkpoint holds.
         with zero3_context_off(training_args):  # whole weights to copy from
-            tower = load_vision_tower(model_args.vision_tower, training_args.cache_dir, attn)
+            tower = load_vision_tower(model_args.vision_tower, training_args.cache_dir, plan.vision_attn, plan.dtype)
         ours = model.model.vision_tower
         with gathered(list(ours.parameters())):
             theirs, mine = tower.state_dict(), ours.state_dict()
@@ -292,20 +436,56 @@ def rebuild_processor(processor, voco_tokens: int) -> VoCoLlavaProcessor:
     return VoCoLlavaProcessor.from_llava_processor(processor, voco_tokens)
 
 
-def build_model_and_processor(model_args: ModelArguments, training_args: TrainingArguments):
-    if is_llava_checkpoint(model_args.model_name_or_path, training_args.cache_dir):
-        model, processor = build_from_llava_checkpoint(model_args, training_args)
-    elif model_args.vision_tower is None:
-        raise TrainConfigError(
-            f"--model_name_or_path {model_args.model_name_or_path} is not a Llava checkpoint, so it needs "
-            "--vision_tower (a CLIP vision directory) to build one"
-        )
+def build_model_and_processor(model_args: ModelArguments, training_args: TrainingArguments, plan: LoadPlan | None = None):
+    """The model and processor to train (``plan``: ``plan_loading``'s, made here when not given)."""
+    if plan is None:
+        plan = plan_loading(model_args, training_args)
+    if plan.checkpoint_config is not None:
+        model, processor = build_from_llava_checkpoint(model_args, training_args, plan)
     else:
-        model, processor = build_from_llm_and_vision_tower(model_args, training_args)
-    if model_args.pretrain_mm_mlp_adapter:
-        load_projector_weights(model, model_args.pretrain_mm_mlp_adapter)
+        model, processor = build_from_llm_and_vision_tower(model_args, training_args, plan)
+    if plan.projector_state is not None:
+        load_projector_weights(model, plan.projector_state, model_args.pretrain_mm_mlp_adapter)
+    check_one_dtype(model, plan.dtype)
+    running = model.model.language_model.config._attn_implementation
+    if running not in (plan.attn, VOCO_FLASH if plan.attn == "flash_attention_2" else plan.attn):
+        raise TrainConfigError(f"--attn_implementation {plan.attn}: the language model would run {running}")
     model.config.text_config.use_cache = False  # training; set back on save
     return model, processor
+
+
+def check_one_dtype(model, dtype: torch.dtype) -> None:
+    """Every floating-point weight in ``dtype``: a model of mixed dtypes fails inside autocast (fp16 weights
+    under a bf16 autocast on CPU) or trains parts at a precision nobody chose."""
+    found: dict[torch.dtype, list[str]] = {}
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            found.setdefault(param.dtype, []).append(name)
+    others = {str(d).removeprefix("torch."): names for d, names in found.items() if d != dtype}
+    if others:
+        listed = "; ".join(f"{d}: {len(names)} weights, e.g. {names[0]}" for d, names in others.items())
+        raise TrainConfigError(
+            f"the model mixes dtypes: training in {str(dtype).removeprefix('torch.')} (--bf16 / --fp16 / neither), "
+            f"but {listed}; load every part in one dtype"
+        )
+
+
+def attention_backends(model) -> str:
+    """Which attention backend each part runs, for the log (never a silent fall back)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.model.language_model.config._attn_implementation
+    vision = base.model.vision_tower.config._attn_implementation
+    if base.config.voco_tokens == 0:
+        return f"language model {text} (VoCo off: causal; packed rows kept apart), vision tower {vision}"
+    rule = {
+        "sdpa": "VoCo rule as a dense boolean mask",
+        "eager": "VoCo rule as a dense additive mask",
+        "flex_attention": "VoCo rule as a flex BlockMask",
+        "varlen_reference": "VoCo rule as a varlen segment plan, pure-torch kernel",
+        "varlen_torch": "VoCo rule as a varlen segment plan, torch's CUDA varlen kernel",
+        "voco_flash_attention_2": "VoCo rule as a varlen segment plan, flash-attn's kernel",
+    }.get(text, "")
+    return f"language model {text} ({rule}), vision tower {vision}"
 
 
 def lora_target_modules(model) -> list[str]:
@@ -325,6 +505,10 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
         model.model.multi_modal_projector.requires_grad_(True)
     if model_args.freeze_backbone:
         model.model.language_model.requires_grad_(False)
+        # ... but the rows of <voco>, the only new parameters VoCo has, train (the rest of the embedding stays)
+        voco_rows = voco_token_ids(model)
+        if voco_rows and not model_args.tune_mm_mlp_adapter:
+            train_rows_only(model.get_input_embeddings().weight, voco_rows)
     if not model_args.unfreeze_mm_vision_tower:
         model.model.vision_tower.requires_grad_(False)
     if training_args.freeze_mm_mlp_adapter:
@@ -348,6 +532,9 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
             # A regex on full names keeps LoRA inside the language model.
             target_modules=r".*language_model.*\.(" + "|".join(map(re.escape, lora_target_modules(model))) + r")",
             modules_to_save=modules_to_save or None,
+            # The <voco> rows (embedding, and lm_head when untied) are VoCo's only new parameters: they train as
+            # PEFT trainable tokens, are saved with the adapter and merged into the weights.
+            trainable_token_indices=voco_trainable_tokens(model),
         )
         model = get_peft_model(model, lora_config)
 
@@ -360,6 +547,40 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
     total = sum(numel(p) for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / max(total, 1))
     return model
+
+
+# Set on an embedding weight of which only some rows train (``train_rows_only``): the optimizer gives it no
+# weight decay, so the other rows (zero gradient) stay exactly as they are.
+ROWS_ONLY = "llava_voco_rows_only"
+
+
+def voco_token_ids(model) -> list[int]:
+    config = model.config
+    return [config.voco_token_id] if config.voco_tokens > 0 and config.voco_token_id is not None else []
+
+
+def voco_trainable_tokens(model) -> dict[str, list[int]] | None:
+    """PEFT's ``trainable_token_indices`` for the <voco> rows: the input embedding's, and lm_head's when it is
+    not tied to it (a tied lm_head follows the embedding)."""
+    rows = voco_token_ids(model)
+    if not rows:
+        return None
+    tokens = {"embed_tokens": rows}
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        tokens["lm_head"] = rows
+    return tokens
+
+
+def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
+    """Train ``rows`` of ``weight`` and nothing else of it: the gradient of every other row is zeroed before it
+    is accumulated (so under DeepSpeed too), and the weight gets no weight decay (``ROWS_ONLY``), so Adam
+    leaves those rows exactly as they are."""
+    num_rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions hold a slice
+    keep = torch.zeros(num_rows, 1, dtype=torch.bool)
+    keep[rows] = True
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * keep.to(device=grad.device, dtype=grad.dtype))
+    setattr(weight, ROWS_ONLY, list(rows))
 
 
 def save_lora(trainer, processor, output_dir: str, merge: bool) -> None:

@@ -7,14 +7,19 @@
 LLaVA's flags are accepted verbatim; one that would have no effect here is refused with a message saying
 why. ``main`` is the recipe, read top to bottom:
   1. parse the three argument groups (model, data, training; ``llava_voco.train.arguments``);
-  2. refuse flags without effect and contradictory stages (``refuse_flags_without_effect``);
+  2. refuse flags without effect and contradictory stages (``refuse_flags_without_effect``), then every
+     combination of flags and the directories they name that cannot train (``plan_loading``): all before
+     any weight is read, each as one line (``cli``);
   3. build the model and processor, one of LLaVA's two set-ups (``llava_voco.train.model_setup``): an
      LLM directory + ``--vision_tower``, or a full Llava / VoCo-Llava checkpoint (``--voco_tokens k`` on a
-     plain Llava checkpoint adds VoCo as ``llava_voco.add_voco_to_llava`` does);
+     plain Llava checkpoint adds VoCo as ``llava_voco.add_voco_to_llava`` does), in one dtype (bf16 under
+     ``--bf16``, fp16 under ``--fp16`` with DeepSpeed, else fp32), with the attention backend asked for
+     (logged; ``flash_attention_2`` runs the VoCo rule through flash-attn's varlen kernel);
   4. choose what trains (the stage): pretrain (``--tune_mm_mlp_adapter``: the projector only),
      finetune (LLM + projector; the vision tower only with ``--unfreeze_mm_vision_tower``),
      ``--freeze_backbone``, ``--freeze_mm_mlp_adapter``, LoRA (``--lora_enable``, through PEFT);
-  5. the data (``llava_voco.train.data``): LLaVA's JSON, templates, truncation and collator;
+  5. the data (``llava_voco.train.data``): LLaVA's JSON, templates, truncation and collator (``--packing``:
+     each batch's samples in padding-free rows, docs/design.md §2.6);
   6. the Trainer (``VoCoLlavaTrainer``: LLaVA's sampler, projector learning rate, projector saving),
      resuming from the last ``checkpoint-*`` in ``--output_dir`` as LLaVA does (or from
      ``--resume_from_checkpoint``);
@@ -40,9 +45,9 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from llava_voco.model.image_inputs import tokens_per_image
 
-from .arguments import TrainConfigError, parse_args, refuse_flags_without_effect
+from .arguments import TrainConfigError, one_line, parse_args, refuse_flags_without_effect
 from .data import make_supervised_data_module
-from .model_setup import build_model_and_processor, save_lora, set_trainable
+from .model_setup import attention_backends, build_model_and_processor, plan_loading, save_lora, set_trainable
 from .trainer import CompressionStats, VoCoLlavaTrainer
 
 logger = logging.getLogger("llava_voco.train")
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
     refuse_flags_without_effect(model_args, data_args, training_args)
+    plan = plan_loading(model_args, training_args)  # the last refusals: nothing has been loaded yet
     # The process group first: under ZeRO-3 the weights are partitioned as they load.
     training_args.device
     if training_args.deepspeed:
@@ -65,12 +71,16 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     set_seed(training_args.seed)
 
     # 3. Model and processor.
-    model, processor = build_model_and_processor(model_args, training_args)
+    model, processor = build_model_and_processor(model_args, training_args, plan)
     logger.info(
         "model: %s projector, voco_tokens=%d (%s mask), %d image tokens per image",
         model.config.mm_projector_type, model.config.voco_tokens, model.config.voco_mask_mode,
         tokens_per_image(model.config).image,
     )
+    logger.info("attention: %s", attention_backends(model))
+    logger.info("weights in %s%s", str(plan.dtype).removeprefix("torch."), precision_note(training_args))
+    if data_args.packing:
+        logger.info("packing: each batch's samples in rows of at most %d tokens", training_args.model_max_length)
     model.model.apply_voco_mask = model_args.voco_mask_in_training
 
     # 4. What trains.
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
         mm_vision_tower_lr=training_args.mm_vision_tower_lr,
         save_projector_only=model_args.tune_mm_mlp_adapter,
         compression_stats=CompressionStats(skipped_up_front=skipped_before_training(data_module["train_dataset"])),
-        blank_image_for_text_batches=is_deepspeed_zero3_enabled(),
+        blank_image_for_text_batches=needs_blank_image_rows(base, training_args),
         **data_module,
     )
     resume = training_args.resume_from_checkpoint
@@ -117,6 +127,29 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     return trainer
 
 
+def needs_blank_image_rows(model, training_args) -> bool:
+    """Whether a text-only batch gets a blank-image row (``trainer.with_blank_image_row``): on several processes
+    every rank must run the vision path at every step (ZeRO-3 gathers each module's weights as it runs, ZeRO-2
+    and DDP reduce every trained parameter's gradient); and wherever the vision path trains, so that its
+    parameters get a zero gradient on a text-only batch on one process as on many (Adam moves a parameter
+    whose gradient is zero by its momentum but skips one that has none), as in LLaVA, which gives every
+    text-only sample a zero image."""
+    if is_deepspeed_zero3_enabled() or training_args.world_size > 1:
+        return True
+    vision_path = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    return any(p.requires_grad for p in vision_path)
+
+
+def precision_note(training_args) -> str:
+    if training_args.deepspeed and (training_args.bf16 or training_args.fp16):
+        return f" (DeepSpeed {'bf16' if training_args.bf16 else 'fp16'} mode: fp32 master weights in the optimizer)"
+    if training_args.fp16:
+        return " (torch autocast to fp16; its gradient scaler needs fp32 weights)"
+    if training_args.bf16:
+        return " (and the optimizer steps them in bf16, as LLaVA without DeepSpeed does)"
+    return ""
+
+
 def last_checkpoint(output_dir: str) -> str | None:
     checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*"))
     checkpoints = [c for c in checkpoints if re.fullmatch(r"checkpoint-\d+", os.path.basename(c))]
@@ -133,7 +166,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except TrainConfigError as error:
-        print(f"llava-voco-train: error: {error}", file=sys.stderr)
+        print(f"llava-voco-train: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,8 +7,8 @@
   (``mm_projector.safetensors``) plus the Trainer's optimizer / scheduler / RNG state, so they stay small
   and still resume.
 
-Two more things LLaVA does elsewhere (its dataset and model) are done here: under ZeRO-3 a text-only
-batch gets a blank image row, so every rank runs the vision tower and projector at every step
+Two more things LLaVA does elsewhere (its dataset and model) are done here: on more than one process a
+text-only batch gets a blank image row, so every rank runs the vision tower and projector at every step
 (``with_blank_image_row``); and a checkpoint resumes with its weights (``_load_from_checkpoint``). A
 batch whose every sample was skipped (``llava_voco.train.collator``) still runs its forward, with a loss
 of 0.
@@ -101,9 +101,10 @@ class CompressionStats:
 def with_blank_image_row(inputs: dict, model, processor) -> dict:
     """A batch without pixels plus one row holding a blank image and no labels.
 
-    Under ZeRO-3 every rank must run the same modules in the same order (each module's weights are
-    gathered from all ranks as it runs), so a rank whose batch has no image cannot skip the vision
-    tower and projector while another rank runs them (it hangs). LLaVA feeds such batches a blank
+    On several processes every rank must run the same modules: under ZeRO-3 each module's weights are
+    gathered from all ranks as it runs, and ZeRO-2 and DDP reduce every trained parameter's gradient
+    across ranks, so a rank whose batch has no image cannot skip the vision tower and projector while
+    another rank runs them (ZeRO-3 hangs, ZeRO-2 fails reducing gradients). LLaVA feeds such batches a blank
     image whose features it slices away; here the blank image gets its own row: its labels are all
     ignored and rows do not attend to each other, so the loss and the gradients are those of the
     other rows alone. The row holds the tokens ``tokens_per_image`` gives this model's images (pooled,
@@ -129,6 +130,12 @@ def with_blank_image_row(inputs: dict, model, processor) -> dict:
     inputs["input_ids"] = torch.cat([widen(input_ids, pad_id), blank_ids])
     inputs["attention_mask"] = torch.cat([widen(attention_mask, 0), blank_mask])
     inputs["labels"] = torch.cat([widen(labels, IGNORE_INDEX), torch.full_like(blank_ids, IGNORE_INDEX)])
+    if inputs.get("position_ids") is not None:  # packed rows: the blank image is a sample of its own
+        positions = inputs["position_ids"]
+        extra = length - positions.shape[1]  # added padding restarts at 0, as packed padding does
+        padding = torch.arange(extra, device=positions.device).expand(positions.shape[0], extra)
+        blank = torch.cat([torch.arange(len(row)), torch.arange(length - len(row))]).to(positions)
+        inputs["position_ids"] = torch.cat([torch.cat([positions, padding.to(positions)], dim=1), blank[None]])
     size = vision.image_size if isinstance(vision.image_size, (tuple, list)) else (vision.image_size,) * 2
     inputs["pixel_values"] = torch.zeros(
         1, vision.num_channels, *size, dtype=model.dtype, device=input_ids.device
@@ -212,6 +219,14 @@ class VoCoLlavaTrainer(Trainer):
         )
 
     # ---- optimizer ----------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The Trainer's, less weights of which only some rows train (``model_setup.train_rows_only``): weight
+        decay would move their frozen rows."""
+        from .model_setup import ROWS_ONLY
+
+        rows_only = {name for name, param in model.named_parameters() if getattr(param, ROWS_ONLY, None) is not None}
+        return [name for name in super().get_decay_parameter_names(model) if name not in rows_only]
+
     def create_optimizer(self, model=None):
         own_lrs = [
             (marker, lr)
