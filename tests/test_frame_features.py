@@ -18,7 +18,7 @@ from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoL
 from llava_voco.conversation import get_template
 from llava_voco.model.llamavid import encode_instructions
 from llava_voco.fixtures import train_wordpiece_tokenizer
-from llava_voco.serve.chat import ImageChat, count_vision_passes
+from llava_voco.inference import ImageChat, count_vision_passes
 from llava_voco.train.collator import pop_batch_stats
 from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module
 from llava_voco.video import decode_video, load_video

@@ -130,7 +130,7 @@ def test_processor_encodes_instructions_and_saves_the_text_decoder_tokenizer(lla
 def test_chat_and_eval_path_with_llamavid(llava_dir, bert, digit_images):
     """The serve/eval path passes the question as each image's instruction."""
     from llava_voco.conversation import get_template
-    from llava_voco.serve.chat import ImageChat
+    from llava_voco.inference import ImageChat
 
     model, processor = llamavid(llava_dir, bert)
     processor.text_decoder_tokenizer = bert

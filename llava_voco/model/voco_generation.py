@@ -180,6 +180,11 @@ class VoCoGenerationMixin:
         The cache is copied unless ``keep_turn=True``, which extends it with this turn (question and answer)
         for a multi-turn conversation; one cache row answers a whole batch of questions.
         """
+        if self.config.voco_tokens > 0 and "suppress_tokens" not in kwargs:
+            # an answer never holds an image or VoCo placeholder: without their vision they would break the layout
+            configured = getattr(kwargs.get("generation_config") or self.generation_config, "suppress_tokens", None)
+            kwargs["suppress_tokens"] = sorted({*(configured or []), self.config.image_token_id,
+                                                self.config.voco_token_id})
         if not isinstance(past_key_values, VoCoCache):
             if keep_turn:
                 raise ValueError("keep_turn=True needs past_key_values=a VoCoCache")
