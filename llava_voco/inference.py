@@ -343,13 +343,25 @@ def check_model_path(model_path: str) -> None:
         raise InputError(f"{model_path}: no such model folder")
 
 
-def load_model(model_path: str, device: str | None = None, dtype: str | None = None):
-    """Any checkpoint this package saves (VoCo or plain Llava), with its processor."""
-    import llava_voco  # noqa: F401  (registers the Auto classes)
+def load_model(model_path: str, device: str | None = None, dtype: str | None = None,
+               attn_implementation: str | None = None):
+    """Any checkpoint this package saves (VoCo or plain Llava), with its processor. ``attn_implementation``:
+    as transformers', plus ``varlen_reference`` / ``varlen_torch``; ``flash_attention_2`` without flash-attn
+    is refused before any weight is read."""
+    import llava_voco  # noqa: F401  (registers the Auto classes and the varlen backends)
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .model.varlen import FlashAttentionUnavailable, require_flash_attn
 
     check_model_path(model_path)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if attn_implementation:
+        if attn_implementation == "flash_attention_2":
+            try:
+                require_flash_attn()
+            except FlashAttentionUnavailable as error:
+                raise InputError(str(error)) from None
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(model_path)

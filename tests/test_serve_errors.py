@@ -134,3 +134,23 @@ def test_a_bug_keeps_its_traceback(voco_dir, bad_images, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_model", broken)
     with pytest.raises(KeyError):
         cli.main(["--model-path", str(voco_dir), "--image-file", str(bad_images / "good.png")])
+
+
+def test_flash_attention_without_flash_attn_is_refused_before_loading(voco_dir, bad_images, tmp_path, capsys):
+    """Chat and eval take --attn-implementation; flash_attention_2 where flash-attn is missing is one line
+    naming the gpu extra, before any weight is read (the weights file here is garbage)."""
+    import shutil
+
+    from llava_voco.eval import model_vqa
+
+    broken = tmp_path / "broken"
+    shutil.copytree(voco_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    image = str(bad_images / "good.png")
+    one_line_failure(capsys, cli.main, ["--model-path", str(broken), "--image-file", image,
+                                        "--attn-implementation", "flash_attention_2"], "llava-voco[gpu]")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "text": "Which digit?"}\n')
+    one_line_failure(capsys, model_vqa.main, ["--model-path", str(broken), "--question-file", str(questions),
+                                              "--image-folder", str(tmp_path), "--answers-file", str(tmp_path / "a.jsonl"),
+                                              "--attn-implementation", "flash_attention_2"], "llava-voco[gpu]")

@@ -103,6 +103,9 @@ def _main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--attn-implementation", default=None,
+                        help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
+                             "(default: the checkpoint's)")
     parser.add_argument("--video-folder", default=None, help="where questions' 'video' paths are (default: --image-folder)")
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
@@ -127,7 +130,8 @@ def _main(argv=None) -> None:
         if name and not os.path.exists(path):
             raise InputError(f"{path}: no such {kind} file (question {image_questions[0]['question_id']!r} of "
                              f"{args.question_file})")
-    model, processor = load_model(args.model_path, device=args.device)
+    model, processor = load_model(args.model_path, device=args.device,
+                                  attn_implementation=args.attn_implementation)
     model_id = Path(args.model_path).name
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:

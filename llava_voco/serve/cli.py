@@ -44,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--cache-dir", default=None, help="VoCo cache store: reuse compressed images across sessions")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--attn-implementation", default=None,
+                        help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
+                             "(default: the checkpoint's)")
     return parser.parse_args(argv)
 
 
@@ -64,7 +67,8 @@ def _main(args) -> None:
     if not image_files and not video_files:
         raise SystemExit("give --image-file and/or --video-file")
     images = load_images([path for path in image_files if not is_video(path)])  # before the model: fail fast
-    model, processor = load_model(args.model_path, device=args.device)
+    model, processor = load_model(args.model_path, device=args.device,
+                                  attn_implementation=args.attn_implementation)
     video = None
     if video_files:  # one video per conversation: the last one given
         video = read_video(video_files[-1], model, processor, fps=args.video_fps, max_frames=args.max_frames)
