@@ -72,6 +72,28 @@ class ModelArguments:
         metadata={"help": "False trains the VoCo paper's lower bound: VoCo tokens in the sequence but no VoCo mask "
                   "(text sees the vision tokens); the saved model still compresses (and is evaluated) with the mask."},
     )
+    voco_train_tokens: str | None = field(
+        default=None,
+        metadata={"help": "Elastic k (docs/design.md §2.7): comma-separated VoCo counts, e.g. 1,2,4,8 with --voco_tokens 8; "
+                  "each sample trains with one drawn from them, and the saved model compresses with any of them. "
+                  "Default: the checkpoint's set (one count: --voco_tokens)."},
+    )
+    # distillation against the uncompressed model (docs/design.md §2.4, §2.7; llava_voco.train.distillation)
+    voco_distill_weight: float = field(
+        default=0.0,
+        metadata={"help": "Adds w * KL(teacher || student) over the answer tokens; the teacher sees every vision "
+                  "token (the same weights with the VoCo mask off, under no_grad, unless --voco_teacher)."},
+    )
+    voco_distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the distillation KL."})
+    voco_distill_hidden: float = field(
+        default=0.0,
+        metadata={"help": "Adds w2 * the mean squared difference of student and teacher hidden states at the text "
+                  "positions, per layer (the paper's attention distillation, explicit)."},
+    )
+    voco_teacher: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint directory to distil from (frozen), instead of the same weights with the mask off."},
+    )
     attn_implementation: str = field(
         default="sdpa",
         metadata={"help": "The language model's attention backend (docs/design.md §2.5): sdpa, eager, flex_attention, "
@@ -234,6 +256,7 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
         refuse("--voco_mask_in_training False", "only means something with --voco_tokens k > 0")
     if model_args.voco_tokens is not None and model_args.voco_tokens < 0:
         refuse(f"--voco_tokens {model_args.voco_tokens}", "must be >= 0")
+    check_voco_training(model_args, training_args)
     # Contradictory stages: something would not train, or a flag would change nothing.
     if model_args.tune_mm_mlp_adapter and training_args.freeze_mm_mlp_adapter:
         refuse("--freeze_mm_mlp_adapter True", "with --tune_mm_mlp_adapter True nothing would train")
@@ -267,6 +290,56 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
         refuse(f"--version {model_args.version}", str(error))
 
 
+def parse_voco_train_tokens(value: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise TrainConfigError(f"--voco_train_tokens {value}: comma-separated VoCo counts, e.g. 1,2,4,8") from None
+    if not counts or counts[0] < 1:
+        raise TrainConfigError(f"--voco_train_tokens {value}: VoCo counts >= 1, e.g. 1,2,4,8")
+    return counts
+
+
+def check_voco_training(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Elastic k and distillation flags: values that can train, and nothing that would have no effect. What
+    depends on the checkpoint (a saved VoCo count) is checked in ``model_setup.plan_loading``."""
+    if model_args.voco_train_tokens is not None:
+        counts = parse_voco_train_tokens(model_args.voco_train_tokens)
+        if model_args.voco_tokens is not None and counts[-1] != model_args.voco_tokens:
+            raise TrainConfigError(
+                f"--voco_train_tokens {model_args.voco_train_tokens}: its largest count must be --voco_tokens "
+                f"({model_args.voco_tokens}), the number of VoCo tokens the model is built for"
+            )
+        if model_args.voco_tokens == 0:
+            raise TrainConfigError("--voco_train_tokens: only means something with --voco_tokens k > 0")
+    for flag in ("voco_distill_weight", "voco_distill_hidden"):
+        if getattr(model_args, flag) < 0:
+            raise TrainConfigError(f"--{flag} {getattr(model_args, flag)}: must be >= 0")
+    if model_args.voco_distill_temperature <= 0:
+        raise TrainConfigError(f"--voco_distill_temperature {model_args.voco_distill_temperature}: must be > 0")
+    distilling = model_args.voco_distill_weight > 0 or model_args.voco_distill_hidden > 0
+    if not distilling:
+        for flag, default in (("voco_distill_temperature", 1.0), ("voco_teacher", None)):
+            if getattr(model_args, flag) != default:
+                raise TrainConfigError(f"--{flag}: only means something with --voco_distill_weight or --voco_distill_hidden > 0")
+        return
+    if model_args.voco_tokens == 0:
+        raise TrainConfigError("--voco_distill_weight: distils full vision tokens into VoCo tokens; it needs --voco_tokens k > 0")
+    if not model_args.voco_mask_in_training:
+        raise TrainConfigError("--voco_distill_weight with --voco_mask_in_training False: student and teacher would "
+                               "see the same tokens, so every distillation term would be 0")
+    if model_args.tune_mm_mlp_adapter:
+        raise TrainConfigError("--voco_distill_weight: the pretrain stage (--tune_mm_mlp_adapter True) has no VoCo "
+                               "path to distil into (the LLM is frozen)")
+    if model_args.voco_teacher is not None:
+        if not os.path.isfile(os.path.join(model_args.voco_teacher, "config.json")):
+            raise TrainConfigError(f"--voco_teacher {model_args.voco_teacher}: not a checkpoint directory (no config.json)")
+        ds_config = getattr(training_args, "hf_deepspeed_config", None)
+        if ds_config is not None and ds_config.is_zero3():
+            raise TrainConfigError("--voco_teacher with ZeRO-3: a second model would need its own DeepSpeed engine; "
+                                   "use the default teacher (the same weights with the VoCo mask off) or scripts/zero2.json")
+
+
 def check_attn_implementation(model_args: ModelArguments, training_args: TrainingArguments) -> None:
     """``--attn_implementation``: a backend this entry can train with, available here (checked before any
     weight is read)."""
@@ -296,6 +369,7 @@ __all__ = [
     "TrainingArguments",
     "build_parser",
     "parse_args",
+    "parse_voco_train_tokens",
     "refuse_flags_without_effect",
     "training_dtype",
     "vision_attn_implementation",

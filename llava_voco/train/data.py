@@ -192,7 +192,9 @@ class LazySupervisedDataset(Dataset):
     """LLaVA's samples, rendered with a ``--version`` template and processed one at a time.
 
     ``stats`` (a ``Counter``) counts, in this process: ``items``, ``skipped_bad``, ``skipped_too_long``,
-    ``truncated``, ``replies_dropped``, ``vision_tokens``, ``voco_tokens``. A sample skipped when drawn
+    ``truncated``, ``replies_dropped``, ``vision_tokens``, ``voco_tokens`` (and, for an elastic model,
+    ``items_with_voco_tokens_<k>``: each draw's VoCo count is drawn from ``processor.voco_token_choices``).
+    A sample skipped when drawn
     is ``skipped_item()`` (left out of its batch by the collator, with nothing in its place); it is
     counted each time it is drawn.
 
@@ -223,10 +225,12 @@ class LazySupervisedDataset(Dataset):
         self.image_token_id = processor.image_token_id
         self.voco_token_id = getattr(processor, "voco_token_id", None)
         self.voco_token = getattr(processor, "voco_token", None)
+        choices = getattr(processor, "voco_token_choices", None)  # elastic k: one count drawn per sample and draw
+        self.voco_token_choices = list(choices) if choices and len(choices) > 1 else None
         self.stats: Counter = Counter()
         self.samples = load_samples(self.data_path)
         self._indices = list(range(len(self.samples)))  # positions in the file, after up-front skips
-        self._cache: dict[int, dict] | None = {} if data_args.cache_samples else None  # position -> built item
+        self._cache: dict | None = {} if data_args.cache_samples else None  # position (elastic: (position, k)) -> built item
         self._skipped: set[int] = set()  # positions skipped when drawn, in this process
         if not data_args.lazy_preprocess:
             self._check_all()
@@ -426,7 +430,14 @@ class LazySupervisedDataset(Dataset):
 
     # ---- items ----------------------------------------------------------------------------------
 
-    def _build(self, position: int) -> dict:
+    def _draw_voco_tokens(self) -> int | None:
+        """Elastic k's count for one draw of a sample, from torch's generator (seeded by the Trainer, and per
+        dataloader worker and epoch by the DataLoader); None when the model has one count."""
+        if self.voco_token_choices is None:
+            return None
+        return self.voco_token_choices[int(torch.randint(len(self.voco_token_choices), ()))]
+
+    def _build(self, position: int, voco_tokens: int | None = None) -> dict:
         prepared = self._prepare(position)
         images = [self._load_image(position, prepared.sample_id, name) for name in prepared.image_files]
         frames = self._load_video(position, prepared.sample_id, prepared.video_file) if prepared.video_file else None
@@ -435,6 +446,8 @@ class LazySupervisedDataset(Dataset):
         instructions = self._instructions(prepared.turns)
         if instructions is not None:
             media["instructions"] = instructions
+        if voco_tokens is not None:
+            media["voco_tokens"] = voco_tokens
         encoded = self.processor(
             images=images or None,
             text=[rendered.text],
@@ -545,20 +558,23 @@ class LazySupervisedDataset(Dataset):
         self.stats["skipped_bad"] += 1
         logger.warning("skipping bad sample: %s", error)
 
-    def _cached_build(self, position: int) -> dict:
-        """``_build``, from ``--cache_samples``'s cache when on (samples that fail are not cached)."""
+    def _cached_build(self, position: int, voco_tokens: int | None = None) -> dict:
+        """``_build``, from ``--cache_samples``'s cache when on (samples that fail are not cached; an elastic
+        model's sample once per VoCo count)."""
         if self._cache is None:
-            return self._build(position)
-        if position not in self._cache:
-            self._cache[position] = self._build(position)
-        return dict(self._cache[position])  # a copy: the counters added below are per draw
+            return self._build(position, voco_tokens)
+        key = position if voco_tokens is None else (position, voco_tokens)
+        if key not in self._cache:
+            self._cache[key] = self._build(position, voco_tokens)
+        return dict(self._cache[key])  # a copy: the counters added below are per draw
 
     def __getitem__(self, index: int) -> dict:
         """The item of sample ``index``, or ``skipped_item()`` (counted and logged) when it is skipped."""
         position = self._indices[index]
         skipped = skipped_item()
+        voco_tokens = self._draw_voco_tokens()
         try:
-            item = self._cached_build(position)
+            item = self._cached_build(position, voco_tokens)
         except _TooLong as reason:
             self.stats["skipped_too_long"] += 1
             skipped["num_replies_dropped"] = reason.replies_dropped
@@ -572,6 +588,8 @@ class LazySupervisedDataset(Dataset):
             self.stats["items"] += 1
             self.stats["vision_tokens"] += item["num_vision_tokens"]
             self.stats["voco_tokens"] += item["num_voco_tokens"]
+            if voco_tokens is not None and item["num_voco_tokens"]:  # text-only samples have no VoCo run
+                self.stats[f"items_with_voco_tokens_{voco_tokens}"] += 1
             return item
         self._skipped.add(position)
         if len(self._skipped) == len(self._indices):

@@ -9,7 +9,9 @@ of a starting checkpoint. The terms:
   tokens (labels other than IGNORE_INDEX), at ``temperature`` (scaled by its square, as usual);
 - ``hidden`` (optional): per layer, the mean squared difference of student and teacher hidden states at
   the text positions (after each sample's last VoCo token), averaged over layers: the paper's attention
-  distillation made explicit.
+  distillation made explicit. It is a mean over a batch's text positions, so under gradient accumulation
+  the Trainer weighs each micro-batch's mean by its share of answer tokens (as it does ``kl``), which is
+  close to, not exactly, the mean over the accumulated batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from ..constants import IGNORE_INDEX
-from ..model.voco_mask import NEVER_HIDDEN
+from ..model.voco_mask import NEVER_HIDDEN, packed_sample_index
 
 
 def answer_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -75,20 +77,24 @@ class VoCoDistillation:
     def needs_hidden_states(self) -> bool:
         return self.hidden_weight > 0
 
-    def teacher_outputs(self, model, inputs: dict):
+    def teacher_outputs(self, model, inputs: dict, unwrapped=None):
         with torch.no_grad():
             if self.teacher is not None:
                 return self.teacher(**inputs, output_hidden_states=self.needs_hidden_states)
-            with voco_mask_off(model):
+            with voco_mask_off(unwrapped if unwrapped is not None else model):
                 return model(**inputs, output_hidden_states=self.needs_hidden_states)
 
-    def terms(self, model, inputs: dict, student_outputs) -> dict[str, torch.Tensor]:
-        """``{"kl": ..., "hidden": ...}`` (unweighted) for a batch and the student's outputs on it."""
-        teacher = self.teacher_outputs(model, {k: v for k, v in inputs.items() if k != "labels"})
+    def terms(self, model, inputs: dict, student_outputs, unwrapped=None) -> dict[str, torch.Tensor]:
+        """``{"kl": ..., "hidden": ...}`` (unweighted) for a batch and the student's outputs on it. ``model`` runs
+        the teacher's forward (a Trainer's wrapped model: DDP, DeepSpeed); ``unwrapped``: the model inside it,
+        whose mask is switched off (default: ``model``)."""
+        unwrapped = unwrapped if unwrapped is not None else model
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_hidden_states", "num_items_in_batch")}
+        teacher = self.teacher_outputs(model, model_inputs, unwrapped)
         terms = {"kl": answer_kl(student_outputs.logits, teacher.logits, inputs["labels"], self.temperature)}
         if self.needs_hidden_states:
             terms["hidden"] = text_hidden_loss(student_outputs.hidden_states, teacher.hidden_states,
-                                               text_positions(model, inputs))
+                                               text_positions(unwrapped, inputs))
         return terms
 
     def loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -101,7 +107,8 @@ class VoCoDistillation:
 def text_positions(model, inputs: dict) -> torch.Tensor:
     """``[batch, seq]``: real positions after their sample's last VoCo token (where the rule hides vision)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layout = base.model.voco_layout(inputs["input_ids"], inputs.get("attention_mask"))
+    sample_index = packed_sample_index(inputs.get("position_ids"))  # packed rows: each sample its own text
+    layout = base.model.voco_layout(inputs["input_ids"], inputs.get("attention_mask"), sample_index=sample_index)
     positions = torch.arange(inputs["input_ids"].shape[1], device=inputs["input_ids"].device)
     text = (positions >= layout.text_start) & (layout.text_start < NEVER_HIDDEN)
     if inputs.get("attention_mask") is not None:

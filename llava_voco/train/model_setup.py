@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ from .arguments import (
     TrainConfigError,
     TrainingArguments,
     one_line,
+    parse_voco_train_tokens,
     training_dtype,
     vision_attn_implementation,
 )
@@ -141,6 +142,7 @@ class LoadPlan:
     vision_config: object | None = None  # ... and --vision_tower's (vision part), whichever set-up
     llamavid: dict = field(default_factory=dict)  # set-up (a): LLaMA-VID's config fields
     projector_state: dict | None = None  # --pretrain_mm_mlp_adapter, checked
+    voco_train_tokens: list[int] | None = None  # elastic k's counts, checked against the model's k
 
 
 def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -> LoadPlan:
@@ -181,7 +183,84 @@ def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -
         )
     if model_args.pretrain_mm_mlp_adapter:
         plan.projector_state = read_projector_weights(model_args.pretrain_mm_mlp_adapter, projector_config)
+    plan.voco_train_tokens = voco_train_tokens(model_args, projector_config)
     return plan
+
+
+def voco_train_tokens(model_args: ModelArguments, config) -> list[int] | None:
+    """The VoCo counts samples are drawn from (elastic k): ``--voco_train_tokens``, else a saved elastic
+    checkpoint's set; None for one count. Raises ``TrainConfigError`` when the largest is not the model's k."""
+    voco_tokens = model_args.voco_tokens if model_args.voco_tokens is not None else getattr(config, "voco_tokens", 0)
+    if model_args.voco_train_tokens is None:
+        return getattr(config, "voco_train_tokens", None) if voco_tokens else None
+    counts = parse_voco_train_tokens(model_args.voco_train_tokens)
+    if not voco_tokens or counts[-1] != voco_tokens:
+        raise TrainConfigError(
+            f"--voco_train_tokens {model_args.voco_train_tokens}: its largest count must be the model's VoCo "
+            f"tokens ({voco_tokens}{', from ' + model_args.model_name_or_path if model_args.voco_tokens is None else ''})"
+        )
+    return counts
+
+
+def teacher_model_args(model_args: ModelArguments, student_plan: LoadPlan) -> ModelArguments:
+    """The flags that load ``--voco_teacher`` as a checkpoint (set-up (b)) with the student's VoCo count, so that
+    it reads the same token ids (a plain Llava teacher gets ``<voco>`` as the student did)."""
+    saved = student_plan.checkpoint_config
+    voco_tokens = model_args.voco_tokens if model_args.voco_tokens is not None else getattr(saved, "voco_tokens", 0)
+    return replace(
+        model_args, model_name_or_path=model_args.voco_teacher, voco_tokens=voco_tokens, voco_train_tokens=None,
+        vision_tower=None, pretrain_mm_mlp_adapter=None, mm_projector_type=None, vision_token_pooling="none",
+        mm_vision_select_feature=None, mm_vision_select_layer=None,
+    )
+
+
+def plan_teacher(model_args: ModelArguments, training_args: TrainingArguments, student_plan: LoadPlan) -> LoadPlan | None:
+    """``--voco_teacher``'s checks before any weight is read: a Llava / VoCo-Llava checkpoint whose tokenizer
+    has the student's vocabulary (the teacher reads the student's token ids)."""
+    if model_args.voco_teacher is None:
+        return None
+    teacher_args = teacher_model_args(model_args, student_plan)
+    try:
+        plan = plan_loading(teacher_args, training_args)
+    except TrainConfigError as error:
+        raise TrainConfigError(f"--voco_teacher {model_args.voco_teacher}: {error}") from None
+    if plan.checkpoint_config is None:
+        raise TrainConfigError(f"--voco_teacher {model_args.voco_teacher}: not a Llava or VoCo-Llava checkpoint")
+    vocabularies = []
+    for flag, path in (("--model_name_or_path", model_args.model_name_or_path), ("--voco_teacher", model_args.voco_teacher)):
+        try:
+            vocabulary = AutoTokenizer.from_pretrained(path, cache_dir=training_args.cache_dir).get_vocab()
+        except (OSError, ValueError) as error:
+            raise TrainConfigError(f"{flag} {path}: its tokenizer does not load ({one_line(str(error))})") from None
+        vocabulary.pop(VOCO_TOKEN, None)  # added to whichever lacks it, with the same id
+        vocabularies.append(vocabulary)
+    if vocabularies[0] != vocabularies[1]:
+        differing = sorted(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))[:3]
+        raise TrainConfigError(
+            f"--voco_teacher {model_args.voco_teacher}: its tokenizer differs from the student's ({model_args.model_name_or_path}; "
+            f"e.g. {differing}); the teacher must read the same token ids"
+        )
+    return plan
+
+
+def build_teacher(model_args: ModelArguments, training_args: TrainingArguments, plan: LoadPlan, student, processor):
+    """``--voco_teacher``, frozen, in eval mode, seeing every vision token (its VoCo mask off)."""
+    teacher, teacher_processor = build_from_llava_checkpoint(teacher_model_args(model_args, plan), training_args, plan)
+    for name in ("image_token_id", "voco_token_id"):
+        if getattr(teacher.config, name) != getattr(student.config, name):
+            raise TrainConfigError(
+                f"--voco_teacher {model_args.voco_teacher}: its {name} is {getattr(teacher.config, name)}, the "
+                f"student's {getattr(student.config, name)}"
+            )
+    if tokens_per_image(teacher.config) != tokens_per_image(student.config):
+        raise TrainConfigError(
+            f"--voco_teacher {model_args.voco_teacher}: its images become {tokens_per_image(teacher.config)} tokens, "
+            f"the student's {tokens_per_image(student.config)}"
+        )
+    teacher.requires_grad_(False).eval()
+    teacher.model.apply_voco_mask = False
+    teacher.config.text_config.use_cache = False
+    return teacher.to(training_args.device)
 
 
 def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: TrainingArguments, plan: LoadPlan):
@@ -382,7 +461,8 @@ def checkpoint_config(model_args: ModelArguments, saved, vision_config=None) -> 
     values["mm_projector_type"] = saved_type
     values["vision_token_pooling"] = saved_pooling
     if saved_voco:
-        values.update(voco_tokens=saved_voco, voco_token_id=saved.voco_token_id, voco_mask_mode=saved_mode)
+        values.update(voco_tokens=saved_voco, voco_token_id=saved.voco_token_id, voco_mask_mode=saved_mode,
+                      voco_train_tokens=getattr(saved, "voco_train_tokens", None))
     config = VoCoLlavaConfig(**values)
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
     return config
@@ -446,6 +526,9 @@ def build_model_and_processor(model_args: ModelArguments, training_args: Trainin
         model, processor = build_from_llm_and_vision_tower(model_args, training_args, plan)
     if plan.projector_state is not None:
         load_projector_weights(model, plan.projector_state, model_args.pretrain_mm_mlp_adapter)
+    if plan.voco_train_tokens and len(plan.voco_train_tokens) > 1:  # elastic k: saved with the model
+        model.config.voco_train_tokens = plan.voco_train_tokens
+        processor.voco_token_choices = plan.voco_train_tokens
     check_one_dtype(model, plan.dtype)
     running = model.model.language_model.config._attn_implementation
     if running not in (plan.attn, VOCO_FLASH if plan.attn == "flash_attention_2" else plan.attn):

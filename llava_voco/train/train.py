@@ -20,7 +20,9 @@ why. ``main`` is the recipe, read top to bottom:
      ``--freeze_backbone``, ``--freeze_mm_mlp_adapter``, LoRA (``--lora_enable``, through PEFT);
   5. the data (``llava_voco.train.data``): LLaVA's JSON, templates, truncation and collator (``--packing``:
      each batch's samples in padding-free rows, docs/design.md §2.6);
-  6. the Trainer (``VoCoLlavaTrainer``: LLaVA's sampler, projector learning rate, projector saving),
+  6. the Trainer (``VoCoLlavaTrainer``: LLaVA's sampler, projector learning rate, projector saving; with
+     ``--voco_distill_weight`` / ``--voco_distill_hidden`` the distillation terms against full vision tokens,
+     ``llava_voco.train.distillation``),
      resuming from the last ``checkpoint-*`` in ``--output_dir`` as LLaVA does (or from
      ``--resume_from_checkpoint``);
   7. save: a directory that loads with ``from_pretrained`` (after ``import llava_voco``), with its
@@ -47,7 +49,16 @@ from llava_voco.model.image_inputs import tokens_per_image
 
 from .arguments import TrainConfigError, one_line, parse_args, refuse_flags_without_effect
 from .data import make_supervised_data_module
-from .model_setup import attention_backends, build_model_and_processor, plan_loading, save_lora, set_trainable
+from .distillation import VoCoDistillation
+from .model_setup import (
+    attention_backends,
+    build_model_and_processor,
+    build_teacher,
+    plan_loading,
+    plan_teacher,
+    save_lora,
+    set_trainable,
+)
 from .trainer import CompressionStats, VoCoLlavaTrainer
 
 logger = logging.getLogger("llava_voco.train")
@@ -62,6 +73,7 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     )
     refuse_flags_without_effect(model_args, data_args, training_args)
     plan = plan_loading(model_args, training_args)  # the last refusals: nothing has been loaded yet
+    teacher_plan = plan_teacher(model_args, training_args, plan)
     # The process group first: under ZeRO-3 the weights are partitioned as they load.
     training_args.device
     if training_args.deepspeed:
@@ -83,8 +95,9 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
         logger.info("packing: each batch's samples in rows of at most %d tokens", training_args.model_max_length)
     model.model.apply_voco_mask = model_args.voco_mask_in_training
 
-    # 4. What trains.
+    # 4. What trains (and, when distilling, what teaches).
     model = set_trainable(model, model_args, training_args)
+    distillation = build_distillation(model_args, training_args, model, processor, teacher_plan)
 
     # 5. Data.
     data_module = make_supervised_data_module(
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
         save_projector_only=model_args.tune_mm_mlp_adapter,
         compression_stats=CompressionStats(skipped_up_front=skipped_before_training(data_module["train_dataset"])),
         blank_image_for_text_batches=needs_blank_image_rows(base, training_args),
+        distillation=distillation,
         **data_module,
     )
     resume = training_args.resume_from_checkpoint
@@ -125,6 +139,25 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     if trainer.args.should_save:
         logger.info("saved to %s", output_dir)
     return trainer
+
+
+def build_distillation(model_args, training_args, model, processor, teacher_plan) -> VoCoDistillation | None:
+    """The distillation terms asked for (``--voco_distill_weight``, ``--voco_distill_hidden``), with the
+    teacher: ``--voco_teacher``'s checkpoint (frozen), else the model itself with the VoCo mask off."""
+    if model_args.voco_distill_weight == 0 and model_args.voco_distill_hidden == 0:
+        return None
+    teacher = None
+    if teacher_plan is not None:
+        base = model.get_base_model() if training_args.lora_enable else model
+        teacher = build_teacher(model_args, training_args, teacher_plan, base, processor)
+    logger.info(
+        "distillation: %g * KL(teacher || student) at temperature %g%s, teacher: %s",
+        model_args.voco_distill_weight, model_args.voco_distill_temperature,
+        f" + {model_args.voco_distill_hidden:g} * hidden-state MSE at the text positions" if model_args.voco_distill_hidden else "",
+        model_args.voco_teacher or "the same weights with the VoCo mask off",
+    )
+    return VoCoDistillation(weight=model_args.voco_distill_weight, temperature=model_args.voco_distill_temperature,
+                            hidden_weight=model_args.voco_distill_hidden, teacher=teacher)
 
 
 def needs_blank_image_rows(model, training_args) -> bool:

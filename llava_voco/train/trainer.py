@@ -14,7 +14,8 @@ batch whose every sample was skipped (``llava_voco.train.collator``) still runs 
 of 0.
 
 It also logs, beside the Trainer's metrics, what the compression does to each batch (see
-``CompressionStats``); they reach every ``--report_to`` integration (wandb: ``train/<name>``).
+``CompressionStats``) and, with ``--voco_distill_weight`` / ``--voco_distill_hidden``, the loss terms
+(``DistillationStats``); they reach every ``--report_to`` integration (wandb: ``train/<name>``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from ..constants import IGNORE_INDEX
 from ..model.image_inputs import tokens_per_image
 from .collator import pop_batch_stats
+from .distillation import VoCoDistillation
 from .samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -182,6 +184,36 @@ def _with_empty_instruction(inputs: dict, processor, device) -> dict:
     return rows
 
 
+class DistillationStats:
+    """The loss terms since the previous log (``llava_voco.train.distillation``), averaged over the forward
+    passes and ranks: ``lm_loss`` (the language-model loss alone), ``distill_kl``, ``distill_hidden``."""
+
+    NAMES = ("lm_loss", "distill_kl", "distill_hidden")
+
+    def __init__(self):
+        self.sums = dict.fromkeys(self.NAMES, 0.0)
+        self.count = 0
+
+    def update(self, lm_loss: torch.Tensor, terms: dict[str, torch.Tensor]):
+        self.sums["lm_loss"] += float(lm_loss)
+        self.sums["distill_kl"] += float(terms["kl"].detach())
+        self.sums["distill_hidden"] += float(terms["hidden"].detach()) if "hidden" in terms else 0.0
+        self.count += 1
+
+    def totals(self, device) -> torch.Tensor:
+        return torch.tensor([*self.sums.values(), self.count], dtype=torch.float64, device=device)
+
+    def metrics(self, totals: torch.Tensor, hidden: bool) -> dict[str, float]:
+        *sums, count = totals.tolist()
+        self.sums, self.count = dict.fromkeys(self.NAMES, 0.0), 0
+        if not count:
+            return {}
+        metrics = {name: value / count for name, value in zip(self.NAMES, sums)}
+        if not hidden:
+            del metrics["distill_hidden"]
+        return metrics
+
+
 class VoCoLlavaTrainer(Trainer):
     def __init__(
         self,
@@ -192,6 +224,7 @@ class VoCoLlavaTrainer(Trainer):
         save_projector_only: bool = False,
         compression_stats: CompressionStats | None = None,
         blank_image_for_text_batches: bool = False,
+        distillation: VoCoDistillation | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -202,6 +235,8 @@ class VoCoLlavaTrainer(Trainer):
         self.save_full_model_too = False  # set for the final save of the pretrain stage
         self.compression_stats = compression_stats
         self.blank_image_for_text_batches = blank_image_for_text_batches
+        self.distillation = distillation
+        self.distillation_stats = DistillationStats() if distillation is not None else None
 
     # ---- sampler ------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -305,7 +340,11 @@ class VoCoLlavaTrainer(Trainer):
         if self.blank_image_for_text_batches and "pixel_values" not in inputs:
             inputs = self.with_blank_image_row(inputs)
         labels = inputs.get("labels")
-        if labels is None or bool((labels != IGNORE_INDEX).any()):
+        learnable = labels is None or bool((labels != IGNORE_INDEX).any())
+        distilling = self.distillation is not None and model.training and labels is not None and learnable
+        if distilling:
+            return self.compute_loss_with_distillation(model, inputs, return_outputs, num_items_in_batch)
+        if learnable:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -313,6 +352,31 @@ class VoCoLlavaTrainer(Trainer):
         # ranks, and the loss is 0 with zero gradients instead of the NaN of a mean over no label.
         _, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         loss = outputs.logits.sum() * 0.0
+        return (loss, outputs) if return_outputs else loss
+
+    def compute_loss_with_distillation(self, model, inputs, return_outputs, num_items_in_batch):
+        """The language-model loss plus the distillation terms, weighted like it: when the Trainer normalises
+        the loss by the answer tokens of the whole accumulated batch (``num_items_in_batch``), each term is
+        weighted by this batch's share of them, so gradient accumulation and several processes sum the
+        terms per answer token as they do the loss."""
+        student_inputs = dict(inputs)
+        if self.distillation.needs_hidden_states:
+            student_inputs["output_hidden_states"] = True
+        lm_loss, outputs = super().compute_loss(model, student_inputs, return_outputs=True,
+                                                num_items_in_batch=num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        terms = self.distillation.terms(model, inputs, outputs, unwrapped=unwrapped)
+        share = 1.0
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            answer_tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+            share = answer_tokens / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # as the Trainer scales the loss
+                share = share * self.accelerator.num_processes
+            lm_loss_alone = lm_loss.detach() / share
+        else:
+            lm_loss_alone = lm_loss.detach()
+        self.distillation_stats.update(lm_loss_alone, terms)
+        loss = lm_loss + share * self.distillation.loss(terms)
         return (loss, outputs) if return_outputs else loss
 
     def with_blank_image_row(self, inputs: dict) -> dict:
@@ -329,4 +393,9 @@ class VoCoLlavaTrainer(Trainer):
                 totals = self.accelerator.reduce(totals, reduction="sum")
             logs.update(self.compression_stats.metrics(totals))
             self.compression_stats.reset_window()
+        if self.distillation_stats is not None and "loss" in logs:
+            totals = self.distillation_stats.totals(self.args.device)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            logs.update(self.distillation_stats.metrics(totals, hidden=self.distillation.needs_hidden_states))
         super().log(logs, start_time)
