@@ -199,7 +199,7 @@ class ImageChat:
         if self.cache is None:
             return "the image is compressed with the first question (LLaMA-VID's context token reads it)"
         vision = int(self.cache.vision_tokens_dropped.sum())
-        voco = self.model.config.voco_tokens * int(self.cache.num_images.sum())
+        voco = self.cache.voco_tokens * int(self.cache.num_images.sum())  # an elastic model's k: the cache's
         cached = self.cache.get_seq_length()
         return (
             f"cached positions: {cached} (without compression: {cached + vision}); "
@@ -343,17 +343,35 @@ def check_model_path(model_path: str) -> None:
         raise InputError(f"{model_path}: no such model folder")
 
 
+def check_voco_tokens(model_path: str, voco_tokens: int) -> None:
+    """``--voco-tokens k``: a count the checkpoint was trained for (an elastic model's set), checked from its
+    config alone, before any weight is read."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    if getattr(config, "voco_tokens", 0) == 0:
+        raise InputError(f"--voco-tokens {voco_tokens}: {model_path} has no VoCo tokens (voco_tokens=0)")
+    try:
+        config.check_voco_tokens(voco_tokens)
+    except ValueError as error:
+        raise InputError(f"--voco-tokens {voco_tokens}: {model_path}: {error}") from None
+
+
 def load_model(model_path: str, device: str | None = None, dtype: str | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, voco_tokens: int | None = None):
     """Any checkpoint this package saves (VoCo or plain Llava), with its processor. ``attn_implementation``:
     as transformers', plus ``varlen_reference`` / ``varlen_torch``; ``flash_attention_2`` without flash-attn
-    is refused before any weight is read."""
+    is refused before any weight is read. ``voco_tokens``: an elastic model's k (docs/design.md §2.7), which
+    the processor then lays out after each image (refused before loading when the model was not trained
+    for it)."""
     import llava_voco  # noqa: F401  (registers the Auto classes and the varlen backends)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .model.varlen import FlashAttentionUnavailable, require_flash_attn
 
     check_model_path(model_path)
+    if voco_tokens is not None:
+        check_voco_tokens(model_path, voco_tokens)
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     if attn_implementation:
         if attn_implementation == "flash_attention_2":
@@ -369,6 +387,8 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
         raise InputError(f"{model_path}: cannot load the model: {str(error).strip().splitlines()[0]}") from None
     if device:
         model.to(device)
+    if voco_tokens is not None:
+        processor.voco_tokens = voco_tokens  # every prompt's images get k VoCo tokens; compress reads k from them
     return model, processor
 
 
@@ -377,6 +397,7 @@ __all__ = [
     "InputError",
     "USER_ERRORS",
     "check_model_path",
+    "check_voco_tokens",
     "count_vision_passes",
     "first_human_turn",
     "ids_after_media",

@@ -2,6 +2,8 @@
 VoCo run; the caller picks k per call; the cache records it; a k the model was not trained for is refused
 naming the set."""
 
+import json
+
 import pytest
 import torch
 
@@ -66,3 +68,41 @@ def test_a_k_the_model_was_not_trained_for_is_refused(elastic_dir, voco_dir, dig
     single = VoCoLlavaForConditionalGeneration.from_pretrained(voco_dir).eval()
     with pytest.raises(VoCoLayoutError, match="expected exactly voco_tokens=1"):
         single(**batch)
+
+
+def test_eval_and_chat_take_voco_tokens(elastic_dir, digit_images, tmp_path):
+    """``--voco-tokens k`` in the eval entry and the chat CLI (subprocesses, as a user runs them): each k's
+    answers are greedy decoding of the prompt laid out with k VoCo tokens; the chat's cache holds k; the cache
+    store keeps one entry per k; a k outside the set is one line naming it, before any weight is read."""
+    from test_serve_eval import ENV, run
+
+    import subprocess
+    import sys
+
+    digit_images[0].save(tmp_path / "0.png")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": "q0", "image": "0.png", "text": "Which digit?"}) + "\n")
+    model = VoCoLlavaForConditionalGeneration.from_pretrained(elastic_dir).eval()
+    processor = VoCoLlavaProcessor.from_pretrained(elastic_dir)
+    for k in COUNTS:
+        answers = tmp_path / f"answers_k{k}.jsonl"
+        run("llava_voco.eval.model_vqa", "--model-path", elastic_dir, "--question-file", questions, "--image-folder",
+            tmp_path, "--answers-file", answers, "--max-new-tokens", "4", "--voco-tokens", k)
+        record = json.loads(answers.read_text())
+        assert record["metadata"] == {"voco_tokens": k}
+        full = processor(images=digit_images[0], text=record["prompt"], return_tensors="pt", voco_tokens=k)
+        expected = model.generate(**full, max_new_tokens=4, do_sample=False)[0, full["input_ids"].shape[1]:]
+        assert record["text"] == processor.tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+        out = run("llava_voco.serve.cli", "--model-path", elastic_dir, "--image-file", tmp_path / "0.png",
+                  "--temperature", "0", "--max-new-tokens", "2", "--voco-tokens", k, "--cache-dir", tmp_path / "store",
+                  stdin="Which digit?\n")
+        assert f"16 vision tokens -> {k} VoCo token(s), compression ratio {16 // k}x" in out
+    assert len(list((tmp_path / "store").glob("*/*.voco.safetensors"))) == len(COUNTS)
+
+    refused = subprocess.run([sys.executable, "-m", "llava_voco.serve.cli", "--model-path", str(elastic_dir),
+                              "--image-file", str(tmp_path / "0.png"), "--voco-tokens", "3"],
+                             capture_output=True, text=True, env=ENV, timeout=120)
+    assert refused.returncode != 0
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--voco-tokens 3" in lines[0] and "trained with VoCo counts [1, 2, 4]" in lines[0], lines

@@ -106,6 +106,9 @@ def _main(argv=None) -> None:
     parser.add_argument("--attn-implementation", default=None,
                         help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
                              "(default: the checkpoint's)")
+    parser.add_argument("--voco-tokens", type=int, default=None,
+                        help="an elastic model's VoCo count per image, one of those it was trained with "
+                             "(default: its largest)")
     parser.add_argument("--video-folder", default=None, help="where questions' 'video' paths are (default: --image-folder)")
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
@@ -131,7 +134,7 @@ def _main(argv=None) -> None:
             raise InputError(f"{path}: no such {kind} file (question {image_questions[0]['question_id']!r} of "
                              f"{args.question_file})")
     model, processor = load_model(args.model_path, device=args.device,
-                                  attn_implementation=args.attn_implementation)
+                                  attn_implementation=args.attn_implementation, voco_tokens=args.voco_tokens)
     model_id = Path(args.model_path).name
     generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
@@ -158,7 +161,7 @@ def _main(argv=None) -> None:
                         "text": answer,
                         "answer_id": uuid.uuid4().hex,
                         "model_id": model_id,
-                        "metadata": {},
+                        "metadata": {"voco_tokens": args.voco_tokens} if args.voco_tokens is not None else {},
                     }
                     out.write(json.dumps(record) + "\n")
                 out.flush()

@@ -61,9 +61,11 @@ class VoCoCacheStore:
         self.max_bytes = max_bytes
 
     @staticmethod
-    def key(images: list, prompt: str, fingerprint: str, instructions: list[str] | None = None) -> str:
-        """``instructions``: LLaMA-VID's per-image instructions, which its context tokens read (absent from
-        the key without them, so the keys of other models are unchanged)."""
+    def key(images: list, prompt: str, fingerprint: str, instructions: list[str] | None = None,
+            voco_tokens: int | None = None) -> str:
+        """``instructions``: LLaMA-VID's per-image instructions, which its context tokens read; ``voco_tokens``:
+        an elastic model's k (each absent from the key when not given, so the keys of other models are
+        unchanged)."""
         digest = hashlib.sha256()
         for image in images:
             digest.update(image_digest(image).encode())
@@ -71,6 +73,8 @@ class VoCoCacheStore:
         digest.update(b"\0model\0" + fingerprint.encode())
         for instruction in instructions or []:
             digest.update(b"\0instruction\0" + instruction.encode())
+        if voco_tokens is not None:
+            digest.update(f"\0voco_tokens\0{voco_tokens}".encode())
         return digest.hexdigest()
 
     def path(self, key: str) -> Path:
@@ -142,7 +146,8 @@ class VoCoCacheStore:
     ) -> tuple[VoCoCache, bool]:
         """(cache, hit): the stored compression of ``prompt`` with ``images`` (and, for LLaMA-VID, each
         image's instruction), made and stored on a miss."""
-        key = self.key(images, prompt, model_fingerprint(model), instructions)
+        elastic_k = processor.voco_tokens if getattr(processor, "voco_token_choices", None) else None
+        key = self.key(images, prompt, model_fingerprint(model), instructions, voco_tokens=elastic_k)
         cache = self.get(key, model)
         if cache is not None:
             return cache, True

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", default=None,
                         help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
                              "(default: the checkpoint's)")
+    parser.add_argument("--voco-tokens", type=int, default=None,
+                        help="an elastic model's VoCo count per image, one of those it was trained with "
+                             "(default: its largest)")
     return parser.parse_args(argv)
 
 
@@ -68,7 +71,7 @@ def _main(args) -> None:
         raise SystemExit("give --image-file and/or --video-file")
     images = load_images([path for path in image_files if not is_video(path)])  # before the model: fail fast
     model, processor = load_model(args.model_path, device=args.device,
-                                  attn_implementation=args.attn_implementation)
+                                  attn_implementation=args.attn_implementation, voco_tokens=args.voco_tokens)
     video = None
     if video_files:  # one video per conversation: the last one given
         video = read_video(video_files[-1], model, processor, fps=args.video_fps, max_frames=args.max_frames)
