@@ -11,6 +11,9 @@ process's peak resident memory during one step after a warm-up step, each config
 
 "VoCo" is the batch with its VoCo tokens and the mask; "causal" the same batch and tokens with a plain
 causal mask (``apply_voco_mask = False``). flex_attention has no backward on CPU: forward only there.
+The cost of distillation (``--voco_distill_weight``, ``--voco_distill_hidden``: one more forward of the same
+weights with the mask off, under no_grad) is measured on the first backend, padded: "voco+kl" and
+"voco+kl+hidden" against "voco".
 flash_attention_2 joins the backends when flash-attn is installed (a CUDA machine).
 """
 
@@ -32,6 +35,7 @@ from PIL import Image
 import llava_voco
 from llava_voco.constants import IGNORE_INDEX
 from llava_voco.fixtures import TinySizes, build_tiny_llava
+from llava_voco.train.distillation import VoCoDistillation
 from llava_voco.train.packing import packed_text_batch
 
 SIZES = TinySizes(image_size=32, patch_size=4, vision_hidden=64, vision_layers=2, text_hidden=256, text_layers=4,
@@ -77,17 +81,24 @@ def batches(items: list[dict], pad_id: int) -> dict[str, dict]:
     return {"padded": {**padded, "pixel_values": pixels}, "packed": {**packed, "pixel_values": pixels}}
 
 
+DISTILL_MASKS = ("voco+kl", "voco+kl+hidden")
+
+
 def configurations(backends: list[str]) -> list[tuple[str, str, str]]:
-    return [(backend, mask, layout) for backend in backends for mask in ("voco", "causal") for layout in ("padded", "packed")]
+    configs = [(backend, mask, layout) for backend in backends for mask in ("voco", "causal") for layout in ("padded", "packed")]
+    return configs + [(backends[0], mask, "padded") for mask in DISTILL_MASKS]
 
 
 def make_step(model_dir: Path, backend: str, mask: str, batch: dict, device: str):
     model = llava_voco.VoCoLlavaForConditionalGeneration.from_pretrained(
         model_dir, attn_implementation={"text_config": backend, "vision_config": "sdpa"}).to(device).train()
-    model.model.apply_voco_mask = mask == "voco"
+    model.model.apply_voco_mask = mask != "causal"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = {name: value.to(device) for name, value in batch.items()}
     forward_only = backend == "flex_attention" and device == "cpu"
+    distillation = None
+    if mask in DISTILL_MASKS:
+        distillation = VoCoDistillation(weight=1.0, temperature=2.0, hidden_weight=1.0 if mask.endswith("hidden") else 0.0)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -95,7 +106,11 @@ def make_step(model_dir: Path, backend: str, mask: str, batch: dict, device: str
             with torch.no_grad():
                 model(**batch)
             return
-        model(**batch).loss.backward()
+        if distillation is None:
+            model(**batch).loss.backward()
+        else:
+            outputs = model(**batch, output_hidden_states=distillation.needs_hidden_states)
+            (outputs.loss + distillation.loss(distillation.terms(model, batch, outputs))).backward()
         optimizer.step()
 
     return step
@@ -199,6 +214,11 @@ def main():
     for backend in backends:
         ratios = [median[(backend, mask, "padded")] / median[(backend, mask, "packed")] for mask in ("voco", "causal")]
         print(f"{backend:<18} {ratios[0]:>29.3f} {ratios[1]:>9.3f}")
+    voco = (backends[0], "voco", "padded")
+    print(f"\ndistillation ({backends[0]}, padded)   step / VoCo step   MiB (VoCo: {memory[voco]:.1f})")
+    for mask in DISTILL_MASKS:
+        config = (backends[0], mask, "padded")
+        print(f"{mask:<32} {median[config] / median[voco]:>16.3f}   {memory[config]:.1f}")
     if "flex_attention" in backends and args.device == "cpu":
         print("\nflex_attention: forward only on CPU (no backward there); its training step is unchecked until a GPU run")
     record = {"device": args.device, "torch": torch.__version__, "samples": args.batch, "real_tokens": real_tokens,

@@ -89,3 +89,59 @@ def test_report_paths_are_relative_to_the_report(tmp_path, monkeypatch, voco_dir
     saved = json.loads(written)
     assert saved["rows"]["voco1"]["checkpoint"] == "voco1" and saved["chat"]["model"] == "voco1"
     assert os.path.normpath(runs / saved["base"]["data"]) == str(data)
+
+
+def test_seeds_and_ablation_rows(tmp_path, monkeypatch, voco_dir, digit_images):
+    """--seeds 0,1 --ablation with stand-ins for training and evaluation (answers: the references, except that
+    the seed-1 VoCo rows get the first question wrong): each row records its seed, the seed table gives each
+    headline row's per-seed accuracies with their mean and spread, the ablation rows come out of the main
+    table and into their own, each against voco1; every command carries its training seed."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_data(data, digit_images[0])
+    shutil.copytree(voco_dir, runs / "voco1")
+    commands = {}
+
+    def run_tasks(tasks, jobs, fresh=False):
+        finished = {}
+        for task in tasks:
+            commands[str(task.log.parent)] = task.command
+            finished[task.name] = {"steps": 1, "seconds": 0.1, "first_loss": 1.0, "last_loss": 0.5}
+            for evaluation in task.evaluations:
+                command = evaluation.command
+                questions = command[command.index("--question-file") + 1]
+                answers = command[command.index("--answers-file") + 1]
+                wrong_first = "seed1" in answers and task.name != "full"
+                os.makedirs(os.path.dirname(answers), exist_ok=True)
+                with open(questions) as source, open(answers, "w") as out:
+                    for index, line in enumerate(source):
+                        question = json.loads(line)
+                        text = "no" if wrong_first and index == 0 else question["answer"]
+                        out.write(json.dumps({"question_id": question["question_id"], "text": text}) + "\n")
+                finished[evaluation.name] = {"seconds": 0.1}
+        return finished
+
+    monkeypatch.setattr(runner, "ensure_data", lambda preset, data_dir, fresh: {})
+    monkeypatch.setattr(runner, "ensure_base", lambda preset, data_dir, base_dir, fresh: {
+        "sizes": {}, "stage0": {}, "data": str(data_dir.resolve())})
+    monkeypatch.setattr(runner, "run_tasks", run_tasks)
+    monkeypatch.chdir(tmp_path)
+    report = runner.main(["--preset", "quick", "--data-dir", str(data), "--runs-dir", str(runs),
+                          "--only", "full,voco1,voco1+kd", "--seeds", "0,1", "--ablation"])
+
+    assert {row["seed"] for name, row in report["rows"].items() if name != "text prior"} == {0}
+    assert set(report["ablation_rows"]) == {m.name for m in runner.ABLATIONS}
+    assert not set(report["ablation_rows"]) & set(report["rows"])
+    summary = report["seeds"]["summary"]
+    assert set(summary) == {"full", "voco1", "voco1+kd"}
+    assert summary["full"]["overall"]["per_seed"] == [1.0, 1.0]
+    assert summary["voco1"]["overall"]["per_seed"] == [1.0, 0.5]
+    assert summary["voco1"]["overall"]["mean"] == pytest.approx(0.75)
+    assert summary["voco1"]["overall"]["std"] == pytest.approx(0.5 ** 0.5 / 2)
+    assert summary["voco1+kd"]["raw_retention"]["per_seed"] == [1.0, 0.5]
+    assert all(row["seed"] == 1 for row in report["seeds"]["per_seed_rows"]["1"].values())
+    assert "Training seeds 0, 1: mean +- standard deviation" in report["table"]
+    assert "Ablation against voco1" in report["table"] and "kd-hidden" in report["table"]
+    for output_dir, command in commands.items():
+        assert command[command.index("--seed") + 1] == ("1" if "seed1" in output_dir else "0"), output_dir
+    seed1_voco = commands[str(runs / "seed1" / "voco1")]
+    assert seed1_voco[seed1_voco.index("--model_name_or_path") + 1] == str(runs / "seed1" / "full")

@@ -33,15 +33,18 @@ def quick_run(tmp_path_factory):
 
 def test_quick_preset_writes_every_row_the_plot_and_the_chat_answer(quick_run):
     root, report, stdout = quick_run
-    assert list(report["rows"]) == [m.name for m in METHODS] + ["text prior"]
+    assert list(report["rows"]) == [name for m in METHODS for name in m.row_names()] + ["text prior"]
+    assert [report["rows"][f"elastic@{k}"]["tokens_per_image"] for k in (1, 2, 4, 8)] == [1, 2, 4, 8]
+    assert all(row["seed"] == 0 for name, row in report["rows"].items() if name != "text prior")
     assert set(report["video_rows"]) == {m.name for m in METHODS if m.video} | {"text prior"}
     for name, row in report["rows"].items():
         if name == "text prior":
             continue
         assert set(row["categories"]) == {"position", "sum", "count", "largest"}
         assert row["questions"] == sum(row["counts"].values()) > 0
-        assert (root / "runs" / name / "config.json").exists()
-        assert (root / "runs" / name / "command.txt").read_text().startswith("python -m llava_voco.train ")
+        checkpoint = root / "runs" / row["checkpoint"]
+        assert (checkpoint / "config.json").exists()
+        assert (checkpoint / "command.txt").read_text().startswith("python -m llava_voco.train ")
     full = report["rows"]["full"]
     assert full["raw_retention"] == pytest.approx(1.0)
     lower = report["rows"]["lower"]

@@ -2,6 +2,7 @@
 
     python -m llava_voco.demo [--preset default|quick] [--data-dir playground/data/digitgrid]
         [--runs-dir playground/runs/digitgrid] [--only full,voco1] [--fresh] [--jobs 2]
+        [--seeds 0,1,2] [--ablation]
 
 Read top to bottom, the run is:
   1. the data (``llava_voco.demo.digitgrid``) and the base models (``llava_voco.demo.models``: a SentencePiece
@@ -13,11 +14,16 @@ Read top to bottom, the run is:
        pool1     the 64 patches averaged into 1 token (the paper's pooling baseline), trained the same way
        llamavid  LLaMA-VID: a context token + 1 mean content token
        voco1/2/4 VoCo with k tokens, fine-tuned from ``full`` as the paper does
+       voco1+kd  voco1 plus distillation against full vision tokens (``--voco_distill_weight``, ``--voco_distill_hidden``)
+       elastic   one model trained with k drawn from 1, 2, 4, 8 (``--voco_train_tokens``), evaluated at each k
        lower     VoCo k=1 fine-tuned from ``full`` *without* the VoCo mask, evaluated with it (the lower bound)
+     ``--ablation`` adds one lever at a time against voco1 (``ABLATIONS``); ``--seeds`` trains the headline
+     rows (``HEADLINE``) again with other training seeds (same data, same base models) under ``seed<s>/``;
   3. every checkpoint answers the test questions through the eval entry (``llava_voco.eval.model_vqa``),
      scored by exact match (``llava_voco.eval.exact_match``); the clip questions (video rows) for full,
      llamavid and voco1;
-  4. the table, ``report.json`` and ``accuracy_vs_tokens.png`` in ``<runs-dir>``;
+  4. the table (and the seed and ablation tables), ``report.json`` (each row with its training seed) and
+     ``accuracy_vs_tokens.png`` in ``<runs-dir>``;
   5. one test question answered through the chat path from a VoCo cache.
 A method whose checkpoint was made by the same command (and whose answers are complete) is reused;
 ``--fresh`` retrains everything. What the run needs beyond the package (the ``demo`` and ``train`` extras)
@@ -79,6 +85,10 @@ PRESETS = {
 }
 
 
+# voco1+kd: KL against the same weights with the VoCo mask off (temperature 2) plus the hidden-state term
+KD_FLAGS = ("--voco_distill_weight", "1.0", "--voco_distill_temperature", "2.0", "--voco_distill_hidden", "1.0")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -87,6 +97,10 @@ class Method:
     start: str  # "base" (an LLM + a vision tower, set-up (a)) or another method's checkpoint
     flags: tuple[str, ...] = ()
     video: bool = False  # also answer the clip questions
+    eval_voco_tokens: tuple[int, ...] = ()  # an elastic model: evaluated at each k (rows "<name>@k")
+
+    def row_names(self) -> list[str]:
+        return [f"{self.name}@{k}" for k in self.eval_voco_tokens] or [self.name]
 
 
 METHODS = (
@@ -95,10 +109,24 @@ METHODS = (
            ("--mm_projector_type", "mlp2x_gelu", "--vision_token_pooling", "mean")),
     Method("llamavid", "LLaMA-VID: context + 1 content token", 2, "base", ("--mm_projector_type", "llamavid"), video=True),
     Method("voco1", "VoCo, k=1", 1, "full", ("--voco_tokens", "1"), video=True),
+    Method("voco1+kd", "VoCo, k=1, distilled from full tokens", 1, "full", ("--voco_tokens", "1", *KD_FLAGS), video=True),
     Method("voco2", "VoCo, k=2", 2, "full", ("--voco_tokens", "2")),
     Method("voco4", "VoCo, k=4", 4, "full", ("--voco_tokens", "4")),
+    Method("elastic", "one VoCo model trained with k drawn from 1, 2, 4, 8", 8, "full",
+           ("--voco_tokens", "8", "--voco_train_tokens", "1,2,4,8"), eval_voco_tokens=(1, 2, 4, 8)),
     Method("lower", "VoCo k=1 trained without the mask (lower bound)", 1, "full",
            ("--voco_tokens", "1", "--voco_mask_in_training", "False")),
+)
+# The rows run again with other training seeds by --seeds (mean and spread in the report).
+HEADLINE = ("full", "pool1", "llamavid", "voco1", "voco1+kd", "voco4")
+# --ablation: one lever at a time against voco1, from the same full checkpoint, on the same test questions.
+ABLATIONS = (
+    Method("kd-kl", "voco1 + KL only (T=2)", 1, "full",
+           ("--voco_tokens", "1", "--voco_distill_weight", "1.0", "--voco_distill_temperature", "2.0")),
+    Method("kd-hidden", "voco1 + hidden-state term only", 1, "full", ("--voco_tokens", "1", "--voco_distill_hidden", "1.0")),
+    Method("kd-T1", "voco1+kd at temperature 1", 1, "full",
+           ("--voco_tokens", "1", "--voco_distill_weight", "1.0", "--voco_distill_hidden", "1.0")),
+    Method("voco1-x2", "voco1 trained twice as long", 1, "full", ("--voco_tokens", "1")),
 )
 
 
@@ -174,10 +202,13 @@ def training_steps(method: Method, preset: Preset) -> int:
     """``lower`` is trained without the mask, so its length only sets how far it has drifted from full."""
     if method.start == "base":
         return preset.full_steps
+    if method.name.endswith("-x2"):
+        return 2 * preset.voco_steps
     return preset.lower_steps if method.name == "lower" else preset.voco_steps
 
 
-def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path) -> list[str]:
+def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path,
+                  seed: int | None = None) -> list[str]:
     """The train entry's command line for ``method`` (what a user would type)."""
     if method.start == "base":
         model = ["--model_name_or_path", base_dir / "llm", "--vision_tower", base_dir / "vision_tower",
@@ -199,16 +230,24 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", "0.0",
         "--model_max_length", "512", "--group_by_modality_length", "True", "--cache_samples", "True",
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-        "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed,
+        "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed if seed is None else seed,
     ]
     return [str(part) for part in command]
 
 
-def eval_command(model_dir: Path, question_file: Path, data_dir: Path, answers_file: Path) -> list[str]:
-    """The eval entry's command line (``python -m llava_voco.eval.model_vqa``) for one question file."""
+def eval_command(model_dir: Path, question_file: Path, data_dir: Path, answers_file: Path,
+                 voco_tokens: int | None = None) -> list[str]:
+    """The eval entry's command line (``python -m llava_voco.eval.model_vqa``) for one question file
+    (``voco_tokens``: an elastic model's k)."""
+    k = ("--voco-tokens", voco_tokens) if voco_tokens is not None else ()
     return [str(part) for part in (
         "--model-path", model_dir, "--question-file", question_file, "--image-folder", data_dir,
-        "--answers-file", answers_file, "--conv-mode", "v1", "--max-new-tokens", "4", "--batch-size", "16")]
+        "--answers-file", answers_file, "--conv-mode", "v1", "--max-new-tokens", "4", "--batch-size", "16", *k)]
+
+
+def answers_name(kind: str, voco_tokens: int | None = None) -> str:
+    """``answers_test.jsonl`` / ``answers_test_video.jsonl`` (``answers_test_k2.jsonl`` at an elastic k)."""
+    return f"answers_{kind}" + (f"_k{voco_tokens}" if voco_tokens is not None else "") + ".jsonl"
 
 
 def printed_command(command: list[str], module: str = "llava_voco.train") -> str:
@@ -318,31 +357,55 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
     return summaries
 
 
-def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path) -> Task:
-    """``method``'s training, with its evaluations on the test images (and clips, for the video rows)."""
+def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path, base_dir: Path | None = None,
+                 seed: int | None = None) -> Task:
+    """``method``'s training, with its evaluations on the test images (and clips, for the video rows; an
+    elastic model at each of its k). ``runs_dir``: where its checkpoint and the one it starts from are."""
     output_dir = runs_dir / method.name
     evaluations = []
-    for questions, answers in (("test_questions.jsonl", "answers_test.jsonl"),
-                               ("test_video_questions.jsonl", "answers_test_video.jsonl")):
-        if questions.startswith("test_video") and not (method.video and preset.test_clips):
-            continue
-        count = sum(1 for line in (data_dir / questions).read_text().splitlines() if line.strip())
-        evaluations.append(Task(f"{method.name}: {questions}", "llava_voco.eval.model_vqa",
-                                eval_command(output_dir, data_dir / questions, data_dir, output_dir / answers),
-                                output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
+    for k in method.eval_voco_tokens or (None,):
+        for kind, questions in (("test", "test_questions.jsonl"), ("test_video", "test_video_questions.jsonl")):
+            if kind == "test_video" and not (method.video and preset.test_clips):
+                continue
+            answers = answers_name(kind, k)
+            count = sum(1 for line in (data_dir / questions).read_text().splitlines() if line.strip())
+            evaluations.append(Task(f"{method.name}: {answers}", "llava_voco.eval.model_vqa",
+                                    eval_command(output_dir, data_dir / questions, data_dir, output_dir / answers, k),
+                                    output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
     steps = training_steps(method, preset)
-    return Task(method.name, "llava_voco.train", train_command(method, preset, data_dir, runs_dir / "base", runs_dir),
+    base_dir = base_dir if base_dir is not None else runs_dir / "base"
+    return Task(method.name, "llava_voco.train", train_command(method, preset, data_dir, base_dir, runs_dir, seed),
                 output_dir / "train.log", steps, after=None if method.start == "base" else method.start,
                 evaluations=tuple(evaluations))
 
 
-def score(method: Method, runs_dir: Path, data_dir: Path, answers: str, questions: str) -> dict:
+def score(method: Method, runs_dir: Path, data_dir: Path, kind: str, questions: str, seed: int,
+          voco_tokens: int | None = None) -> dict:
     from ..eval import exact_match
 
     output_dir = runs_dir / method.name
-    return {"tokens_per_image": method.tokens_per_image, "description": method.description,
-            "checkpoint": relative(output_dir, runs_dir),
-            **exact_match.score(str(data_dir / questions), str(output_dir / answers))}
+    description = method.description + (f", evaluated at k={voco_tokens}" if voco_tokens is not None else "")
+    return {"tokens_per_image": voco_tokens or method.tokens_per_image, "description": description,
+            "checkpoint": relative(output_dir, runs_dir), "seed": seed,
+            **exact_match.score(str(data_dir / questions), str(output_dir / answers_name(kind, voco_tokens)))}
+
+
+def run_methods(methods: list[Method], preset: Preset, data_dir: Path, runs_dir: Path, base_dir: Path, jobs: int,
+                fresh: bool, seed: int) -> tuple[dict, dict, dict, dict]:
+    """Trains and evaluates ``methods`` with training seed ``seed``; (image rows, clip rows, training
+    summaries, evaluation seconds)."""
+    tasks = [method_tasks(m, preset, data_dir, runs_dir, base_dir, seed) for m in methods]
+    finished = run_tasks(tasks, jobs, fresh)
+    rows, video_rows = {}, {}
+    for method in methods:
+        for k in method.eval_voco_tokens or (None,):
+            name = f"{method.name}@{k}" if k is not None else method.name
+            rows[name] = score(method, runs_dir, data_dir, "test", "test_questions.jsonl", seed, k)
+            if method.video and preset.test_clips:
+                video_rows[name] = score(method, runs_dir, data_dir, "test_video", "test_video_questions.jsonl", seed, k)
+    training = {m.name: finished[m.name] for m in methods}
+    evaluations = {name: summary["seconds"] for name, summary in finished.items() if ":" in name}
+    return rows, video_rows, training, evaluations
 
 
 def text_prior(data_dir: Path, question_file: Path) -> dict:
@@ -438,6 +501,62 @@ def chat_example(model_dir: Path, data_dir: Path) -> dict:
             "reference": question["answer"], "cache": chat.cache_summary()}
 
 
+def seed_table(by_seed: dict[int, dict[str, dict]], categories: list[str]) -> tuple[dict, str]:
+    """Per headline row: each seed's overall and position accuracy and raw retention, their mean and spread
+    (sample standard deviation)."""
+    import statistics
+
+    seeds = sorted(by_seed)
+    summary = {}
+    for name in HEADLINE:
+        if not all(name in by_seed[seed] for seed in seeds):
+            continue
+        runs = [by_seed[seed][name] for seed in seeds]
+        entry = {"seeds": seeds}
+        for key, values in (("overall", [r["overall"] for r in runs]),
+                            ("position", [r["categories"].get("position") for r in runs]),
+                            ("raw_retention", [r["overall"] / by_seed[seed]["full"]["overall"]
+                                               if by_seed[seed]["full"]["overall"] else None
+                                               for seed, r in zip(seeds, runs)])):
+            if any(value is None for value in values):
+                entry[key] = None
+                continue
+            entry[key] = {"per_seed": values, "mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        summary[name] = entry
+    header = ["method", "overall", "position", "raw ret."]
+    lines = [f"Training seeds {', '.join(map(str, seeds))}: mean +- standard deviation (%)",
+             " | ".join(f"{h:>16}" for h in header)]
+    for name, entry in summary.items():
+        cells = [name] + [f"{100 * entry[k]['mean']:.1f} +- {100 * entry[k]['std']:.1f}" if entry[k] else ""
+                          for k in ("overall", "position", "raw_retention")]
+        lines.append(" | ".join(f"{c:>16}" for c in cells))
+    return summary, "\n".join(lines)
+
+
+def ablation_table(rows: dict[str, dict], reference: str = "voco1") -> str:
+    """Each lever's row against ``reference`` on the same test questions: accuracy and its difference."""
+    base = rows[reference]
+    header = ["row", "what", "overall", "d overall", "position", "d position"]
+    lines = [f"Ablation against {reference} (same full checkpoint, same test questions; d = difference in points)",
+             " | ".join(header)]
+    for name, row in rows.items():
+        position, base_position = row["categories"].get("position", 0.0), base["categories"].get("position", 0.0)
+        lines.append(" | ".join([
+            name, row["description"], f"{100 * row['overall']:.1f}", f"{100 * (row['overall'] - base['overall']):+.1f}",
+            f"{100 * position:.1f}", f"{100 * (position - base_position):+.1f}"]))
+    return "\n".join(lines)
+
+
+def parse_seeds(value: str | None, parser) -> list[int]:
+    if not value:
+        return []
+    try:
+        return sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        parser.error(f"--seeds {value}: comma-separated integers, e.g. 0,1,2")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="DigitGrid: full tokens vs pooling vs LLaMA-VID vs VoCo, on CPU")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -447,9 +566,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fresh", action="store_true", help="rebuild data and base models, retrain every method")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="training runs side by side (default: 2, or 1 on a 1-core machine)")
+    parser.add_argument("--seeds", default=None,
+                        help="also train the headline rows (" + ", ".join(HEADLINE) + ") with these training seeds "
+                             "(e.g. 0,1,2; the preset's seed is the main run), under <runs-dir>/seed<s>/: a mean and "
+                             "spread table")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also train one lever at a time against voco1 (" + ", ".join(m.name for m in ABLATIONS) + ")")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    seeds = parse_seeds(args.seeds, parser)
     missing = missing_dependencies()
     if missing:
         raise SystemExit(f"the DigitGrid demo needs {', '.join(missing)}, not installed here: {INSTALL}")
@@ -462,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(args.only.split(",")) - {m.name for m in METHODS} if args.only else set()
     if unknown:
         parser.error(f"--only: unknown method(s) {sorted(unknown)}; choose from {[m.name for m in METHODS]}")
+    ablations = list(ABLATIONS) if args.ablation else []
     os.environ.setdefault("WANDB_DISABLED", "true")
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -474,25 +601,28 @@ def main(argv: list[str] | None = None) -> dict:
     base = ensure_base(preset, data_dir, runs_dir / "base", args.fresh)
     seconds["base models (stage 0)"] = time.perf_counter() - tick
 
-    # 2.
-    rows, video_rows = {}, {}
+    # 2-3. The main run (the preset's seed), its ablations, then the other seeds' headline rows.
     names = {m.name for m in methods}
-    for method in methods:
+    for method in methods + ablations:
         if method.start not in ("base", *names) and not (runs_dir / method.start / "config.json").exists():
             raise SystemExit(f"{method.name} starts from {method.start}, which has not been trained: add it to --only")
     tick = time.perf_counter()
-    tasks = [method_tasks(m, preset, data_dir, runs_dir) for m in methods]
-    finished = run_tasks(tasks, args.jobs, args.fresh)
-    training = {m.name: finished[m.name] for m in methods}
+    rows, video_rows, training, evaluations = run_methods(methods + ablations, preset, data_dir, runs_dir,
+                                                          runs_dir / "base", args.jobs, args.fresh, preset.seed)
+    ablation_rows = {name: rows.pop(name) for m in ablations for name in m.row_names()}
     seconds["training and evaluation"] = time.perf_counter() - tick
-
-    # 3.
-    for method in methods:
-        rows[method.name] = score(method, runs_dir, data_dir, "answers_test.jsonl", "test_questions.jsonl")
-        if method.video and preset.test_clips:
-            video_rows[method.name] = score(method, runs_dir, data_dir, "answers_test_video.jsonl",
-                                            "test_video_questions.jsonl")
-    evaluations = {name: summary["seconds"] for name, summary in finished.items() if ":" in name}
+    by_seed = {preset.seed: rows}
+    headline = [m for m in methods if m.name in HEADLINE]
+    for seed in seeds:
+        if seed == preset.seed:
+            continue
+        tick = time.perf_counter()
+        seed_rows, _, seed_training, seed_evaluations = run_methods(
+            headline, preset, data_dir, runs_dir / f"seed{seed}", runs_dir / "base", args.jobs, args.fresh, seed)
+        by_seed[seed] = seed_rows
+        training.update({f"seed{seed}/{name}": summary for name, summary in seed_training.items()})
+        evaluations.update({f"seed{seed}/{name}": value for name, value in seed_evaluations.items()})
+        seconds[f"seed {seed}"] = time.perf_counter() - tick
 
     # 4.
     rows["text prior"] = {"tokens_per_image": 0, "description": "no image: the most frequent train answer",
@@ -511,6 +641,16 @@ def main(argv: list[str] | None = None) -> dict:
         video_categories = sorted({c for row in video_rows.values() for c in row["categories"]})
         table += "\n\n" + format_table(video_rows, video_categories, "Clips (4 frames; tokens per frame):")
     print("\n" + table + "\n")
+    seeds_summary = None
+    if len(by_seed) > 1 and all("full" in seed_rows for seed_rows in by_seed.values()):
+        seeds_summary, text = seed_table(by_seed, categories)
+        print(text + "\n")
+        table += "\n\n" + text
+    if ablation_rows and "voco1" in rows:
+        text = ablation_table({"voco1": rows["voco1"], **({"voco1+kd": rows["voco1+kd"]} if "voco1+kd" in rows else {}),
+                               **ablation_rows})
+        print(text + "\n")
+        table += "\n\n" + text
     runs_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, video_rows, runs_dir / "accuracy_vs_tokens.png", f"DigitGrid ({preset.name} preset)")
 
@@ -526,8 +666,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     report = {"paths": "relative to this report's folder", "preset": asdict(preset), "base": {**base, "data": relative(data_dir, runs_dir)},
-              "rows": rows, "video_rows": video_rows, "training": training,
-              "evaluation_seconds": evaluations,
+              "rows": rows, "video_rows": video_rows, "ablation_rows": ablation_rows,
+              "seeds": {"per_seed_rows": {str(seed): seed_rows for seed, seed_rows in by_seed.items()},
+                        "summary": seeds_summary} if seeds_summary else None,
+              "training": training, "evaluation_seconds": evaluations,
               "chat": chat, "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
               "table": table}
     (runs_dir / "report.json").write_text(json.dumps(report, indent=1))
