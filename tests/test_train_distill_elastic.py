@@ -66,6 +66,8 @@ def test_gradient_accumulation_weighs_the_kl_per_answer_token(tiny, tmp_path):
         other = logged(accumulated)[step]
         assert other["loss"] == pytest.approx(entry["loss"], abs=1e-5), step
         assert other["grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-4), step
+        for term in ("lm_loss", "distill_kl"):  # logged per answer token over the micro-batches
+            assert other[term] == pytest.approx(entry[term], abs=1e-5), (step, term)
 
 
 def test_packed_rows_give_the_padded_runs_losses(tiny, tmp_path):

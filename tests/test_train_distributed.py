@@ -234,3 +234,22 @@ def test_zero3_bf16_on_an_fp16_checkpoint(tiny, tmp_path):
         assert {t.dtype for t in state["optimizer_state_dict"]["fp32_flat_groups"]} == {torch.float32}
     with safe_open(output_dir / "model.safetensors", framework="pt") as handle:
         assert {str(handle.get_slice(key).get_dtype()) for key in handle.keys()} == {"BF16"}
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_distillation_on_two_processes_matches_one_process(tiny, mixed_data, tmp_path, zero):
+    """--voco_distill_weight (KL against the same weights with the mask off) under ZeRO-2 / ZeRO-3 on 2 CPU
+    processes == 1 process: each rank weighs its KL by its share of the global batch's answer tokens, as the
+    Trainer does the language-model loss, so the losses, the logged terms and the weights are the single
+    process's (the text-only rank's blank-image row included)."""
+    distill = ["--voco_distill_weight", "1.0", "--voco_distill_temperature", "2.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    main([str(a) for a in run_args(tiny, mixed_data, one, 1, *layout_a(tiny), "--voco_tokens", "1", *distill)])
+    run_cli(run_args(tiny, mixed_data, two, 2, *layout_a(tiny), "--voco_tokens", "1", *distill,
+                     "--deepspeed", f"scripts/{zero}.json"), launcher=torchrun(2), env=DS_ENV)
+    assert_same_run(one, two)
+    history = {path: {e["step"]: e for e in json.loads((path / "trainer_state.json").read_text())["log_history"]
+                      if "loss" in e} for path in (one, two)}
+    for step in (1, 2, 3, 4):
+        assert history[two][step]["distill_kl"] == pytest.approx(history[one][step]["distill_kl"], rel=1e-3, abs=1e-6)
+    assert any(history[one][step]["distill_kl"] > 1e-4 for step in (1, 2, 3, 4))

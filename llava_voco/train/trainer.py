@@ -185,30 +185,32 @@ def _with_empty_instruction(inputs: dict, processor, device) -> dict:
 
 
 class DistillationStats:
-    """The loss terms since the previous log (``llava_voco.train.distillation``), averaged over the forward
-    passes and ranks: ``lm_loss`` (the language-model loss alone), ``distill_kl``, ``distill_hidden``."""
+    """The loss terms since the previous log (``llava_voco.train.distillation``): ``lm_loss`` (the
+    language-model loss alone), ``distill_kl``, ``distill_hidden``, each averaged over the forward passes and
+    ranks weighted by their answer tokens, as the Trainer weighs the loss itself (so one process and several
+    log the same values)."""
 
     NAMES = ("lm_loss", "distill_kl", "distill_hidden")
 
     def __init__(self):
         self.sums = dict.fromkeys(self.NAMES, 0.0)
-        self.count = 0
+        self.answer_tokens = 0
 
-    def update(self, lm_loss: torch.Tensor, terms: dict[str, torch.Tensor]):
-        self.sums["lm_loss"] += float(lm_loss)
-        self.sums["distill_kl"] += float(terms["kl"].detach())
-        self.sums["distill_hidden"] += float(terms["hidden"].detach()) if "hidden" in terms else 0.0
-        self.count += 1
+    def update(self, lm_loss: torch.Tensor, terms: dict[str, torch.Tensor], answer_tokens: int):
+        self.sums["lm_loss"] += float(lm_loss) * answer_tokens
+        self.sums["distill_kl"] += float(terms["kl"].detach()) * answer_tokens
+        self.sums["distill_hidden"] += float(terms["hidden"].detach()) * answer_tokens if "hidden" in terms else 0.0
+        self.answer_tokens += answer_tokens
 
     def totals(self, device) -> torch.Tensor:
-        return torch.tensor([*self.sums.values(), self.count], dtype=torch.float64, device=device)
+        return torch.tensor([*self.sums.values(), self.answer_tokens], dtype=torch.float64, device=device)
 
     def metrics(self, totals: torch.Tensor, hidden: bool) -> dict[str, float]:
-        *sums, count = totals.tolist()
-        self.sums, self.count = dict.fromkeys(self.NAMES, 0.0), 0
-        if not count:
+        *sums, answer_tokens = totals.tolist()
+        self.sums, self.answer_tokens = dict.fromkeys(self.NAMES, 0.0), 0
+        if not answer_tokens:
             return {}
-        metrics = {name: value / count for name, value in zip(self.NAMES, sums)}
+        metrics = {name: value / answer_tokens for name, value in zip(self.NAMES, sums)}
         if not hidden:
             del metrics["distill_hidden"]
         return metrics
@@ -367,15 +369,15 @@ class VoCoLlavaTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         terms = self.distillation.terms(model, inputs, outputs, unwrapped=unwrapped)
         share = 1.0
+        answer_tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            answer_tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
             share = answer_tokens / num_items_in_batch
             if self.args.average_tokens_across_devices:  # as the Trainer scales the loss
                 share = share * self.accelerator.num_processes
             lm_loss_alone = lm_loss.detach() / share
         else:
             lm_loss_alone = lm_loss.detach()
-        self.distillation_stats.update(lm_loss_alone, terms)
+        self.distillation_stats.update(lm_loss_alone, terms, int(answer_tokens))
         loss = lm_loss + share * self.distillation.loss(terms)
         return (loss, outputs) if return_outputs else loss
 
