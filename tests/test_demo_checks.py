@@ -40,26 +40,28 @@ def write_data(data, image):
     (data / "test_video_questions.jsonl").write_text(json.dumps(clip) + "\n")
 
 
-def test_report_paths_are_relative_to_the_report(tmp_path, monkeypatch, voco_dir, digit_images):
-    """Training and evaluation are stood in for (each evaluation answers with the reference); the scoring, the
-    table, the plot, the chat example (a real VoCo checkpoint) and the report are the runner's own."""
-    data, runs = tmp_path / "data", tmp_path / "runs"
-    write_data(data, digit_images[0])
-    shutil.copytree(voco_dir, runs / "voco1")
+def stand_in_for_training(monkeypatch, workdir, wrong_first=lambda task, answers: False, commands=None):
+    """Data, base models, training and evaluation stood in for: each evaluation answers with the references
+    (the first question wrong where ``wrong_first(task, answers_file)``); ``commands``: filled with each
+    training's command line by its output folder."""
 
     def run_tasks(tasks, jobs, fresh=False):
         finished = {}
         for task in tasks:
+            if commands is not None:
+                commands[str(task.log.parent)] = task.command
             finished[task.name] = {"steps": 1, "seconds": 0.1, "first_loss": 1.0, "last_loss": 0.5}
             for evaluation in task.evaluations:
                 command = evaluation.command
                 questions = command[command.index("--question-file") + 1]
                 answers = command[command.index("--answers-file") + 1]
+                wrong = wrong_first(task, answers)
                 os.makedirs(os.path.dirname(answers), exist_ok=True)
                 with open(questions) as source, open(answers, "w") as out:
-                    for line in source:
+                    for index, line in enumerate(source):
                         question = json.loads(line)
-                        out.write(json.dumps({"question_id": question["question_id"], "text": question["answer"]}) + "\n")
+                        text = "no" if wrong and index == 0 else question["answer"]
+                        out.write(json.dumps({"question_id": question["question_id"], "text": text}) + "\n")
                 finished[evaluation.name] = {"seconds": 0.1}
         return finished
 
@@ -67,7 +69,17 @@ def test_report_paths_are_relative_to_the_report(tmp_path, monkeypatch, voco_dir
     monkeypatch.setattr(runner, "ensure_base", lambda preset, data_dir, base_dir, fresh: {
         "sizes": {}, "stage0": {}, "data": str(data_dir.resolve())})
     monkeypatch.setattr(runner, "run_tasks", run_tasks)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(workdir)
+
+
+def test_report_paths_are_relative_to_the_report(tmp_path, monkeypatch, voco_dir, digit_images):
+    """Training and evaluation are stood in for (each evaluation answers with the reference); the scoring, the
+    table, the plot, the chat example (a real VoCo checkpoint) and the report are the runner's own."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_data(data, digit_images[0])
+    shutil.copytree(voco_dir, runs / "voco1")
+
+    stand_in_for_training(monkeypatch, tmp_path)
     report = runner.main(["--preset", "quick", "--data-dir", str(data), "--runs-dir", str(runs), "--only", "full,voco1"])
     assert report["rows"]["voco1"]["overall"] == 1.0 and report["chat"]["answer"] is not None
 
@@ -100,31 +112,8 @@ def test_seeds_and_ablation_rows(tmp_path, monkeypatch, voco_dir, digit_images):
     write_data(data, digit_images[0])
     shutil.copytree(voco_dir, runs / "voco1")
     commands = {}
-
-    def run_tasks(tasks, jobs, fresh=False):
-        finished = {}
-        for task in tasks:
-            commands[str(task.log.parent)] = task.command
-            finished[task.name] = {"steps": 1, "seconds": 0.1, "first_loss": 1.0, "last_loss": 0.5}
-            for evaluation in task.evaluations:
-                command = evaluation.command
-                questions = command[command.index("--question-file") + 1]
-                answers = command[command.index("--answers-file") + 1]
-                wrong_first = "seed1" in answers and task.name != "full"
-                os.makedirs(os.path.dirname(answers), exist_ok=True)
-                with open(questions) as source, open(answers, "w") as out:
-                    for index, line in enumerate(source):
-                        question = json.loads(line)
-                        text = "no" if wrong_first and index == 0 else question["answer"]
-                        out.write(json.dumps({"question_id": question["question_id"], "text": text}) + "\n")
-                finished[evaluation.name] = {"seconds": 0.1}
-        return finished
-
-    monkeypatch.setattr(runner, "ensure_data", lambda preset, data_dir, fresh: {})
-    monkeypatch.setattr(runner, "ensure_base", lambda preset, data_dir, base_dir, fresh: {
-        "sizes": {}, "stage0": {}, "data": str(data_dir.resolve())})
-    monkeypatch.setattr(runner, "run_tasks", run_tasks)
-    monkeypatch.chdir(tmp_path)
+    stand_in_for_training(monkeypatch, tmp_path, commands=commands,
+                          wrong_first=lambda task, answers: "seed1" in answers and task.name != "full")
     report = runner.main(["--preset", "quick", "--data-dir", str(data), "--runs-dir", str(runs),
                           "--only", "full,voco1,voco1+kd", "--seeds", "0,1", "--ablation"])
 
