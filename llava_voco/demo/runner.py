@@ -124,9 +124,6 @@ ABLATIONS = (
     Method("kd-kl", "voco1 + KL only (T=2)", 1, "full",
            ("--voco_tokens", "1", "--voco_distill_weight", "1.0", "--voco_distill_temperature", "2.0")),
     Method("kd-hidden", "voco1 + hidden-state term only", 1, "full", ("--voco_tokens", "1", "--voco_distill_hidden", "1.0")),
-    Method("kd-T1", "voco1+kd at temperature 1", 1, "full",
-           ("--voco_tokens", "1", "--voco_distill_weight", "1.0", "--voco_distill_hidden", "1.0")),
-    Method("voco1-x2", "voco1 trained twice as long", 1, "full", ("--voco_tokens", "1")),
 )
 
 
@@ -202,8 +199,6 @@ def training_steps(method: Method, preset: Preset) -> int:
     """``lower`` is trained without the mask, so its length only sets how far it has drifted from full."""
     if method.start == "base":
         return preset.full_steps
-    if method.name.endswith("-x2"):
-        return 2 * preset.voco_steps
     return preset.lower_steps if method.name == "lower" else preset.voco_steps
 
 
