@@ -180,3 +180,28 @@ def test_retraining_an_elastic_checkpoint_keeps_its_set(tiny, elastic_run, tmp_p
     assert trainer.model.config.voco_train_tokens == [1, 2, 4]
     with pytest.raises(TrainConfigError, match=r"its largest count must be the model's VoCo tokens \(4, from"):
         run(tiny, tmp_path / "bad", "--model_name_or_path", output_dir, "--voco_train_tokens", "1,2")
+
+
+def test_a_batch_of_skipped_samples_still_runs_both_forwards(tiny, tmp_path):
+    """Batches of one sample, one of them unreadable (--skip_bad_samples): its step runs the student's and the
+    teacher's forwards (under ZeRO-3 every rank must) and learns nothing: loss 0, not NaN."""
+    samples = json.loads(tiny.data_path.read_text())[:1]
+    samples.append({"id": "missing", "image": "digits/nope.png",
+                    "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "one"}]})
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    from torch.nn.modules.module import register_module_forward_hook
+    from transformers import LlamaModel
+
+    language_model_forwards = []
+    hook = register_module_forward_hook(
+        lambda module, args, output: language_model_forwards.append(1) if isinstance(module, LlamaModel) else None)
+    try:
+        trainer = run(tiny, tmp_path / "out", "--model_name_or_path", tiny.llava, "--voco_tokens", "1", *DISTILL,
+                      "--skip_bad_samples", "True", "--lazy_preprocess", "True",
+                      data_path=data, per_device_train_batch_size=1, max_steps=2)
+    finally:
+        hook.remove()
+    losses = [entry["loss"] for entry in logged(trainer).values()]
+    assert sorted(losses)[0] == 0.0 and sorted(losses)[1] > 0, losses
+    assert len(language_model_forwards) == 4  # student and teacher at each of the 2 steps

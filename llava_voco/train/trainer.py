@@ -343,9 +343,9 @@ class VoCoLlavaTrainer(Trainer):
             inputs = self.with_blank_image_row(inputs)
         labels = inputs.get("labels")
         learnable = labels is None or bool((labels != IGNORE_INDEX).any())
-        distilling = self.distillation is not None and model.training and labels is not None and learnable
-        if distilling:
-            return self.compute_loss_with_distillation(model, inputs, return_outputs, num_items_in_batch)
+        if self.distillation is not None and model.training and labels is not None:
+            # also for a batch with nothing to learn: under ZeRO-3 every rank must run the teacher's forward too
+            return self.compute_loss_with_distillation(model, inputs, return_outputs, num_items_in_batch, learnable)
         if learnable:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -356,7 +356,7 @@ class VoCoLlavaTrainer(Trainer):
         loss = outputs.logits.sum() * 0.0
         return (loss, outputs) if return_outputs else loss
 
-    def compute_loss_with_distillation(self, model, inputs, return_outputs, num_items_in_batch):
+    def compute_loss_with_distillation(self, model, inputs, return_outputs, num_items_in_batch, learnable=True):
         """The language-model loss plus the distillation terms, weighted like it: when the Trainer normalises
         the loss by the answer tokens of the whole accumulated batch (``num_items_in_batch``), each term is
         weighted by this batch's share of them, so gradient accumulation and several processes sum the
@@ -368,6 +368,9 @@ class VoCoLlavaTrainer(Trainer):
                                                 num_items_in_batch=num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
         terms = self.distillation.terms(model, inputs, outputs, unwrapped=unwrapped)
+        if not learnable:  # every sample skipped: both forwards ran, as on the other ranks; nothing is learned
+            loss = outputs.logits.sum() * 0.0
+            return (loss, outputs) if return_outputs else loss
         share = 1.0
         answer_tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
