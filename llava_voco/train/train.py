@@ -201,7 +201,19 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainConfigError as error:
         print(f"llava-voco-train: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Several processes: wait for every rank, then tear the process group down before the interpreter exits.
+    Left to interpreter shutdown, a rank of a CPU run under DeepSpeed sometimes aborted after saving
+    ("terminate called without an active exception": a communication thread destroyed while running)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
