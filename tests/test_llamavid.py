@@ -162,3 +162,8 @@ def test_text_decoder_loads_from_an_instructblip_checkpoint(tmp_path):
                               LlavaMultiModalProjector(llava), num_query=4)
     with pytest.raises(ValueError, match="does not fit this text decoder"):
         load_text_decoder_from_instructblip(wider, tmp_path / "instructblip")
+    # a text decoder with another vocabulary: the message names the tensor and both shapes
+    other_vocabulary = LlamaVidProjector(InstructBlipQFormerConfig(**{**qformer, "vocab_size": 77}, encoder_hidden_size=VISION),
+                                         VISION, TEXT, LlavaMultiModalProjector(llava), num_query=4)
+    with pytest.raises(ValueError, match=r"embeddings\.word_embeddings\.weight: \(\d+, \d+\) there, \(77, \d+\) here"):
+        load_text_decoder_from_instructblip(other_vocabulary, tmp_path / "instructblip")

@@ -164,10 +164,10 @@ def load_text_decoder_from_instructblip(projector: LlamaVidProjector, path) -> N
     wrong = [k for k in decoder if k in expected and decoder[k].shape != expected[k].shape]
     missing = sorted(set(expected) - set(decoder))
     if wrong or missing:
+        first = f"; {wrong[0]}: {tuple(decoder[wrong[0]].shape)} there, {tuple(expected[wrong[0]].shape)} here" if wrong else ""
         raise ValueError(
             f"{folder}: the InstructBLIP Q-Former does not fit this text decoder: shapes differ for {wrong[:3]}, "
-            f"missing {missing[:3]} (its cross-attention reads vision features of width "
-            f"{decoder[wrong[0]].shape[-1] if wrong else '?'})"
+            f"missing {missing[:3]}{first} (another vision tower width, text decoder vocabulary or size?)"
         )
     if queries.shape != projector.query_tokens.shape:
         raise ValueError(f"{folder}: query_tokens {tuple(queries.shape)}, this text decoder has {tuple(projector.query_tokens.shape)}")
