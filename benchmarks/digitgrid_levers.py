@@ -8,7 +8,8 @@ Each lever is the default preset's command for its row (``llava_voco.demo.runner
 entry with LLaVA's flags) with one or two things changed, trained from the same base models with training
 seed 0 and scored on the same 1,200 test questions through the eval entry. The changes:
 
-* flags of the train entry (the vision tower frozen, as LLaVA's stage 2 keeps it, instead of tuned at 2e-5;
+* flags of the train entry (VoCo from the start of instruction tuning instead of fine-tuned from ``full``;
+  the vision tower frozen, as LLaVA's stage 2 keeps it, instead of tuned at 2e-5;
   learning rates; steps);
 * the data: 7 turns per grid (every question about it) instead of 3 (same images; the test questions are
   the default ones), or every turn as its own single-turn sample (so LLaMA-VID's context token is always
@@ -79,11 +80,15 @@ LEVERS = (
           llm_config=(("rope_parameters", {"rope_theta": 1e6, "rope_type": "default"}),)),
     Lever("frozen-600-heads8", "frozen, 8 heads of 16 (4 of 32)", "full", 600,
           llm_config=(("num_attention_heads", 8), ("num_key_value_heads", 8), ("head_dim", 16))),
+    Lever("voco1-from-base-600", "VoCo k=1 from the base models (the paper's order: no full first), frozen",
+          "full", 600, ("--voco_tokens", "1")),
     Lever("pool1-frozen-600", "pool1, frozen, 600 steps", "pool1", 600),
     Lever("llamavid-frozen-600", "llamavid, frozen, 600 steps", "llamavid", 600),
     Lever("llamavid-single", "llamavid, frozen, single-turn samples", "llamavid", 600, single_turn=True),
     Lever("llamavid-single-plr1e-2", "single-turn, projector lr 1e-2", "llamavid", 600, ("--mm_projector_lr", "0.01"),
           single_turn=True),
+    Lever("llamavid-single-tuned-1200", "the preset's llamavid (tower tuned, 1,200 steps), each turn its own sample",
+          "llamavid", 1200, tune_tower=True, single_turn=True),
     Lever("llamavid-td", "llamavid, frozen, pretrained text decoder", "llamavid", 600, pretrained_text_decoder=True),
     Lever("llamavid-td-single", "pretrained text decoder, single-turn samples", "llamavid", 600,
           single_turn=True, pretrained_text_decoder=True),
