@@ -235,9 +235,15 @@ def main(argv: list[str] | None = None) -> dict:
         if lever.single_turn:
             command = set_flag(command, "--data_path", str(single_turn_data(data_dir, runs_dir / "train_single_turn.json")))
         if lever.pretrained_text_decoder:
+            record = runs_dir / "text_decoder" / "pretraining.json"
             if "text_decoder" not in prepared:
-                prepared["text_decoder"] = pretrain_text_decoder(base_dir, data_dir, runs_dir / "text_decoder",
-                                                                 args.text_decoder_steps)
+                # made once per runs folder: the levers' checkpoints, reused by command, were trained from it
+                if record.exists():
+                    prepared["text_decoder"] = json.loads(record.read_text())
+                else:
+                    prepared["text_decoder"] = pretrain_text_decoder(base_dir, data_dir, runs_dir / "text_decoder",
+                                                                     args.text_decoder_steps)
+                    record.write_text(json.dumps(prepared["text_decoder"]))
                 print(f"text decoder pretrained: {prepared['text_decoder']}")
             command = set_flag(command, "--text_decoder_path", str(runs_dir / "text_decoder"))
         if lever.llm_config:
