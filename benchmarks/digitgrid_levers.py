@@ -2,17 +2,18 @@
 test questions.
 
     python benchmarks/digitgrid_levers.py [--only frozen-600,llamavid-single] [--jobs 2] [--steps N]
-        [--data-dir playground/data/digitgrid] [--runs-dir playground/runs/digitgrid_levers]
+        [--data-dir playground/data/digitgrid_4k] [--runs-dir playground/runs/digitgrid_levers]
 
-Each lever is the default preset's command for its row (``llava_voco.demo.runner.train_command``: the train
+Each lever is the command for its row of ``BASELINE`` (the default preset until 2026-12-03: 4,000 train
+grids, the vision tower tuned at 2e-5, no weight decay; ``llava_voco.demo.runner.train_command``: the train
 entry with LLaVA's flags) with one or two things changed, trained from the same base models with training
-seed 0 and scored on the same 1,200 test questions through the eval entry. The changes:
+seed 0 and scored on the same 1,200 test questions (the baseline data's) through the eval entry. The changes:
 
 * flags of the train entry (VoCo from the start of instruction tuning instead of fine-tuned from ``full``;
   the vision tower frozen, as LLaVA's stage 2 keeps it, instead of tuned at 2e-5;
-  learning rates; steps);
-* the data: 7 turns per grid (every question about it) instead of 3 (same images; the test questions are
-  the default ones), or every turn as its own single-turn sample (so LLaMA-VID's context token is always
+  learning rates; weight decay; steps);
+* the data: 7 turns per grid (every question about it) instead of 3 (same images), 40,000 train grids instead
+  of 4,000 (the first 4,000 are the baseline's; the test questions stay the baseline's), or every turn as its own single-turn sample (so LLaMA-VID's context token is always
   made from the question it answers, as at evaluation);
 * the base: patch 8 (16 vision tokens per image) instead of 4 (64), stage 0 rerun; or the LLM's config with
   another RoPE theta or head split (the same weights: neither changes a tensor's shape);
@@ -52,15 +53,21 @@ from llava_voco.demo.runner import (
 )
 
 
+# What the levers change: the default preset as it was when they were measured (2026-12-03). The preset that
+# followed is frozen-1200-40k-wd0.1's full.
+BASELINE = replace(PRESETS["default"], train_images=4000, vision_tower_lr=2e-5, weight_decay=0.0)
+
+
 @dataclass(frozen=True)
 class Lever:
     name: str
     what: str
-    row: str  # the default preset's method whose command it changes: full, pool1 or llamavid
+    row: str  # the baseline's method whose command it changes: full, pool1 or llamavid
     steps: int
     flags: tuple[str, ...] = ()  # set (flag, value, flag, value, ...) on the command
-    tune_tower: bool = False  # keep the preset's --unfreeze_mm_vision_tower True --mm_vision_tower_lr 2e-5
+    tune_tower: bool = False  # keep the baseline's --unfreeze_mm_vision_tower True --mm_vision_tower_lr 2e-5
     turns: int = 3
+    train_images: int = 4000  # train grids (the test questions stay the default data's)
     single_turn: bool = False
     patch_size: int = 4
     pretrained_text_decoder: bool = False
@@ -68,7 +75,7 @@ class Lever:
 
 
 LEVERS = (
-    Lever("full-preset", "the default preset's full (tower tuned at 2e-5)", "full", 1200, tune_tower=True),
+    Lever("full-preset", "the baseline's full (tower tuned at 2e-5)", "full", 1200, tune_tower=True),
     Lever("frozen-600", "vision tower frozen, 600 steps", "full", 600),
     Lever("frozen-1200", "vision tower frozen, 1,200 steps", "full", 1200),
     Lever("frozen-1200-lr3e-3", "frozen, LLM lr 3e-3", "full", 1200, ("--learning_rate", "0.003")),
@@ -80,6 +87,15 @@ LEVERS = (
           llm_config=(("rope_parameters", {"rope_theta": 1e6, "rope_type": "default"}),)),
     Lever("frozen-600-heads8", "frozen, 8 heads of 16 (4 of 32)", "full", 600,
           llm_config=(("num_attention_heads", 8), ("num_key_value_heads", 8), ("head_dim", 16))),
+    Lever("frozen-3000", "frozen, 3,000 steps (the cosine schedule over 3,000)", "full", 3000),
+    Lever("frozen-1200-wd0.1", "frozen, weight decay 0.1 (0)", "full", 1200, ("--weight_decay", "0.1")),
+    Lever("frozen-1200-40k", "frozen, 40,000 train grids (4,000): each seen about once", "full", 1200,
+          train_images=40000),
+    Lever("frozen-1200-40k-wd0.1", "frozen, 40,000 train grids, weight decay 0.1", "full", 1200,
+          ("--weight_decay", "0.1"), train_images=40000),
+    Lever("frozen-1200-wd0.3", "frozen, weight decay 0.3", "full", 1200, ("--weight_decay", "0.3")),
+    Lever("tuned-1200-wd0.1", "the baseline's full with weight decay 0.1", "full", 1200, ("--weight_decay", "0.1"),
+          tune_tower=True),
     Lever("voco1-from-base-600", "VoCo k=1 from the base models (the paper's order: no full first), frozen",
           "full", 600, ("--voco_tokens", "1")),
     Lever("pool1-frozen-600", "pool1, frozen, 600 steps", "pool1", 600),
@@ -87,7 +103,7 @@ LEVERS = (
     Lever("llamavid-single", "llamavid, frozen, single-turn samples", "llamavid", 600, single_turn=True),
     Lever("llamavid-single-plr1e-2", "single-turn, projector lr 1e-2", "llamavid", 600, ("--mm_projector_lr", "0.01"),
           single_turn=True),
-    Lever("llamavid-single-tuned-1200", "the preset's llamavid (tower tuned, 1,200 steps), each turn its own sample",
+    Lever("llamavid-single-tuned-1200", "the baseline's llamavid (tower tuned, 1,200 steps), each turn its own sample",
           "llamavid", 1200, tune_tower=True, single_turn=True),
     Lever("llamavid-td", "llamavid, frozen, pretrained text decoder", "llamavid", 600, pretrained_text_decoder=True),
     Lever("llamavid-td-single", "pretrained text decoder, single-turn samples", "llamavid", 600,
@@ -195,9 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=None, help="comma-separated levers: " + ", ".join(l.name for l in LEVERS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override every lever's steps (a smoke run)")
-    parser.add_argument("--data-dir", default="playground/data/digitgrid")
+    parser.add_argument("--data-dir", default="playground/data/digitgrid_4k")
     parser.add_argument("--runs-dir", default="playground/runs/digitgrid_levers")
-    parser.add_argument("--base-dir", default="playground/runs/digitgrid/base",
+    parser.add_argument("--base-dir", default="playground/runs/digitgrid_levers/base",
                         help="the demo's base models (built here when absent or made for other data)")
     parser.add_argument("--text-decoder-steps", type=int, default=1500)
     args = parser.parse_args(argv)
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not levers:
         parser.error(f"--only: none of {args.only}; choose from {[l.name for l in LEVERS]}")
     os.environ.setdefault("WANDB_DISABLED", "true")
-    preset, runs_dir = PRESETS["default"], Path(args.runs_dir)
+    preset, runs_dir = BASELINE, Path(args.runs_dir)
     data_dir = Path(args.data_dir)
     ensure_data(preset, data_dir, fresh=False)
     base_dir = Path(args.base_dir)
@@ -215,12 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = []
     for lever in levers:
         lever_data, lever_base = data_dir, base_dir
-        if lever.turns != 3:
-            lever_data = runs_dir / f"data_{lever.turns}turns"
+        if lever.turns != 3 or lever.train_images != preset.train_images:
+            lever_data = runs_dir / f"data_{lever.turns}turns_{lever.train_images}images"
             if not (lever_data / "train.json").exists():
-                settings = {k: getattr(preset, k) for k in ("train_images", "test_images", "train_clips", "test_clips",
-                                                            "frames", "seed")}
-                digitgrid.build(lever_data, **settings, turns=lever.turns)
+                settings = {k: getattr(preset, k) for k in ("test_images", "train_clips", "test_clips", "frames", "seed")}
+                digitgrid.build(lever_data, **settings, train_images=lever.train_images, turns=lever.turns)
         if lever.patch_size != 4:
             lever_base = runs_dir / f"base_patch{lever.patch_size}"
             if not (lever_base / "base.json").exists():

@@ -50,6 +50,7 @@ class BaseSizes:
     qformer_hidden: int = 64  # LLaMA-VID's text decoder
     qformer_layers: int = 2
     vision_pretrain_steps: int = 400
+    vision_pretrain_images: int = 4000  # the first train grids (stage 0 sees 400 x 64 of them)
     vision_pretrain_batch: int = 64
     seed: int = 0
 
@@ -98,7 +99,7 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
     token reached 57% on test patches in the same time, against 90% for quadrant means.) Returns the
     probe's accuracy on 200 held-out test grids."""
     labels = json.loads((data_dir / "labels.json").read_text())
-    train_names = sorted(n for n in labels if n.startswith("images/train_"))
+    train_names = sorted(n for n in labels if n.startswith("images/train_"))[:sizes.vision_pretrain_images]
     test_names = sorted(n for n in labels if n.startswith("images/test_"))[:200]
 
     def load(names):
