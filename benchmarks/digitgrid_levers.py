@@ -13,8 +13,9 @@ seed 0 and scored on the same 1,200 test questions (the baseline data's) through
   the vision tower frozen, as LLaVA's stage 2 keeps it, instead of tuned at 2e-5;
   learning rates; weight decay; steps);
 * the data: 7 turns per grid (every question about it) instead of 3 (same images), 40,000 train grids instead
-  of 4,000 (the first 4,000 are the baseline's; the test questions stay the baseline's), or every turn as its own single-turn sample (so LLaMA-VID's context token is always
-  made from the question it answers, as at evaluation);
+  of 4,000 (the first 4,000 are the baseline's; the test questions stay the baseline's), or every turn as its
+  own single-turn sample (so LLaMA-VID's context token is always made from the question it answers, as at
+  evaluation);
 * the base: patch 8 (16 vision tokens per image) instead of 4 (64), stage 0 rerun; or the LLM's config with
   another RoPE theta or head split (the same weights: neither changes a tensor's shape);
 * LLaMA-VID's text decoder pretrained before the run (``pretrain_text_decoder``: the stand-in for the
@@ -67,7 +68,7 @@ class Lever:
     flags: tuple[str, ...] = ()  # set (flag, value, flag, value, ...) on the command
     tune_tower: bool = False  # keep the baseline's --unfreeze_mm_vision_tower True --mm_vision_tower_lr 2e-5
     turns: int = 3
-    train_images: int = 4000  # train grids (the test questions stay the default data's)
+    train_images: int = 4000  # train grids (the test questions stay the baseline data's)
     single_turn: bool = False
     patch_size: int = 4
     pretrained_text_decoder: bool = False
