@@ -80,7 +80,7 @@ PRESETS = {
     # times) and no weight decay, full learned which digits a grid holds but read positions on one machine
     # (91.8%) and not on another (34-38%): it fit the train grids instead. 40,000 grids (each seen about once)
     # and weight decay 0.1 read 91.0% there in a side run (benchmarks/digitgrid_levers.py) and 55.3% in the
-    # default run of the same day: a matter of the base models it starts from, not of the training seed (README).
+    # default run of the same day: a matter of where it starts, its base models and its training seed (README).
     "default": Preset("default", train_images=40000, test_images=400, train_clips=250, test_clips=100,
                       vision_pretrain_steps=400, batch_size=32, full_steps=1200, voco_steps=800, lower_steps=120),
     # ~4 minutes, for the tests: every row, real training and evaluation; too short to learn to read the grid
