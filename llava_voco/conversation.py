@@ -12,10 +12,12 @@ Where a template departs from LLaVA, the template's docstring line says how.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .constants import IMAGE_PLACEHOLDER
+from .constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 HUMAN, GPT = "human", "gpt"
 
@@ -66,8 +68,9 @@ class _Builder:
         return RenderedConversation("".join(self.pieces), self.spans, self.round_ends)
 
 
-def check_turns(turns: Sequence[tuple[str, str]]) -> None:
-    """Turns must alternate human, gpt, human, gpt, ... and every reply must have text."""
+def check_turns(turns: Sequence[tuple[str, str]], add_generation_prompt: bool = False) -> None:
+    """Turns must alternate human, gpt, human, gpt, ... and every reply must have text; they end with a gpt
+    turn (a sample to learn from) or, with ``add_generation_prompt``, with the human turn to answer."""
     if not turns:
         raise ConversationError("no turns")
     for index, (role, value) in enumerate(turns):
@@ -81,7 +84,12 @@ def check_turns(turns: Sequence[tuple[str, str]]) -> None:
             raise ConversationError(f"turn {index} ({role}) has a non-string value: {value!r}")
         if role == GPT and not value.strip():
             raise ConversationError(f"empty assistant turn: turn {index} ({GPT}) has no text")
-    if turns[-1][0] != GPT:
+    if add_generation_prompt and turns[-1][0] != HUMAN:
+        raise ConversationError(
+            f"roles out of order: the last turn (turn {len(turns) - 1}) is from {GPT!r}; a prompt for the next "
+            f"reply ends with a {HUMAN!r} turn"
+        )
+    if not add_generation_prompt and turns[-1][0] != GPT:
         raise ConversationError(
             f"roles out of order: the last turn (turn {len(turns) - 1}) is from {HUMAN!r} and has no "
             f"{GPT!r} reply to learn"
@@ -110,25 +118,105 @@ class ConversationTemplate:
     sep: str = ""
     sep2: str = ""
 
-    def render(self, turns: Sequence[tuple[str, str]], num_images: int = 0) -> RenderedConversation:
+    def render(self, turns: Sequence[tuple[str, str]], num_images: int = 0,
+               add_generation_prompt: bool = False) -> RenderedConversation:
         """Render ``turns`` (``(role, text)`` with role ``"human"`` / ``"gpt"``).
 
         ``num_images`` is only read by the layouts that place the images themselves (``plain``,
         ``voco_official``); the other templates keep the ``<image>`` placeholders where the text has them.
+        With ``add_generation_prompt`` the turns end with a human turn and the text ends where the model's
+        reply starts (the prompt inference sends: training's text up to the first learned character, less
+        the learned space after the assistant's tag).
         """
-        check_turns(turns)
+        check_turns(turns, add_generation_prompt)
         render = getattr(self, f"_render_{self.style}")
         return render(list(turns), num_images)
 
+    def with_system(self, system: str) -> "ConversationTemplate":
+        """This template with another system prompt (a chat's ``system`` message); ChatML keeps its tag."""
+        return dataclasses.replace(self, system=self._system_tag + system)
+
+    @property
+    def _system_tag(self) -> str:
+        return _CHATML_SYSTEM if self.style == "mpt" else ""
+
+    def chat_template(self) -> str:
+        """This template as a Jinja chat template (``processor.chat_template``) whose
+        ``apply_chat_template(messages)`` is ``render``'s text: what the train entry saves with a checkpoint,
+        so that a model is prompted as it was trained. Messages are transformers' (roles ``system`` / ``user``
+        / ``assistant``; content a string, or parts ``{"type": "image" | "video" | "text"}``); an image part
+        is ``<image>\n`` and a video part ``<video>\n``, where LLaVA's data puts them."""
+
+        def lit(text: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
+            return "{{ " + json.dumps(text) + " }}"
+
+        tag = self._system_tag
+        parts = (
+            "{% for part in message['content'] %}"
+            f"{{% if part['type'] == 'image' %}}{lit(IMAGE_PLACEHOLDER + chr(10))}"
+            f"{{% elif part['type'] == 'video' %}}{lit(VIDEO_PLACEHOLDER + chr(10))}"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+        )
+        content = "{% if message['content'] is string %}{{ message['content'] }}{% else %}" + parts + "{% endif %}"
+        head = (
+            "{% set ns = namespace(images=0, system=" + json.dumps(self.system) + ") %}"
+            "{% for message in messages %}"
+            "{% if message['role'] == 'system' %}{% set ns.system = " + json.dumps(tag) + " + message['content'] %}"
+            "{% elif message['content'] is not string %}"
+            "{% for part in message['content'] %}{% if part['type'] == 'image' %}{% set ns.images = ns.images + 1 %}"
+            "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+        )
+        loop = "{% for message in messages if message['role'] != 'system' %}{% set text %}" + content + "{% endset %}"
+        if self.style == "voco_official":  # the released code's layout, as _render_voco_official
+            loop += ("{% if ns.images > 0 %}{% set text = text | replace(" + json.dumps(IMAGE_PLACEHOLDER)
+                     + ", '') | replace('\n', '') %}{% endif %}")
+        user, assistant = self.roles
+        if self.style in ("two", "voco_official"):
+            start = "{{ ns.system }}" + lit(self.sep)
+            if self.style == "voco_official":
+                start = "{{ " + json.dumps(IMAGE_PLACEHOLDER + chr(10)) + " * ns.images }}" + start
+            turn = (f"{{% if message['role'] == 'user' %}}{lit(user + ': ')}{{{{ text }}}}{lit(self.sep)}"
+                    f"{{% else %}}{lit(assistant + ': ')}{{{{ text }}}}{lit(self.sep2)}{{% endif %}}")
+            generation = lit(assistant + ":")
+        elif self.style == "llama_2":
+            start = ""
+            turn = ("{% if message['role'] == 'user' %}{% if loop.first %}"
+                    "{% if ns.system %}{% set text = '<<SYS>>\n' + ns.system + '\n<</SYS>>\n\n' + text %}{% endif %}"
+                    f"{{% else %}}{lit(self.sep)}{{% endif %}}{lit('[INST] ')}{{{{ text }}}}{lit(' [/INST]')}"
+                    f"{{% else %}}{lit(' ')}{{{{ text }}}}{lit(' ' + self.sep2)}{{% endif %}}")
+            generation = ""
+        elif self.style == "mpt":
+            start = "{{ ns.system }}" + lit(self.sep)
+            turn = (f"{{% if message['role'] == 'user' %}}{lit(user)}{{% else %}}{lit(assistant)}{{% endif %}}"
+                    f"{{{{ text }}}}{lit(self.sep)}")
+            generation = lit(assistant)
+        elif self.style == "llama_3":
+            def header(role: str) -> str:
+                return lit(f"<|start_header_id|>{role}<|end_header_id|>\n\n")
+
+            start = header("system") + "{{ ns.system }}" + lit(self.sep)
+            turn = (f"{{% if message['role'] == 'user' %}}{header(user)}{{% else %}}{header(assistant)}{{% endif %}}"
+                    f"{{{{ text | trim }}}}{lit(self.sep)}")
+            generation = header(assistant)
+        elif self.style == "plain":
+            start = "{{ ns.system }}{{ " + json.dumps(IMAGE_PLACEHOLDER) + " * ns.images }}"
+            turn = f"{{% if message['role'] == 'assistant' %}}{{{{ text }}}}{lit(self.sep)}{{% endif %}}"
+            generation = ""
+        else:  # a new style must say how it renders as a chat template
+            raise NotImplementedError(f"no chat template for the {self.style!r} style")
+        return (head + start + loop + turn + "{% endfor %}"
+                + (f"{{% if add_generation_prompt %}}{generation}{{% endif %}}" if generation else ""))
+
     def _render_plain(self, turns, num_images):
-        if len(turns) != 2:
+        if len(turns) not in (1, 2) or (len(turns) == 1 and turns[0][0] != HUMAN):
             raise ConversationError(
                 f"the {self.name!r} template (pretraining) takes one {HUMAN!r} and one {GPT!r} turn, got {len(turns)} turns"
             )
         out = _Builder()
         out.add(self.system + IMAGE_PLACEHOLDER * num_images)
-        out.add(turns[1][1] + self.sep, learned=True)
-        out.end_round()
+        if len(turns) == 2:
+            out.add(turns[1][1] + self.sep, learned=True)
+            out.end_round()
         return out.result()
 
     def _render_two(self, turns, num_images):
@@ -136,6 +224,8 @@ class ConversationTemplate:
         out.add(self.system + self.sep)
         for index in range(0, len(turns), 2):
             out.add(f"{self.roles[0]}: {turns[index][1]}{self.sep}{self.roles[1]}:")
+            if index + 1 == len(turns):  # the prompt for a reply
+                break
             # The space after "ASSISTANT:" is learned: a reply is generated from a prompt that ends at the
             # colon, and with a digit-splitting tokenizer (LLaMA's) " 7" is two tokens, "▁" then "7".
             out.add(" " + turns[index + 1][1] + self.sep2, learned=True)
@@ -171,6 +261,8 @@ class ConversationTemplate:
                 question = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{question}"
             # LLaVA strips the leading separator of the first round.
             out.add(("" if index == 0 else self.sep) + f"[INST] {question} [/INST]")
+            if index + 1 == len(turns):
+                break
             out.add(f" {turns[index + 1][1]} {self.sep2}", learned=True)  # the space learned, as in _render_two
             out.end_round()
         return out.result()
@@ -180,6 +272,8 @@ class ConversationTemplate:
         out.add(self.system + self.sep)
         for index in range(0, len(turns), 2):
             out.add(self.roles[0] + turns[index][1] + self.sep + self.roles[1])
+            if index + 1 == len(turns):
+                break
             out.add(turns[index + 1][1] + self.sep, learned=True)
             out.end_round()
         return out.result()
@@ -195,6 +289,8 @@ class ConversationTemplate:
         out.add(header("system") + self.system + self.sep)
         for index in range(0, len(turns), 2):
             out.add(header(self.roles[0]) + turns[index][1].strip() + self.sep + header(self.roles[1]))
+            if index + 1 == len(turns):
+                break
             out.add(turns[index + 1][1].strip() + self.sep, learned=True)
             out.end_round()
         return out.result()
@@ -225,6 +321,7 @@ _LLAVA_SYSTEM = (
     "and assist the user with a variety of tasks using natural language."
 )
 _CHATML_USER, _CHATML_ASSISTANT = "<|im_start|>user\n", "<|im_start|>assistant\n"
+_CHATML_SYSTEM = "<|im_start|>system\n"
 
 _DEFINITIONS = [
     ConversationTemplate("plain", "plain", sep="\n"),
@@ -234,12 +331,12 @@ _DEFINITIONS = [
     ConversationTemplate("llava_llama_2", "llama_2", _LLAVA_SYSTEM, sep="<s>", sep2="</s>"),
     ConversationTemplate("mistral_instruct", "llama_2", "", sep="", sep2="</s>"),
     ConversationTemplate(
-        "chatml_direct", "mpt", "<|im_start|>system\nAnswer the questions.", (_CHATML_USER, _CHATML_ASSISTANT),
+        "chatml_direct", "mpt", _CHATML_SYSTEM + "Answer the questions.", (_CHATML_USER, _CHATML_ASSISTANT),
         sep="<|im_end|>",
     ),
     ConversationTemplate(
         "mpt", "mpt",
-        "<|im_start|>system\nA conversation between a user and an LLM-based AI assistant. "
+        _CHATML_SYSTEM + "A conversation between a user and an LLM-based AI assistant. "
         "The assistant gives helpful and honest answers.",
         (_CHATML_USER, _CHATML_ASSISTANT), sep="<|im_end|>",
     ),

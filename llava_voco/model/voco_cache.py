@@ -23,33 +23,49 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 FORMAT_VERSION = 1
-_SAMPLES_PER_PARAMETER = 4096
 
 
 class VoCoCacheError(ValueError):
     """A stored cache cannot be used with this model (other model, corrupt file, unknown format)."""
 
 
-def model_fingerprint(model) -> str:
-    """Config hash plus a checksum of the weights, cheap enough to compute at every call on a 7B model.
-
-    Each parameter contributes its name, shape, dtype and ``_SAMPLES_PER_PARAMETER`` evenly spaced
-    values: any retraining, resizing or a different checkpoint changes it, while hashing all bytes of a
-    7B model (14 GB) at each compression would cost seconds.
-    """
-    digest = hashlib.sha256()
+def _fingerprint_state(model) -> tuple:
+    """What the fingerprint depends on, cheap to read: the config, and each parameter's storage and version
+    counter (torch bumps it at every in-place change: an optimizer step, ``load_state_dict``, ``mul_``)."""
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "_attn_implementation_autoset", "torch_dtype", "dtype"):
         config.pop(volatile, None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    parameters = tuple(
+        (name, parameter.data_ptr(), parameter._version, parameter.dtype, tuple(parameter.shape))
+        for name, parameter in model.named_parameters()
+    )
+    return json.dumps(config, sort_keys=True, default=str), parameters
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the config and of every byte of every weight: the key that ties a cache to its model.
+
+    Every weight, because the row VoCo trains (``<voco>``'s embedding) is one row of 32,001: two checkpoints
+    that differ there alone must not share caches. Hashing a 7B model's 14 GB takes seconds, so the digest
+    is computed once per loaded model and kept on it, with the state it was computed from (the config and
+    each parameter's storage and version counter): a later call that finds the same state returns it at
+    once, and any change of a weight or of the config computes it again.
+    """
+    state = _fingerprint_state(model)
+    known = getattr(model, "_voco_fingerprint", None)
+    if known is not None and known[0] == state:
+        return known[1]
+    digest = hashlib.sha256(state[0].encode())
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            flat = parameter.detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
-            sample = flat[::step][:_SAMPLES_PER_PARAMETER].float().cpu()
             digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
-            digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
+            if parameter.is_meta:  # offloaded: not on this machine to read
+                continue
+            data = parameter.detach().contiguous().reshape(-1)
+            digest.update(data.view(torch.uint8).cpu().numpy())
+    fingerprint = digest.hexdigest()
+    model._voco_fingerprint = (state, fingerprint)
+    return fingerprint
 
 
 def layer_devices_of(model) -> list[torch.device]:
@@ -174,6 +190,24 @@ class VoCoCache(DynamicCache):
         concatenates into new ones), so answering from the clone leaves this cache as it was, at no copy."""
         out = copy.copy(self)
         out.layers = [copy.copy(layer) for layer in self.layers]
+        return out
+
+    def truncate(self, length: int) -> "VoCoCache":
+        """A copy that keeps the first ``length`` cached positions, text resuming right after them (each row's
+        ``next_position`` moves back by the real positions it drops): a conversation's cache cut back to
+        where a new prompt departs from what it holds. The positions cut must be ones ``token_ids`` describes
+        (a cache that decoding extended is kept whole or cut back into its described part)."""
+        if not 0 <= length <= self.described_length:
+            raise VoCoCacheError(f"cannot truncate a cache of {self.described_length} described positions to {length}")
+        if self.get_seq_length() != self.described_length and length != self.described_length:
+            raise VoCoCacheError("this cache was extended by decoding without keeping the turn; truncate the original")
+        dropped = self.attention_mask[:, length:].sum(1)  # [batch] real positions cut from each row
+        out = self.clone()
+        for layer in out.layers:
+            if layer.get_seq_length() > 0:
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        out.token_ids, out.attention_mask = self.token_ids[:, :length], self.attention_mask[:, :length]
+        out.next_position = self.next_position - dropped.to(self.next_position.device)
         return out
 
     @classmethod

@@ -221,8 +221,9 @@ class VoCoGenerationMixin:
         question_length = question_mask.shape[1]
         answer = sequences[:, question_length:]
         eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
-        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=answer.device)
-        is_eos = torch.isin(answer, eos).long()
+        # no end-of-sequence id at all (a tokenizer without one): every generated token is the answer's
+        eos_ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        is_eos = torch.isin(answer, torch.tensor(eos_ids, dtype=torch.long, device=answer.device)).long()
         after_eos = (is_eos.cumsum(1) - is_eos) > 0  # tokens after the first EOS: padding of finished rows
         answer_mask = (~after_eos).long()
         new_ids = torch.cat([sequences[:, :question_length], answer], dim=1)

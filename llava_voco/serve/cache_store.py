@@ -41,6 +41,22 @@ def image_digest(image) -> str:
     raise TypeError(f"cannot digest an image of type {type(image).__name__}")
 
 
+def video_digest(video) -> str:
+    """sha256 of a video as the processor takes it: its frames (each digested as an image), or its
+    precomputed frame features (dtype, shape and bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    if isinstance(video, torch.Tensor):
+        features = video.detach().contiguous().cpu()
+        digest.update(f"features:{features.dtype}:{tuple(features.shape)}".encode())
+        digest.update(features.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
+    for frame in video:
+        digest.update(image_digest(frame).encode())
+    return digest.hexdigest()
+
+
 def as_rgb(image) -> Image.Image:
     """A path (read with ``image_io.load_image``), encoded bytes or a PIL image, as an RGB PIL image."""
     if isinstance(image, (str, os.PathLike)):
@@ -62,13 +78,15 @@ class VoCoCacheStore:
 
     @staticmethod
     def key(images: list, prompt: str, fingerprint: str, instructions: list[str] | None = None,
-            voco_tokens: int | None = None) -> str:
+            voco_tokens: int | None = None, videos: list | None = None) -> str:
         """``instructions``: LLaMA-VID's per-image instructions, which its context tokens read; ``voco_tokens``:
-        an elastic model's k (each absent from the key when not given, so the keys of other models are
-        unchanged)."""
+        an elastic model's k; ``videos``: the prompt's videos, after its images (each absent from the key when
+        not given, so the keys of image prompts and of other models are unchanged)."""
         digest = hashlib.sha256()
         for image in images:
             digest.update(image_digest(image).encode())
+        for video in videos or []:
+            digest.update(b"\0video\0" + video_digest(video).encode())
         digest.update(b"\0prompt\0" + prompt.encode())
         digest.update(b"\0model\0" + fingerprint.encode())
         for instruction in instructions or []:
@@ -142,18 +160,28 @@ class VoCoCacheStore:
         return removed
 
     def get_or_compress(
-        self, model, processor, images: list, prompt: str, instructions: list[str] | None = None
+        self, model, processor, images: list, prompt: str, instructions: list[str] | None = None,
+        videos: list | None = None,
     ) -> tuple[VoCoCache, bool]:
-        """(cache, hit): the stored compression of ``prompt`` with ``images`` (and, for LLaMA-VID, each
-        image's instruction), made and stored on a miss."""
+        """(cache, hit): the stored compression of ``prompt`` with ``images`` and ``videos`` (frames or frame
+        features, after the images; and, for LLaMA-VID, each placeholder's instruction), made and stored on a
+        miss. The model's fingerprint is computed once per loaded model (``model_fingerprint``)."""
         elastic_k = processor.voco_tokens if getattr(processor, "voco_token_choices", None) else None
-        key = self.key(images, prompt, model_fingerprint(model), instructions, voco_tokens=elastic_k)
+        key = self.key(images, prompt, model_fingerprint(model), instructions, voco_tokens=elastic_k, videos=videos)
         cache = self.get(key, model)
         if cache is not None:
             return cache, True
-        extra = {"instructions": instructions} if instructions is not None else {}
-        inputs = processor(images=[as_rgb(image) for image in images], text=prompt, return_tensors="pt", **extra)
-        inputs = inputs.to(model.device)
-        cache = model.compress(**inputs)
+        cache = compress_prompt(model, processor, images, prompt, instructions, videos)
         self.put(key, cache)
         return cache, False
+
+
+def compress_prompt(model, processor, images: list, prompt: str, instructions: list[str] | None = None,
+                    videos: list | None = None) -> VoCoCache:
+    """``model.compress`` of one prompt with its images (paths, bytes or PIL), videos and instructions."""
+    extra = {"instructions": instructions} if instructions is not None else {}
+    if videos:
+        extra["videos"] = videos
+    inputs = processor(images=[as_rgb(image) for image in images] or None, text=prompt, return_tensors="pt",
+                       **extra)
+    return model.compress(**inputs.to(model.device))
