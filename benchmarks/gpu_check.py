@@ -25,7 +25,7 @@ import torch
 
 import llava_voco
 from llava_voco.constants import IGNORE_INDEX
-from llava_voco.fixtures import TinySizes, build_tiny_llava
+from llava_voco.demo.tiny import TinySizes, build_tiny_llava
 from llava_voco.train.packing import packed_text_batch
 
 BF16_ATOL, BF16_RTOL = 2e-2, 2e-2

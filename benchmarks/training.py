@@ -34,7 +34,7 @@ from PIL import Image
 
 import llava_voco
 from llava_voco.constants import IGNORE_INDEX
-from llava_voco.fixtures import TinySizes, build_tiny_llava
+from llava_voco.demo.tiny import TinySizes, build_tiny_llava
 from llava_voco.train.distillation import VoCoDistillation
 from llava_voco.train.packing import packed_text_batch
 

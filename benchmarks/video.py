@@ -48,7 +48,7 @@ def run_stage(stage: str, frames: int, workdir: str) -> dict:
 
     import llava_voco
     from llava_voco.model.llamavid import FrameFeatures, encode_instructions
-    from llava_voco.fixtures import build_tiny_llava, train_wordpiece_tokenizer
+    from llava_voco.demo.tiny import build_tiny_llava, train_wordpiece_tokenizer
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)

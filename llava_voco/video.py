@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image_io import ImageReadError, load_image
+from .image_io import ImageReadError, check_image, load_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -45,10 +45,15 @@ def sample_indices(total: int, step: float, max_frames: int | None) -> list[int]
     return [min(int(index), total - 1) for index in indices]
 
 
-def read_frame_folder(folder: str | os.PathLike, max_frames: int | None = None) -> list[Image.Image]:
+def _frame_paths(folder: str | os.PathLike) -> list[Path]:
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise VideoError(f"{folder}: the frame folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def read_frame_folder(folder: str | os.PathLike, max_frames: int | None = None) -> list[Image.Image]:
+    paths = _frame_paths(folder)
     frames = []
     for index in sample_indices(len(paths), 1, max_frames):
         try:
@@ -62,10 +67,7 @@ def decode_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | No
     """Frames of a video file (PyAV) or a folder of frame images, at ``fps``, at most ``max_frames``."""
     if Path(path).is_dir():
         return read_frame_folder(path, max_frames)
-    try:
-        import av
-    except ImportError as error:
-        raise ImportError("decoding video files needs PyAV: pip install 'llava-voco[video]'") from error
+    av = _import_av()
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -76,6 +78,34 @@ def decode_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | No
     if not decoded:
         raise VideoError(f"{path}: the video has no decodable frames")
     return [decoded[i].convert("RGB") for i in sample_indices(len(decoded), rate / fps, max_frames)]
+
+
+def check_video(path: str | os.PathLike) -> None:
+    """Whether a video file or frame folder opens, without decoding it (a check of a whole training set before
+    the first step): a folder has frame images and its first one opens (header only); a file opens with
+    PyAV and has a video stream. Raises :class:`VideoError` naming the file. Features files: ``read_frame_features``."""
+    if Path(path).is_dir():
+        first = _frame_paths(path)[0]
+        try:
+            check_image(first)
+        except ImageReadError as error:
+            raise VideoError(f"{error} (a frame of the video {path})") from None
+        return
+    av = _import_av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream in the file")
+    except (av.error.FFmpegError, OSError) as error:
+        raise VideoError(f"{path}: cannot decode video: {error}") from error
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError("decoding video files needs PyAV: pip install 'llava-voco[video]'") from error
+    return av
 
 
 def is_frame_features(path) -> bool:

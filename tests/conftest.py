@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import llava_voco
-from llava_voco.fixtures import build_tiny_llava, llama_tokenizer as fetch_llama_tokenizer
+from llava_voco.demo.tiny import build_tiny_llava
+from real_tokenizer import llama_tokenizer as fetch_llama_tokenizer
 
 
 @pytest.fixture(scope="session")

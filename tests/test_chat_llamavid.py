@@ -7,7 +7,7 @@ import torch
 
 from llava_voco import VoCoLlavaConfig
 from llava_voco.conversation import get_template
-from llava_voco.fixtures import train_wordpiece_tokenizer
+from llava_voco.demo.tiny import train_wordpiece_tokenizer
 from llava_voco.inference import ImageChat
 
 from test_chat_continuation import record_generate

@@ -341,9 +341,9 @@ def test_bad_sample_raises_with_id_file_and_problem(problem, voco_dir, image_fol
     (image_folder / "broken.png").write_bytes(b"this is not a png")
     path = write_data(tmp_path / "bad.json", [BAD[problem], GOOD])
     with pytest.raises(DataError, match=f"{tmp_path}/bad.json: sample id 'bad' \\(index 0\\): {problem}"):
-        dataset(path, processor, image_folder, lazy_preprocess=True)[0]
+        dataset(path, processor, image_folder, check_samples=False)[0]
 
-    data = dataset(path, processor, image_folder, lazy_preprocess=True, skip_bad_samples=True)
+    data = dataset(path, processor, image_folder, check_samples=False, skip_bad_samples=True)
     with caplog.at_level(logging.WARNING):
         item = data[0]
     assert item["num_samples_skipped"] == 1 and data.stats["skipped_bad"] == 1
@@ -366,7 +366,7 @@ def test_an_epoch_holds_each_usable_sample_once(voco_dir, image_folder, tmp_path
     samples.insert(6, sample("wordy", " ".join(WORDS) * 12, "ok"))  # no reply within the limit
     path = write_data(tmp_path / "d.json", samples)
     usable = [s["id"] for s in samples if s["id"] not in ("bad", "wordy")]
-    args = dict(lazy_preprocess=True, skip_bad_samples=True, model_max_length=100)
+    args = dict(check_samples=False, skip_bad_samples=True, model_max_length=100)
     reference = dataset(path, processor, image_folder, **args)
     id_of = {}
     for index, record in enumerate(samples):
@@ -376,7 +376,7 @@ def test_an_epoch_holds_each_usable_sample_once(voco_dir, image_folder, tmp_path
     assert sorted(id_of.values()) == sorted(usable)
 
     data = dataset(path, processor, image_folder, **args)
-    collate = make_supervised_data_module(processor, DataArguments(data_path=path, lazy_preprocess=True), version="v1",
+    collate = make_supervised_data_module(processor, DataArguments(data_path=path, check_samples=False), version="v1",
                                           model_max_length=100)["data_collator"]
     sampler = LengthGroupedSampler(2, lengths=data.modality_lengths, generator=torch.Generator().manual_seed(0),
                                    group_by_modality=True)
@@ -399,8 +399,8 @@ def test_a_batch_of_skipped_samples_is_one_unlearned_row(voco_dir, image_folder,
     one attended pad token with no label, counted as no sample."""
     processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
     path = write_data(tmp_path / "d.json", [BAD["missing image file"], BAD["empty assistant turn"], GOOD])
-    data = dataset(path, processor, image_folder, lazy_preprocess=True, skip_bad_samples=True)
-    collate = make_supervised_data_module(processor, DataArguments(data_path=path, lazy_preprocess=True), version="v1",
+    data = dataset(path, processor, image_folder, check_samples=False, skip_bad_samples=True)
+    collate = make_supervised_data_module(processor, DataArguments(data_path=path, check_samples=False), version="v1",
                                           model_max_length=64)["data_collator"]
     batch = collate([data[0], data[1], None])
     stats = pop_batch_stats(batch)
@@ -457,6 +457,53 @@ def test_eager_mode_checks_everything_up_front(voco_dir, image_folder, tmp_path)
     assert data.modality_lengths == [4 + TOKENS_PER_IMAGE + 1] * 2
 
 
+# ---- the check before training (--check_samples) ----------------------------------------------------
+
+def test_bad_samples_are_refused_together_before_training(voco_dir, image_folder, tmp_path, caplog):
+    """A corrupt image at sample 70 of 81 (and an empty image file, a missing one, a malformed sample): one
+    error before any sample is drawn, one line that counts them, names the first three (file, id, index,
+    problem) and the flag that skips them; with that flag the others train."""
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
+    (image_folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a png" * 8)
+    (image_folder / "empty.png").write_bytes(b"")
+    samples = [sample(f"s{n}", "<image>\nWhich digit?", WORDS[n % 8], image=f"digit{n % 8}.png") for n in range(81)]
+    samples[12]["image"] = "empty.png"
+    samples[30]["image"] = "nowhere.png"
+    samples[50] = sample("s50", "<image>\nWhat?", "   ", image="digit0.png")
+    samples[70]["image"] = "corrupt.png"
+    path = write_data(tmp_path / "d.json", samples)
+    with pytest.raises(DataError) as raised:
+        dataset(path, processor, image_folder)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: 4 of 81 samples cannot be used: sample id 's12' (index 12): unreadable "
+                              f"image file {image_folder}/empty.png: empty file (0 bytes)"), message
+    assert f"sample id 's30' (index 30): missing image file {image_folder}/nowhere.png" in message
+    assert "sample id 's50' (index 50): " in message and "; and 1 more" in message and "s70" not in message
+    assert message.endswith("(fix or remove them, or pass --skip_bad_samples True to train without them)")
+
+    with caplog.at_level(logging.WARNING):
+        data = dataset(path, processor, image_folder, skip_bad_samples=True)
+    assert len(data) == 77 and data.stats["skipped_bad"] == 4
+    assert f"{path}: skipped 4 of 81 samples as bad (--skip_bad_samples)" in caplog.text
+    assert "(index 70): unreadable image file" in caplog.text and "corrupt.png: not an image file PIL can read" in caplog.text
+    drawn = [data[i] for i in range(len(data))]  # the usable ones, in order, none skipped when drawn
+    assert not any(is_skipped(item) for item in drawn) and data.stats["items"] == 77
+
+
+def test_the_check_reads_headers_only(voco_dir, image_folder, tmp_path):
+    """An image whose header is sound but whose pixels are cut off passes the check (no pixels are decoded
+    before training) and is named when it is drawn."""
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
+    whole = (image_folder / "digit0.png").read_bytes()
+    (image_folder / "cut.png").write_bytes(whole[: len(whole) // 2])
+    path = write_data(tmp_path / "d.json", [GOOD, sample("cut", "<image>\nWhat?", "x", image="cut.png")])
+    data = dataset(path, processor, image_folder)
+    assert len(data) == 2
+    with pytest.raises(DataError, match=f"sample id 'cut' \\(index 1\\): unreadable image file {image_folder}/cut.png"):
+        data[1]
+
+
 def test_unknown_version_and_missing_pad_token(voco_dir, tmp_path):
     processor = llava_voco.VoCoLlavaProcessor.from_pretrained(voco_dir)
     path = write_data(tmp_path / "d.json", [GOOD])
@@ -479,7 +526,7 @@ def test_lengths_without_opening_images(voco_dir, image_folder, tmp_path):
         sample("d", "", "x"),
     ]
     (image_folder / "unreadable.png").write_bytes(b"garbage")
-    data = dataset(write_data(tmp_path / "d.json", samples), processor, image_folder, lazy_preprocess=True)
+    data = dataset(write_data(tmp_path / "d.json", samples), processor, image_folder, check_samples=False)
     per_image = TOKENS_PER_IMAGE + 1
     assert data.tokens_per_image == per_image
     assert data.lengths == [6 + per_image, 5, 4 + 2 * per_image, 1]  # LLaVA counts "<image>" as a word

@@ -9,7 +9,7 @@ import torch
 import llava_voco
 from llava_voco.constants import IGNORE_INDEX
 from llava_voco.model.llamavid import encode_instructions
-from llava_voco.fixtures import train_wordpiece_tokenizer
+from llava_voco.demo.tiny import train_wordpiece_tokenizer
 from llava_voco.train.collator import pop_batch_stats
 from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module
 
@@ -63,7 +63,15 @@ def test_missing_or_broken_video_named(voco_dir, image_folder, tmp_path):
     samples = [{"id": "bad", "video": "broken.mp4", "conversations": [
         {"from": "human", "value": "<video>\nSum?"}, {"from": "gpt", "value": "1"}]}]
     _, processor = load_voco(voco_dir)
-    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder))
+    data_path = write_data(tmp_path, samples)
+    # Before training: the file does not open (its header).
+    with pytest.raises(DataError) as raised:
+        make_supervised_data_module(processor, DataArguments(data_path=data_path, image_folder=str(image_folder)),
+                                    version="v1", model_max_length=512)
+    assert "1 of 1 samples" in str(raised.value) and "sample id 'bad'" in str(raised.value)
+    assert "broken.mp4: cannot decode video" in str(raised.value)
+    # Unchecked (--check_samples False): when it is drawn.
+    args = DataArguments(data_path=data_path, image_folder=str(image_folder), check_samples=False)
     dataset = make_supervised_data_module(processor, args, version="v1", model_max_length=512)["train_dataset"]
     try:
         dataset[0]
@@ -140,7 +148,7 @@ def test_lengths_count_images_and_frames_as_the_model_does(llava_dir, image_fold
         {"id": "t", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "hello"}]},
     ]
     args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder), max_frames=4,
-                         lazy_preprocess=True)
+                         check_samples=False)
     dataset = make_supervised_data_module(processor, args, version="v1", model_max_length=512)["train_dataset"]
     assert (tokens_per_image(processor).total, tokens_per_image(processor, is_frame=True).total) == (5, 2)
     assert dataset.lengths == [4 + 5, 6 + 4 * 2, 3]  # words (LLaVA counts "<image>" as one) + tokens

@@ -5,7 +5,7 @@ the VoCo path."""
 import torch
 
 from llava_voco.constants import IGNORE_INDEX
-from llava_voco.train.distillation import VoCoDistillation, voco_mask_off
+from llava_voco.train.distillation import VoCoDistillation, answer_kl, voco_mask_off
 
 from conftest import load_voco, prompt
 
@@ -39,10 +39,31 @@ def test_zero_without_the_mask_positive_with_it_and_reaches_the_voco_row(voco_di
 
 
 def test_a_frozen_teacher_model(voco_dir, digit_images):
+    """``--voco_teacher``: the KL is against the frozen teacher's own logits (its weights, every vision token
+    visible), not the student's with the mask off; the teacher gets no gradient."""
     model, processor = load_voco(voco_dir)
-    teacher, _ = load_voco(voco_dir)
     inputs = batch(processor, digit_images)
+    student = model(**inputs)
+    same_weights = VoCoDistillation(weight=1.0).terms(model, inputs, student)
+
+    copy, _ = load_voco(voco_dir)  # a frozen copy of the same weights, mask off: the default teacher's KL
+    copy.model.apply_voco_mask = False
+    with_copy = VoCoDistillation(weight=1.0, teacher=copy).terms(model, inputs, student)
+    torch.testing.assert_close(with_copy["kl"], same_weights["kl"], atol=1e-6, rtol=0)
+
+    teacher, _ = load_voco(voco_dir)  # another checkpoint: the same weights moved
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    teacher.requires_grad_(False)
     teacher.model.apply_voco_mask = False
-    with_teacher = VoCoDistillation(weight=1.0, teacher=teacher).terms(model, inputs, model(**inputs))
-    same_weights = VoCoDistillation(weight=1.0).terms(model, inputs, model(**inputs))
-    torch.testing.assert_close(with_teacher["kl"], same_weights["kl"], atol=1e-6, rtol=0)
+    with_teacher = VoCoDistillation(weight=1.0, teacher=teacher).terms(model, inputs, student)
+    with torch.no_grad():
+        teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    torch.testing.assert_close(with_teacher["kl"], answer_kl(student.logits, teacher_logits, inputs["labels"]),
+                               atol=1e-6, rtol=0)
+    assert abs(float(with_teacher["kl"] - same_weights["kl"])) > 1e-3  # ignoring the teacher would show here
+    with_teacher["kl"].backward()
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    assert model.get_input_embeddings().weight.grad is not None

@@ -17,7 +17,7 @@ from transformers import LlavaConfig
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.conversation import get_template
 from llava_voco.model.llamavid import encode_instructions
-from llava_voco.fixtures import train_wordpiece_tokenizer
+from llava_voco.demo.tiny import train_wordpiece_tokenizer
 from llava_voco.inference import ImageChat, count_vision_passes
 from llava_voco.train.collator import pop_batch_stats
 from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module
@@ -215,7 +215,17 @@ def test_bad_features_files_name_the_sample_and_the_file(voco_dir, image_folder,
     for name, (tensor, _) in bad.items():
         save_file({"features": tensor}, str(image_folder / f"{name}.safetensors"))
         samples.append({"id": name, "video": f"{name}.safetensors", "conversations": conversation("Sum?", "1")})
-    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder))
+    data_path = write_data(tmp_path, samples)
+    # Before training: each file's header and first frame, all four named in one error (three, then a count).
+    with pytest.raises(DataError) as raised:
+        make_supervised_data_module(processor, DataArguments(data_path=data_path, image_folder=str(image_folder)),
+                                    version="v1", model_max_length=512, vision_hidden_size=width)
+    message = str(raised.value)
+    assert "4 of 4 samples cannot be used" in message and "; and 1 more" in message, message
+    for name, (_, problem) in list(bad.items())[:3]:
+        assert f"sample id {name!r}" in message and f"{name}.safetensors" in message and problem in message, message
+    # Unchecked (--check_samples False): each when it is drawn.
+    args = DataArguments(data_path=data_path, image_folder=str(image_folder), check_samples=False)
     dataset = make_supervised_data_module(processor, args, version="v1", model_max_length=512,
                                           vision_hidden_size=width)["train_dataset"]
     for index, (name, (_, problem)) in enumerate(bad.items()):

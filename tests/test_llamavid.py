@@ -14,7 +14,7 @@ from llava_voco.model.llamavid import (
     parse_compress_type,
     pool_patches,
 )
-from llava_voco.fixtures import train_wordpiece_tokenizer
+from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
 VISION, TEXT, PATCHES = 32, 64, 16  # a 4 x 4 patch grid
 

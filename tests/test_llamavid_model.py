@@ -8,7 +8,7 @@ from transformers import AutoModelForImageTextToText, LlavaConfig
 import llava_voco
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.model.llamavid import encode_instructions
-from llava_voco.fixtures import train_wordpiece_tokenizer
+from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
 QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}

@@ -215,9 +215,9 @@ def llava_side(python: Path, command: str, workdir: Path, tree: Path, overlay: P
 
 @pytest.fixture(scope="session")
 def voco_model(tmp_path_factory):
-    """A tiny VoCoLlavaForConditionalGeneration (k=1) from llava_voco.fixtures, and its config."""
+    """A tiny VoCoLlavaForConditionalGeneration (k=1) from llava_voco.demo.tiny, and its config."""
     import llava_voco
-    from llava_voco.fixtures import build_tiny_llava
+    from llava_voco.demo.tiny import build_tiny_llava
 
     path = tmp_path_factory.mktemp("tiny_llava_for_patches")
     build_tiny_llava(path, seed=0)

@@ -23,7 +23,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Llav
 from transformers import LlavaProcessor
 
 import llava_voco
-from llava_voco.fixtures import LLAVA_V1_CHAT_TEMPLATE
+from llava_voco.demo.tiny import LLAVA_V1_CHAT_TEMPLATE
 from llava_voco.train.train import main
 
 IMAGE_SIZE, PATCH = 336, 14

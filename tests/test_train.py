@@ -25,7 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionM
 
 import llava_voco
 from llava_voco.model.projector import LinearProjector
-from llava_voco.fixtures import build_tiny_llava
+from llava_voco.demo.tiny import build_tiny_llava
 from llava_voco.train.arguments import TrainConfigError, build_parser, parse_args, refuse_flags_without_effect
 from llava_voco.train.model_setup import build_model_and_processor
 from llava_voco.train.train import main
@@ -283,6 +283,9 @@ def test_lora_merges_on_save_and_projector_gets_its_own_lr(tiny, tmp_path):
     assert groups[1e-3] and all("lora_" in n or "trainable_tokens_delta" in n for n in groups[1e-3])
     assert [n for n in groups[1e-3] if "trainable_tokens_delta" in n]
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(groups[2e-4]) + len(groups[1e-3])
+    # The logged learning_rate is the main one (LoRA's), not the projector's, which is logged under its own name.
+    logged_rates = [(e["learning_rate"], e["learning_rate_mm_projector"]) for e in trainer.state.log_history if "loss" in e]
+    assert logged_rates[0] == (1e-3, 2e-4) and len(logged_rates) == 3, logged_rates
     # --group_by_modality_length: each batch holds one modality (16 batches of 4: 12 image, 4 text-only).
     image_id = trainer.model.config.image_token_id
     rows_with_image = [int((b["input_ids"] == image_id).any(dim=1).sum()) for b in trainer.get_train_dataloader()]
@@ -511,7 +514,7 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     """--mm_projector_type llamavid, set-up (a), image and video samples (a real mp4 and a frame folder):
     the loss falls, the text decoder trains (or stays frozen with --freeze_text_decoder), the output
     reloads with its text decoder tokenizer and answers."""
-    from llava_voco.fixtures import train_wordpiece_tokenizer
+    from llava_voco.demo.tiny import train_wordpiece_tokenizer
     from test_video import write_video
 
     bert_dir = tmp_path / "bert"
@@ -573,7 +576,7 @@ def test_llamavid_flags_need_llamavid(tiny, tmp_path):
 def test_llamavid_text_decoder_from_instructblip(tiny, tmp_path):
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from llava_voco.fixtures import train_wordpiece_tokenizer
+    from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
     bert = train_wordpiece_tokenizer()
     bert.save_pretrained(tmp_path / "bert")

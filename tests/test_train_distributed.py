@@ -188,7 +188,7 @@ def test_zero3_with_each_projector_matches_one_process(tiny, tmp_path, name):
     images and the text-only rank adds a blank-image row to run the vision tower and projector in step. The row
     must hold the tokens this projector gives an image (pooled, CLS, LLaMA-VID's context and content tokens,
     VoCo) and, for LLaMA-VID, an instruction; with it, the losses and weights are the single process's."""
-    from llava_voco.fixtures import train_wordpiece_tokenizer
+    from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
     samples = json.loads(tiny.data_path.read_text())
     data = tmp_path / "data.json"

@@ -53,7 +53,7 @@ def broken(tiny, tmp_path_factory) -> SimpleNamespace:
         num_query_tokens=4,
     ).save_pretrained(instructblip)
     (instructblip / "model.safetensors").write_bytes(GARBAGE)
-    from llava_voco.fixtures import train_wordpiece_tokenizer
+    from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
     train_wordpiece_tokenizer().save_pretrained(root / "bert")
     torch.save({"model.mm_projector.weight": torch.zeros(64, 32), "model.mm_projector.bias": torch.zeros(64)},

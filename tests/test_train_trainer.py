@@ -9,7 +9,7 @@ from transformers import LlavaConfig, TrainingArguments
 
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.constants import IGNORE_INDEX
-from llava_voco.fixtures import train_wordpiece_tokenizer
+from llava_voco.demo.tiny import train_wordpiece_tokenizer
 from llava_voco.model.image_inputs import tokens_per_image, vision_patch_features
 from llava_voco.train.collator import DataCollatorForSupervisedDataset, skipped_item
 from llava_voco.train.trainer import CompressionStats, VoCoLlavaTrainer, with_blank_image_row

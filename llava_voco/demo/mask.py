@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..model.builder import add_voco_to_llava
-from ..fixtures import build_tiny_llava
+from .tiny import build_tiny_llava
 
 
 def digit_image(index: int = 0) -> Image.Image:

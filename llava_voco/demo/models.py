@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ..conversation import get_template
-from ..fixtures import LLAVA_V1_CHAT_TEMPLATE, train_wordpiece_tokenizer
+from .tiny import LLAVA_V1_CHAT_TEMPLATE, train_wordpiece_tokenizer
 from ..image_io import load_image
 
 

@@ -38,7 +38,9 @@ import json
 import logging
 import os
 import re
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +50,9 @@ from torch.utils.data import Dataset
 
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from ..conversation import GPT, HUMAN, ConversationError, RenderedConversation, get_template
-from ..image_io import ImageReadError, load_image, pad_to_square
+from ..image_io import ImageReadError, check_image, load_image, pad_to_square
 from ..model import image_inputs
-from ..video import VideoError, decode_video, is_frame_features, read_frame_features
+from ..video import VideoError, check_video, decode_video, is_frame_features, read_frame_features
 from .collator import DataCollatorForSupervisedDataset, skipped_item
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ ASPECT_RATIOS = ("pad", "square")
 PER_IMAGE_KEYS = ("video_frame_mask", "instruction_input_ids", "instruction_attention_mask")
 # Precomputed frames of a video given as a features file, in place of their pixels (VoCoLlavaModel.forward).
 FRAME_FEATURE_KEYS = ("frame_features", "frame_features_mask")
+# The check before training (--check_samples): threads waiting on file headers, each taking samples in chunks.
+CHECK_THREADS = min(32, 4 * (os.cpu_count() or 1))
+CHECK_CHUNK = 256
 
 
 @dataclass
@@ -70,8 +75,8 @@ class DataArguments:
     lazy_preprocess: bool = field(
         default=False,
         metadata={
-            "help": "True: check each sample when it is drawn. False: check every sample's structure and image "
-            "files once, before training (images are decoded lazily either way)."
+            "help": "Accepted as LLaVA's scripts pass it: here every sample is decoded and tokenized when drawn "
+            "either way (LLaVA's True); what is checked before training is --check_samples."
         },
     )
     is_multimodal: bool = field(
@@ -86,6 +91,15 @@ class DataArguments:
     image_aspect_ratio: str = field(
         default="square",
         metadata={"help": "'pad': pad to a square with the image processor's mean colour; 'square': as the processor does."},
+    )
+    check_samples: bool = field(
+        default=True,
+        metadata={
+            "help": "Before the first step, check every sample's structure and that each image or video opens "
+            "(file headers only, in a thread pool); bad samples are refused together in one line, or skipped "
+            "with --skip_bad_samples. False: each sample is checked only when drawn (a bad one then stops the "
+            "run there, or is skipped there with --skip_bad_samples)."
+        },
     )
     skip_bad_samples: bool = field(
         default=False,
@@ -126,11 +140,48 @@ class DataArguments:
 
 
 class DataError(ValueError):
-    """A sample that cannot be used, with where it is and why."""
+    """A sample that cannot be used, with where it is and why.
 
-    def __init__(self, data_path: str, index: int, sample_id: Any, problem: str):
+    Built from one message alone too: torch's DataLoader re-raises a worker's exception as its type called
+    with the worker's traceback as text (``sample_error_line`` finds the sample's line in it)."""
+
+    def __init__(self, data_path: str, index: int | None = None, sample_id: Any = None, problem: str | None = None):
         self.data_path, self.index, self.sample_id, self.problem = data_path, index, sample_id, problem
-        super().__init__(f"{data_path}: sample id {sample_id!r} (index {index}): {problem}")
+        if problem is None:
+            super().__init__(data_path)
+        else:
+            super().__init__(f"{data_path}: {describe_sample(index, sample_id)}: {problem}")
+
+
+def describe_sample(index: int, sample_id: Any) -> str:
+    return f"sample id {sample_id!r} (index {index})"
+
+
+class BadSamplesError(DataError):
+    """The bad samples the check before training found (``--check_samples``), in one line: how many, the
+    first few, and the flag that skips them."""
+
+    SHOWN = 3  # bad samples named in the message
+
+    def __init__(self, data_path: str, errors: list[DataError], total: int):
+        self.errors = errors
+        named = "; ".join(f"{describe_sample(e.index, e.sample_id)}: {e.problem}" for e in errors[: self.SHOWN])
+        more = f"; and {len(errors) - self.SHOWN} more" if len(errors) > self.SHOWN else ""
+        super().__init__(
+            f"{data_path}: {len(errors)} of {total} samples cannot be used: {named}{more} "
+            "(fix or remove them, or pass --skip_bad_samples True to train without them)"
+        )
+
+
+def sample_error_line(error: DataError) -> str:
+    """The one line that names the sample, also for an error torch re-raised from a DataLoader worker (whose
+    message is "Caught DataError in DataLoader worker process 0" followed by the worker's traceback)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    prefix = f"{DataError.__module__}.{DataError.__name__}: "
+    for line in reversed(lines):
+        if line.startswith(prefix):
+            return line.removeprefix(prefix)
+    return " ".join(line.strip() for line in lines)
 
 
 class _TooLong(Exception):
@@ -232,7 +283,7 @@ class LazySupervisedDataset(Dataset):
         self._indices = list(range(len(self.samples)))  # positions in the file, after up-front skips
         self._cache: dict | None = {} if data_args.cache_samples else None  # position (elastic: (position, k)) -> built item
         self._skipped: set[int] = set()  # positions skipped when drawn, in this process
-        if not data_args.lazy_preprocess:
+        if data_args.check_samples:
             self._check_all()
         if not self._indices:
             raise ValueError(f"{self.data_path}: no usable samples")
@@ -354,26 +405,58 @@ class LazySupervisedDataset(Dataset):
         return os.path.join(self.data_args.image_folder or "", name)
 
     def _check_all(self) -> None:
-        """Eager mode (``--lazy_preprocess False``): every sample's structure and image files, up front."""
-        usable = []
-        for position in self._indices:
-            try:
-                prepared = self._prepare(position)
-                for name in prepared.image_files:
-                    path = self._image_path(position, prepared.sample_id, name)
-                    if not os.path.isfile(path):
-                        raise self._error(position, prepared.sample_id, f"missing image file {path}")
-                if prepared.video_file:
-                    path = self._video_path(position, prepared.sample_id, prepared.video_file)
-                    if not os.path.exists(path):
-                        raise self._error(position, prepared.sample_id, f"missing video {path}")
-            except DataError as error:
-                if not self.data_args.skip_bad_samples:
-                    raise
-                self._count_bad(error)
-                continue
-            usable.append(position)
-        self._indices = usable
+        """``--check_samples``: every sample's structure, and that each of its files opens (headers only), before
+        training. The bad ones are refused together (``BadSamplesError``), or with ``--skip_bad_samples``
+        dropped, counted and logged. The file reads run in a thread pool, in chunks of samples: on a network
+        file system the time goes to waiting on each file's first bytes."""
+        started = time.perf_counter()
+        chunks = [self._indices[k : k + CHECK_CHUNK] for k in range(0, len(self._indices), CHECK_CHUNK)]
+        with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
+            results = [result for chunk in pool.map(self._check_chunk, chunks) for result in chunk]
+        errors = [error for _, error in results if error is not None]
+        logger.info("checked %d samples of %s in %.1f s: %d bad", len(results), self.data_path,
+                    time.perf_counter() - started, len(errors))
+        if errors and not self.data_args.skip_bad_samples:
+            raise BadSamplesError(self.data_path, errors, len(self.samples))
+        for error in errors:
+            self._count_bad(error)
+        if errors:
+            logger.warning("%s: skipped %d of %d samples as bad (--skip_bad_samples)", self.data_path, len(errors),
+                           len(self.samples))
+        self._indices = [position for position, error in results if error is None]
+
+    def _check_chunk(self, positions: list[int]) -> list[tuple[int, DataError | None]]:
+        return [(position, self._check_sample(position)) for position in positions]
+
+    def _check_sample(self, position: int) -> DataError | None:
+        """The sample's problem, or None: its structure (``_prepare``), then each image and its video open."""
+        try:
+            prepared = self._prepare(position)
+            for name in prepared.image_files:
+                path = self._image_path(position, prepared.sample_id, name)
+                if not os.path.isfile(path):
+                    raise self._error(position, prepared.sample_id, f"missing image file {path}")
+                try:
+                    check_image(path)
+                except ImageReadError as error:
+                    raise self._error(position, prepared.sample_id, f"unreadable image file {error}") from None
+            if prepared.video_file:
+                self._check_video(position, prepared.sample_id, prepared.video_file)
+        except DataError as error:
+            return error
+        return None
+
+    def _check_video(self, position: int, sample_id: Any, name: str) -> None:
+        path = self._video_path(position, sample_id, name)
+        if not os.path.exists(path):
+            raise self._error(position, sample_id, f"missing video {path}")
+        if is_frame_features(path):
+            self._read_frame_features(position, sample_id, path, max_frames=1)  # its header and first frame
+            return
+        try:
+            check_video(path)
+        except VideoError as error:
+            raise self._error(position, sample_id, str(error)) from None
 
     def _load_image(self, position: int, sample_id: Any, name: str) -> Image.Image:
         path = self._image_path(position, sample_id, name)
@@ -402,13 +485,7 @@ class LazySupervisedDataset(Dataset):
         if not os.path.exists(path):
             raise self._error(position, sample_id, f"missing video {path}")
         if is_frame_features(path):
-            try:
-                features = read_frame_features(path, self.data_args.max_frames, width=self.vision_hidden_size)
-                return self.processor.check_frame_features(features)
-            except VideoError as error:
-                raise self._error(position, sample_id, str(error)) from None
-            except ValueError as error:
-                raise self._error(position, sample_id, f"{path}: {error}") from None
+            return self._read_frame_features(position, sample_id, path, self.data_args.max_frames)
         try:
             frames = decode_video(path, fps=self.data_args.video_fps, max_frames=self.data_args.max_frames)
         except VideoError as error:
@@ -416,6 +493,15 @@ class LazySupervisedDataset(Dataset):
         if self.data_args.image_aspect_ratio == "pad":
             frames = [pad_to_square(frame, self.processor.image_processor) for frame in frames]
         return frames
+
+    def _read_frame_features(self, position: int, sample_id: Any, path: str, max_frames: int | None) -> torch.Tensor:
+        try:
+            features = read_frame_features(path, max_frames, width=self.vision_hidden_size)
+            return self.processor.check_frame_features(features)
+        except VideoError as error:
+            raise self._error(position, sample_id, str(error)) from None
+        except ValueError as error:
+            raise self._error(position, sample_id, f"{path}: {error}") from None
 
     def _instructions(self, turns: list) -> list[str] | None:
         """LLaMA-VID reads, for each image or video, the human turn that shows it (placeholders removed)."""
@@ -633,9 +719,11 @@ def make_supervised_data_module(
 
 __all__ = [
     "ASPECT_RATIOS",
+    "BadSamplesError",
     "DataArguments",
     "DataError",
     "LazySupervisedDataset",
     "load_samples",
     "make_supervised_data_module",
+    "sample_error_line",
 ]

@@ -48,7 +48,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from llava_voco.model.image_inputs import tokens_per_image
 
 from .arguments import TrainConfigError, one_line, parse_args, refuse_flags_without_effect
-from .data import make_supervised_data_module
+from .data import BadSamplesError, DataError, make_supervised_data_module, sample_error_line
 from .distillation import VoCoDistillation
 from .model_setup import (
     attention_backends,
@@ -99,11 +99,16 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     model = set_trainable(model, model_args, training_args)
     distillation = build_distillation(model_args, training_args, model, processor, teacher_plan)
 
-    # 5. Data.
-    data_module = make_supervised_data_module(
-        processor, data_args, version=model_args.version, model_max_length=training_args.model_max_length,
-        vision_hidden_size=model.config.vision_config.hidden_size,  # features files of another width: named error
-    )
+    # 5. Data: every sample checked before the first step (--check_samples).
+    try:
+        data_module = make_supervised_data_module(
+            processor, data_args, version=model_args.version, model_max_length=training_args.model_max_length,
+            vision_hidden_size=model.config.vision_config.hidden_size,  # features files of another width: named
+        )
+    except DataError:
+        raise
+    except (ValueError, OSError, ImportError) as error:  # the data file, its folders, PyAV: one line, as a flag is
+        raise TrainConfigError(str(error)) from error
 
     # 6. Trainer, resuming where a previous run stopped.
     base = model.get_base_model() if training_args.lora_enable else model
@@ -190,7 +195,7 @@ def last_checkpoint(output_dir: str) -> str | None:
 
 
 def skipped_before_training(dataset) -> int:
-    """Samples the dataset dropped when it checked the file up front (``--lazy_preprocess False``)."""
+    """Samples the dataset dropped when it checked every sample before training (``--check_samples``)."""
     samples = getattr(dataset, "samples", None)
     return len(samples) - len(dataset) if samples is not None else 0
 
@@ -201,6 +206,11 @@ def cli(argv: list[str] | None = None) -> int:
     except TrainConfigError as error:
         print(f"llava-voco-train: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    except DataError as error:  # before training (the check of every sample) or at a sample drawn mid-run
+        mid_run = not isinstance(error, BadSamplesError)  # the progress bar's line is left open: start a new one
+        print(f"{chr(10) if mid_run else ''}llava-voco-train: error: {one_line(sample_error_line(error))}",
+              file=sys.stderr)
+        return 1
     end_process_group()
     return 0
 

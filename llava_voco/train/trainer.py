@@ -216,6 +216,10 @@ class DistillationStats:
         return metrics
 
 
+# The learning rate of --mm_projector_lr's / --mm_vision_tower_lr's groups, logged beside the main one.
+OWN_LR_LOG_NAMES = {PROJECTOR_MARKER: "learning_rate_mm_projector", VISION_TOWER_MARKER: "learning_rate_mm_vision_tower"}
+
+
 class VoCoLlavaTrainer(Trainer):
     def __init__(
         self,
@@ -239,6 +243,8 @@ class VoCoLlavaTrainer(Trainer):
         self.blank_image_for_text_batches = blank_image_for_text_batches
         self.distillation = distillation
         self.distillation_stats = DistillationStats() if distillation is not None else None
+        self._own_lr_groups: dict[str, int] = {}  # log name -> index of the group with that learning rate
+        self._own_lrs_now: dict[str, float] = {}
 
     # ---- sampler ------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -280,11 +286,14 @@ class VoCoLlavaTrainer(Trainer):
                 continue
             lr = next((lr for marker, lr in own_lrs if marker in name), None)
             groups.setdefault((lr, name in decay), []).append(param)
-        param_groups = []
-        for (lr, decays), params in groups.items():
+        # The main learning rate's groups first: the Trainer logs the first group's rate as learning_rate.
+        param_groups, self._own_lr_groups = [], {}
+        for (lr, decays), params in sorted(groups.items(), key=lambda item: item[0][0] is not None):
             group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
             if lr is not None:
                 group["lr"] = lr
+                marker = next(marker for marker, own_lr in own_lrs if own_lr == lr)
+                self._own_lr_groups.setdefault(OWN_LR_LOG_NAMES[marker], len(param_groups))
             param_groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
@@ -391,7 +400,22 @@ class VoCoLlavaTrainer(Trainer):
             model = model.get_base_model()
         return with_blank_image_row(inputs, model, self.processing_class)
 
+    def _get_learning_rate(self) -> float:
+        """The main learning rate (the first group's, ``create_optimizer`` puts it first), keeping the rates of
+        ``--mm_projector_lr`` / ``--mm_vision_tower_lr`` groups at the same moment for ``log``."""
+        rate = super()._get_learning_rate()
+        self._own_lrs_now = {}
+        if self._own_lr_groups:
+            try:
+                rates = self.lr_scheduler.get_last_lr()
+            except AssertionError:  # DeepSpeed's scheduler before its first step (the Trainer logs 0 then)
+                return rate
+            self._own_lrs_now = {name: rates[index] for name, index in self._own_lr_groups.items()}
+        return rate
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs:
+            logs.update(self._own_lrs_now)
         if self.compression_stats is not None and "loss" in logs:
             totals = self.compression_stats.totals(self.args.device)
             if self.args.world_size > 1:

