@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,train,video,demo]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,train,video,demo,serve]"
 	touch $@
 
 venv: $(VENV)/.installed

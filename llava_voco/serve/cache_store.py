@@ -1,6 +1,8 @@
-"""A content-addressed store of compressed images (``VoCoCache`` files) on disk.
+"""A content-addressed store of compressed images (``VoCoCache`` files), on disk or any fsspec filesystem.
 
-Directory layout::
+The root is a folder or an fsspec URL (``file:///srv/voco``, ``s3://bucket/voco``, ``memory://voco`` ...), so
+that several server processes, on one machine or several, share one store: an image one of them compressed
+is a hit for all. Layout::
 
     ROOT/
       <key[:2]>/<key>.voco.safetensors    one compressed prompt (VoCoCache.save format)
@@ -8,8 +10,10 @@ Directory layout::
 ``key = sha256(image digests, prompt text, model fingerprint)``, so the same image and prompt under
 the same weights hit, and anything else misses. Writes go to a temporary file in the same directory
 and are renamed into place (atomic on POSIX), so two processes writing the same key leave one valid
-file. With ``max_bytes`` set, each write evicts least recently used entries (by modification time,
-which a hit refreshes) until the store fits.
+file; on other filesystems the file is written locally and uploaded in one put (object stores make an
+object visible whole). With ``max_bytes`` set, each write evicts least recently used entries (by
+modification time, which a hit refreshes on a local store; elsewhere by time of writing) until the store
+fits.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
+import threading
 from pathlib import Path
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from ..image_io import ImageReadError, load_image
@@ -70,11 +78,48 @@ def as_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
+class SingleFlight:
+    """Per-key locks: threads making one key wait for the first instead of repeating its work (a
+    compression asked for by N concurrent requests runs once; the others then read it)."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}  # key -> [lock, users]
+
+    def __call__(self, key: str):
+        return _KeyLock(self, key)
+
+
+class _KeyLock:
+    def __init__(self, owner: SingleFlight, key: str):
+        self.owner, self.key = owner, key
+
+    def __enter__(self):
+        with self.owner._guard:
+            entry = self.owner._locks.setdefault(self.key, [threading.Lock(), 0])
+            entry[1] += 1
+        entry[0].acquire()
+
+    def __exit__(self, *exc):
+        with self.owner._guard:
+            entry = self.owner._locks[self.key]
+            entry[0].release()
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.owner._locks[self.key]
+
+
 class VoCoCacheStore:
     def __init__(self, root: str | os.PathLike, max_bytes: int | None = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        """``root``: a folder or an fsspec URL; a local one is read and written in place, by path."""
+        self.url = str(root)
+        self.fs, root_path = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        # a local root stays a Path (what callers and tests compare against), a remote one is fsspec's path
+        self.root = Path(root_path) if self.is_local else root_path.rstrip("/")
+        self.fs.makedirs(str(self.root), exist_ok=True)
         self.max_bytes = max_bytes
+        self.single_flight = SingleFlight()
 
     @staticmethod
     def key(images: list, prompt: str, fingerprint: str, instructions: list[str] | None = None,
@@ -95,66 +140,97 @@ class VoCoCacheStore:
             digest.update(f"\0voco_tokens\0{voco_tokens}".encode())
         return digest.hexdigest()
 
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}{SUFFIX}"
+    def path(self, key: str) -> Path | str:
+        if self.is_local:
+            return self.root / key[:2] / f"{key}{SUFFIX}"
+        return f"{self.root}/{key[:2]}/{key}{SUFFIX}"
+
+    def contains(self, key: str) -> bool:
+        return self.fs.exists(str(self.path(key)))
 
     def get(self, key: str, model) -> VoCoCache | None:
         """The stored cache, or None. A file that cannot be used (corrupt, other model) is removed."""
         path = self.path(key)
-        if not path.exists():
-            return None
         try:
-            cache = VoCoCache.load(path, model)
+            if self.is_local:
+                cache = VoCoCache.load(path, model)
+            else:
+                with tempfile.TemporaryDirectory() as scratch:
+                    local = os.path.join(scratch, os.path.basename(path))
+                    self.fs.get_file(path, local)
+                    cache = VoCoCache.load(local, model)
         except VoCoCacheError as error:
             logger.warning("dropping unusable cache entry: %s", error)
-            path.unlink(missing_ok=True)
+            self._remove(path)
             return None
-        except FileNotFoundError:  # evicted by another process meanwhile
+        except FileNotFoundError:  # absent, or evicted by another process meanwhile
             return None
-        try:
-            os.utime(path)  # most recently used
-        except FileNotFoundError:
-            pass
+        if self.is_local:
+            try:
+                os.utime(path)  # most recently used
+            except FileNotFoundError:
+                pass
         return cache
 
-    def put(self, key: str, cache: VoCoCache) -> Path:
+    def put(self, key: str, cache: VoCoCache) -> Path | str:
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cache.save(path)
+        if self.is_local:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cache.save(path)
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
+                local = os.path.join(scratch, os.path.basename(path))
+                cache.save(local)
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.put_file(local, path)  # one object write: readers see the whole file or none
         self.evict(keep=path)
         return path
 
-    def entries(self) -> list[Path]:
-        return sorted(self.root.glob(f"*/*{SUFFIX}"))
+    def entries(self) -> list[Path | str]:
+        if self.is_local:
+            return sorted(self.root.glob(f"*/*{SUFFIX}"))
+        return sorted(path for path in self.fs.find(self.root) if path.endswith(SUFFIX))
+
+    def _remove(self, path) -> None:
+        try:
+            self.fs.rm_file(str(path))
+        except FileNotFoundError:
+            pass
+
+    def _stat(self, path) -> tuple[float, int] | None:
+        """(modification time, bytes) of an entry, or None when it is gone."""
+        try:
+            if self.is_local:
+                stat = Path(path).stat()
+                return stat.st_mtime, stat.st_size
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        modified = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+        if hasattr(modified, "timestamp"):
+            modified = modified.timestamp()
+        return float(modified), int(info.get("size") or 0)
 
     def size_bytes(self) -> int:
-        total = 0
-        for path in self.entries():
-            try:
-                total += path.stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return sum(stat[1] for stat in map(self._stat, self.entries()) if stat is not None)
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
+    def evict(self, keep=None) -> list:
         """Remove least recently used entries until the store fits ``max_bytes``."""
         if self.max_bytes is None:
             return []
         stats = []
         for path in self.entries():
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            stats.append((stat.st_mtime, stat.st_size, path))
+            stat = self._stat(path)
+            if stat is not None:
+                stats.append((stat[0], stat[1], path))
         total = sum(size for _, size, _ in stats)
         removed = []
         for _, size, path in sorted(stats, key=lambda entry: entry[0]):
             if total <= self.max_bytes:
                 break
-            if keep is not None and path == keep:
+            if keep is not None and str(path) == str(keep):
                 continue
-            path.unlink(missing_ok=True)
+            self._remove(path)
             total -= size
             removed.append(path)
         return removed
@@ -168,12 +244,13 @@ class VoCoCacheStore:
         miss. The model's fingerprint is computed once per loaded model (``model_fingerprint``)."""
         elastic_k = processor.voco_tokens if getattr(processor, "voco_token_choices", None) else None
         key = self.key(images, prompt, model_fingerprint(model), instructions, voco_tokens=elastic_k, videos=videos)
-        cache = self.get(key, model)
-        if cache is not None:
-            return cache, True
-        cache = compress_prompt(model, processor, images, prompt, instructions, videos)
-        self.put(key, cache)
-        return cache, False
+        with self.single_flight(key):  # concurrent callers for one key: one compresses, the others hit
+            cache = self.get(key, model)
+            if cache is not None:
+                return cache, True
+            cache = compress_prompt(model, processor, images, prompt, instructions, videos)
+            self.put(key, cache)
+            return cache, False
 
 
 def compress_prompt(model, processor, images: list, prompt: str, instructions: list[str] | None = None,
