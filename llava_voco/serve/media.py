@@ -21,8 +21,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from .scheduler import Media
-
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)$", re.S)
 _VIDEO_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
                    "video/avi": ".avi", "video/x-msvideo": ".avi"}
@@ -111,24 +109,24 @@ class MediaPolicy:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise MediaError(f"{what}: not an image ({error})") from None
 
-    def read_image(self, url: str, what: str) -> Media:
+    def read_image(self, url: str, what: str) -> bytes:
+        """The image's encoded bytes, checked to decode within the pixel limit (the store keys them)."""
         data = self.read_bytes(url, what)
-        return Media("image", self.image(data, what), [data])
+        self.image(data, what)
+        return data
 
-    def read_frames(self, urls: list, what: str) -> Media:
+    def read_frames(self, urls: list, what: str) -> list[Image.Image]:
         if not isinstance(urls, list) or not urls:
             raise MediaError(f"{what}: a video part lists its frames as image URLs")
         if len(urls) > self.max_frames:
             raise MediaError(f"{what}: {len(urls)} frames, more than the limit of {self.max_frames}")
-        frames, sources = [], []
+        frames = []
         for index, url in enumerate(urls):
             url = url.get("url") if isinstance(url, dict) else url
-            data = self.read_bytes(url, f"{what} frame {index}")
-            frames.append(self.image(data, f"{what} frame {index}"))
-            sources.append(data)
-        return Media("video", frames, sources)
+            frames.append(self.image(self.read_bytes(url, f"{what} frame {index}"), f"{what} frame {index}"))
+        return frames
 
-    def read_video(self, url: str, what: str) -> Media:
+    def read_video(self, url: str, what: str) -> list[Image.Image]:
         """A video file (data URL, remote or local) decoded with PyAV at ``video_fps``, at most ``max_frames``."""
         from ..video import VideoError, decode_video
 
@@ -149,7 +147,7 @@ class MediaPolicy:
         for index, frame in enumerate(frames):
             if frame.width * frame.height > self.max_pixels:
                 raise MediaError(f"{what}: frame {index} is {frame.width}x{frame.height}, more than {self.max_pixels} pixels")
-        return Media("video", frames, [data])
+        return frames
 
 
 __all__ = ["MediaError", "MediaPolicy"]

@@ -3,9 +3,9 @@
 One thread owns the model. Requests (already rendered, their media decoded and checked) wait in a queue;
 the worker admits them into a running batch whenever a slot is free (step-level continuous batching):
 
-1. the request's media cache: from the in-memory hot set, else the ``VoCoCacheStore``, else compressed
-   (``model.compress``) and stored; a compression is single-flight (one per key, however many requests
-   ask at once);
+1. the request's media cache from the inference engine (``InferenceEngine.compress``: its in-memory set,
+   else the ``VoCoCacheStore``, else compressed and stored); one compression per key, however many
+   requests ask at once (the worker is the only caller, and the store is single-flight);
 2. its question tokens (what follows the last image in the prompt) are prefilled on a copy of that cache;
 3. the row joins the batch (``VoCoCache.concatenate``, left padded) and every step decodes one token for
    all rows; a finished, cancelled or disconnected request leaves the batch at the next step, freeing its
@@ -30,8 +30,9 @@ from typing import Callable
 
 import torch
 
-from ..model.voco_cache import VoCoCache, model_fingerprint
-from .cache_store import SingleFlight, VoCoCacheStore
+from ..engine import GenerationOptions, InferenceEngine, Prompt, stock_llava_inputs
+from ..model.voco_cache import VoCoCache
+from .cache_store import VoCoCacheStore, as_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -39,36 +40,12 @@ MODES = ("voco", "full-cache", "full")
 
 
 @dataclass
-class Media:
-    """One image or video of a request: what the processor reads and what keys the store."""
-
-    kind: str  # "image" or "video"
-    content: object  # image: a PIL image; video: a list of PIL frames
-    digest_source: list  # bytes (or PIL images) whose digests key the store, in order
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-
-@dataclass
 class PreparedRequest:
     """A request checked and rendered on the HTTP side, ready for the model."""
 
-    prompt: str  # the conversation rendered with the checkpoint's chat template, up to the reply
-    head_text: str  # the prompt up to its last media placeholder: what is compressed (or "" without media)
-    question_ids: list[int]  # the prompt's tokens after its last media placeholder
-    media: list[Media]
-    params: SamplingParams
+    prompt: Prompt  # the engine's rendering: text up to the reply, media, head (text up to the last placeholder)
+    question_ids: list[int]  # the prompt's tokens after its last media placeholder (all of them without media)
+    options: GenerationOptions
     uncompressed_prompt_tokens: int  # positions the prompt takes with every vision token
     received_at: float = field(default_factory=time.perf_counter)
 
@@ -98,39 +75,41 @@ class Generation:
 
 
 class ServingEngine:
-    """The model, its fingerprint (computed once), the caches and the decoding loop."""
+    """The inference engine's model (fingerprint computed once), the hot caches and the decoding loop."""
 
-    def __init__(self, model, processor, store: VoCoCacheStore | None = None, mode: str | None = None,
-                 max_batch: int = 16, hot_entries: int = 256, metrics=None):
-        self.model, self.processor, self.store = model, processor, store
-        self.tokenizer = processor.tokenizer
-        self.uses_voco = getattr(model.config, "voco_tokens", 0) > 0
+    def __init__(self, engine: InferenceEngine, mode: str | None = None, max_batch: int = 16,
+                 hot_entries: int = 256, metrics=None):
+        self.engine = engine
+        self.model, self.processor, self.tokenizer = engine.model, engine.processor, engine.processor.tokenizer
+        self.uses_voco = engine.uses_voco
         self.mode = mode or ("voco" if self.uses_voco else "full-cache")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: one of {', '.join(MODES)}")
         if self.mode == "voco" and not self.uses_voco:
             raise ValueError("mode voco needs a VoCo checkpoint (voco_tokens > 0)")
-        if getattr(processor, "llamavid_compress_type", None) is not None:
+        if self.uses_voco and self.mode != "voco":
+            raise ValueError(f"mode {self.mode} serves a checkpoint without VoCo (its base LLaVA)")
+        if engine.reads_instruction:
             raise ValueError("serving LLaMA-VID checkpoints (whose compression reads the question) is not supported yet")
-        self.fingerprint = model_fingerprint(model)
         self.max_batch = max_batch
         self.metrics = metrics
-        self.max_positions = model.config.text_config.max_position_embeddings
+        self.max_positions = self.model.config.text_config.max_position_embeddings
         self.pad_token_id = self._pad_token_id()
-        eos = model.generation_config.eos_token_id
+        generation_config = self.model.generation_config
+        eos = generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        suppressed = set(model.generation_config.suppress_tokens or [])
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        suppressed = set(generation_config.suppress_tokens or [])
         if self.uses_voco:  # as model.generate: an answer never holds an image or VoCo placeholder
-            suppressed |= {model.config.image_token_id, model.config.voco_token_id}
+            suppressed |= {self.model.config.image_token_id, self.model.config.voco_token_id}
         self.suppressed = sorted(suppressed)
+        # heads answered recently, by key, in front of the engine's store
         self._hot: OrderedDict[str, VoCoCache] = OrderedDict()
         self.hot_entries = hot_entries
-        self._single_flight = SingleFlight()
         self._pending: queue.Queue[Generation | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="voco-model", daemon=True)
         self._stopping = False
-        self.compressions = 0
-        self.cache_bytes = 0  # bytes of the caches made (compressed images or full prefixes)
 
     def _pad_token_id(self) -> int:
         for pad in (self.tokenizer.pad_token_id, self.model.generation_config.pad_token_id,
@@ -150,62 +129,51 @@ class ServingEngine:
 
     def submit(self, request: PreparedRequest, emit: Callable[[tuple], None]) -> Generation:
         generation = Generation(request, emit, self.tokenizer)
-        if request.params.seed is not None or not request.params.greedy:
+        options = request.options
+        if options.temperature > 0:  # each sampled request draws from its own generator: batch-independent
             generation.generator = torch.Generator(device=self.model.device)
-            generation.generator.manual_seed(request.params.seed if request.params.seed is not None
+            generation.generator.manual_seed(options.seed if options.seed is not None
                                              else int(torch.randint(0, 2**62, (1,))))
         self._pending.put(generation)
         return generation
 
     # -- caches --------------------------------------------------------------------------------
-    def cache_key(self, request: PreparedRequest) -> str:
-        sources = [source for media in request.media for source in media.digest_source]
-        return VoCoCacheStore.key(sources, f"[{self.mode}]" * (self.mode != "voco") + request.head_text,
-                                  self.fingerprint)
-
-    def media_cache(self, request: PreparedRequest) -> tuple[VoCoCache, str]:
-        """(cache of the prompt's head, where it came from: memory, store or compressed)."""
-        key = self.cache_key(request)
-        with self._single_flight(key):
-            cache = self._hot.get(key)
-            if cache is not None:
-                self._hot.move_to_end(key)
-                return cache, "memory"
-            where = "store"
-            cache = self.store.get(key, self.model) if self.store is not None and self.mode == "voco" else None
-            if cache is None:
-                cache, where = self._make_head_cache(request), "compressed"
-                self.compressions += 1
-                self.cache_bytes += _cache_bytes(cache)
-                if self.store is not None and self.mode == "voco":
-                    self.store.put(key, cache)
-            self._hot[key] = cache
-            while len(self._hot) > self.hot_entries:
-                self._hot.popitem(last=False)
-            return cache, where
-
-    def _processor_inputs(self, text: str, media: list[Media]):
-        images = [item.content for item in media if item.kind == "image"]
-        videos = [item.content for item in media if item.kind == "video"]
-        extra = {}
-        if images:
-            extra["images"] = images
-        if videos:
-            extra["videos"] = videos
-        return self.processor(text=text, return_tensors="pt", **extra).to(self.model.device)
-
-    @torch.no_grad()
-    def _make_head_cache(self, request: PreparedRequest) -> VoCoCache:
-        inputs = self._processor_inputs(request.head_text, request.media)
+    def media_cache(self, prompt: Prompt) -> tuple[VoCoCache, str]:
+        """(cache of the prompt's head, where it came from: "memory", "store" or "compressed"). Only the
+        worker thread calls it, so concurrent requests for one new image cost one compression."""
         if self.mode == "voco":
-            return self.model.compress(**inputs)
-        return self._prefill_fresh(inputs)[0]
+            key = self.engine.cache_key(prompt)
+        else:  # a full-token prefix cache: every vision token kept
+            key = VoCoCacheStore.key(prompt.images, "[full-cache]" + prompt.head, self.engine.fingerprint,
+                                     videos=prompt.videos or None)
+        cache = self._hot.get(key)
+        if cache is not None:
+            self._hot.move_to_end(key)
+            return cache, "memory"
+        if self.mode == "voco":
+            cache, hit = self.engine.compress(prompt)  # the engine's store, else compressed and stored
+            where = "store" if hit else "compressed"
+        else:
+            cache, where = self._prefill_fresh(self._processor_inputs(prompt.head, prompt))[0], "compressed"
+        self._hot[key] = cache
+        while len(self._hot) > self.hot_entries:
+            self._hot.popitem(last=False)
+        return cache, where
+
+    def _processor_inputs(self, text: str, prompt: Prompt):
+        media = {}
+        if prompt.images:
+            media["images"] = [as_rgb(image) for image in prompt.images]
+        if prompt.videos:
+            media["videos"] = list(prompt.videos)
+        inputs = self.processor(text=text, return_tensors="pt", **media).to(self.model.device)
+        return stock_llava_inputs(self.model, inputs)
 
     @torch.no_grad()
     def _prefill_fresh(self, inputs) -> tuple[VoCoCache, torch.Tensor]:
         """(a fresh one-row cache holding a whole prompt with every vision token, its last logits [1, vocab])."""
         input_ids = inputs["input_ids"]  # [1, n]
-        cache = VoCoCache(config=self.model.config.text_config, fingerprint=self.fingerprint)
+        cache = VoCoCache(config=self.model.config.text_config, fingerprint=self.engine.fingerprint)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         model_inputs = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask")}
         output = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=positions,
@@ -217,13 +185,17 @@ class ServingEngine:
         cache.vision_tokens_dropped = torch.zeros(1, dtype=torch.long)
         return cache, output.logits[:, -1].float()
 
+    def hot_cache_bytes(self) -> int:
+        """Bytes of keys/values held by the hot caches (what the sessions of their images share)."""
+        return sum(_cache_bytes(cache) for cache in self._hot.values())
+
     # -- one row -------------------------------------------------------------------------------
     @torch.no_grad()
     def _start(self, generation: Generation) -> VoCoCache:
         """The request's one-row cache with its whole prompt, and its first token chosen."""
         request = generation.request
-        if request.media and self.mode != "full":
-            head, where = self.media_cache(request)
+        if request.prompt.has_media and self.mode != "full":
+            head, where = self.media_cache(request.prompt)
             self._count_cache(where)
             row = head.clone()
             input_ids = torch.tensor([request.question_ids], device=self.model.device)
@@ -236,7 +208,7 @@ class ServingEngine:
                 "voco_tokens": head.voco_tokens * int(head.num_images.sum()) if self.mode == "voco" else 0,
             }
         else:
-            row, logits = self._prefill_fresh(self._processor_inputs(request.prompt, request.media))
+            row, logits = self._prefill_fresh(self._processor_inputs(request.prompt.text, request.prompt))
             generation.cache_info = {"source": "prefill", "cached_positions": 0, "vision_tokens": 0, "voco_tokens": 0}
         generation.prompt_tokens = row.described_length
         generation.uncompressed_prompt_tokens = int(row.next_position[0])  # positions count every vision token
@@ -259,17 +231,17 @@ class ServingEngine:
 
     def _choose(self, generation: Generation, logits: torch.Tensor) -> None:
         """Pick the next token of one row ([vocab] logits), stream its text, and decide if the row is done."""
-        params = generation.request.params
+        options = generation.request.options
         if self.suppressed:
             logits = logits.clone()
             logits[self.suppressed] = float("-inf")
-        if params.greedy:
+        if options.temperature <= 0:
             token = int(logits.argmax())
         else:
-            probabilities = torch.softmax(logits / params.temperature, dim=-1)
-            if params.top_p < 1.0:
+            probabilities = torch.softmax(logits / options.temperature, dim=-1)
+            if options.top_p is not None and options.top_p < 1.0:
                 ordered, order = probabilities.sort(descending=True)
-                outside = ordered.cumsum(-1) - ordered > params.top_p  # keep the smallest set reaching top_p
+                outside = ordered.cumsum(-1) - ordered > options.top_p  # keep the smallest set reaching top_p
                 ordered = ordered.masked_fill(outside, 0.0)
                 probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
             token = int(torch.multinomial(probabilities, 1, generator=generation.generator))
@@ -281,20 +253,20 @@ class ServingEngine:
             return
         generation.next_token = token
         text = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-        for stop in params.stop:
+        for stop in options.stop:
             index = text.find(stop)
             if index >= 0:
                 generation.text = text[:index]
                 self._finish(generation, "stop")
                 return
         generation.text = text
-        held_back = max((len(stop) - 1 for stop in params.stop), default=0)  # a stop string may be starting
+        held_back = max((len(stop) - 1 for stop in options.stop), default=0)  # a stop string may be starting
         visible = text.strip()
         visible = visible[: max(0, len(visible) - held_back)] if held_back else visible
         if not visible.endswith("\ufffd") and visible.startswith(generation.sent_text) and len(visible) > len(generation.sent_text):
             generation.emit(("delta", visible[len(generation.sent_text):]))
             generation.sent_text = visible
-        if len(generation.tokens) >= params.max_tokens:
+        if len(generation.tokens) >= options.max_new_tokens:
             self._finish(generation, "length")
 
     def _finish(self, generation: Generation, reason: str) -> None:
@@ -389,4 +361,4 @@ def _cache_bytes(cache: VoCoCache) -> int:
                for layer in cache.layers)
 
 
-__all__ = ["MODES", "Generation", "Media", "PreparedRequest", "SamplingParams", "ServingEngine"]
+__all__ = ["MODES", "Generation", "PreparedRequest", "ServingEngine"]

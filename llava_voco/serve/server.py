@@ -29,9 +29,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 
 from ..constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from ..conversation import ConversationError
+from ..engine import GenerationOptions, ids_after_media
 from .media import MediaError, MediaPolicy
 from .metrics import ServerMetrics
-from .scheduler import Media, PreparedRequest, SamplingParams
+from .scheduler import PreparedRequest
 
 logger = logging.getLogger("llava_voco.serve")
 API_KEY_ENV = "LLAVA_VOCO_API_KEY"
@@ -53,21 +55,19 @@ class APIError(Exception):
 # A request's body -> what the engine answers
 # ---------------------------------------------------------------------------------------------------
 class RequestReader:
-    """Checks a chat request and renders it with the checkpoint's chat template."""
+    """Checks a chat request, reads its media under the policy and renders it with the engine (the
+    checkpoint's own chat template)."""
 
-    def __init__(self, engine, policy: MediaPolicy, model_name: str, default_max_tokens: int):
+    def __init__(self, serving, policy: MediaPolicy, model_name: str, default_max_tokens: int):
         from ..model.image_inputs import tokens_per_image
 
-        self.engine, self.policy, self.model_name = engine, policy, model_name
+        self.serving, self.policy, self.model_name = serving, policy, model_name
         self.default_max_tokens = default_max_tokens
-        self.processor = engine.processor
-        self.tokenizer = engine.processor.tokenizer
-        template = self.processor.chat_template or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("the checkpoint has no chat template: the server renders messages with it")
-        self.template_knows_video = "video" in template
-        self.image_positions = tokens_per_image(self.processor).total
-        self.frame_positions = tokens_per_image(self.processor, is_frame=True).total
+        self.engine = serving.engine
+        self.tokenizer = self.engine.processor.tokenizer
+        self.image_token_id = self.engine.processor.image_token_id
+        self.image_positions = tokens_per_image(self.engine.processor).total
+        self.frame_positions = tokens_per_image(self.engine.processor, is_frame=True).total
 
     def read(self, body) -> PreparedRequest:
         if not isinstance(body, dict):
@@ -80,49 +80,42 @@ class RequestReader:
                            param="model", code="model_not_found")
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported", param="n")
-        messages, media = self._messages(body.get("messages"))
+        messages = self._messages(body.get("messages"))
         try:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as error:  # the template's own refusal (e.g. roles it does not alternate)
-            raise APIError(400, f"the model's chat template cannot render these messages: {error}", param="messages")
-        placeholders = prompt.count(IMAGE_PLACEHOLDER) + prompt.count(VIDEO_PLACEHOLDER)
-        if placeholders != len(media):
+            prompt = self.engine.render(messages)
+        except ConversationError as error:
+            raise APIError(400, f"messages: {error}", param="messages") from None
+        placeholders = prompt.text.count(IMAGE_PLACEHOLDER) + prompt.text.count(VIDEO_PLACEHOLDER)
+        media = len(prompt.images) + len(prompt.videos)
+        if placeholders != media:
             raise APIError(400, f"the text holds {IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER} itself "
-                                f"({placeholders} placeholders for {len(media)} images/videos)", param="messages")
-        head_text, question_ids = "", []
-        if media:
-            from ..inference import ids_after_media
-
-            last = max(prompt.rfind(IMAGE_PLACEHOLDER) + len(IMAGE_PLACEHOLDER),
-                       prompt.rfind(VIDEO_PLACEHOLDER) + len(VIDEO_PLACEHOLDER))
-            head_text = prompt[:last]
-            question_ids = ids_after_media(self.tokenizer, prompt, self.processor.image_token_id)
-        text_tokens = len(self.tokenizer(prompt.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER))["input_ids"])
-        media_positions = sum(self.image_positions if item.kind == "image" else self.frame_positions * len(item.content)
-                              for item in media)
-        positions = text_tokens - len(media) + media_positions
-        room = self.engine.max_positions - positions
+                                f"({placeholders} placeholders for {media} images/videos)", param="messages")
+        text_ids = self.tokenizer(prompt.text.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER))["input_ids"]
+        question_ids = ids_after_media(self.tokenizer, prompt.text, self.image_token_id) if media else list(text_ids)
+        media_positions = (self.image_positions * len(prompt.images)
+                           + sum(self.frame_positions * len(frames) for frames in prompt.videos))
+        positions = len(text_ids) - media + media_positions
+        room = self.serving.max_positions - positions
         if room <= 0:
-            raise APIError(400, f"the prompt needs {positions} positions ({len(media)} images/videos take "
-                                f"{media_positions}), more than the model's {self.engine.max_positions}: "
+            raise APIError(400, f"the prompt needs {positions} positions ({media} images/videos take "
+                                f"{media_positions}), more than the model's {self.serving.max_positions}: "
                                 "send fewer images or a shorter conversation", param="messages",
                            code="context_length_exceeded")
-        params = self._sampling(body, room)
-        return PreparedRequest(prompt=prompt, head_text=head_text, question_ids=question_ids, media=media,
-                               params=params, uncompressed_prompt_tokens=positions)
+        return PreparedRequest(prompt=prompt, question_ids=question_ids, options=self._options(body, room),
+                               uncompressed_prompt_tokens=positions)
 
-    def _messages(self, messages) -> tuple[list[dict], list[Media]]:
-        """OpenAI messages -> the processor's chat format, and the media in prompt order."""
+    def _messages(self, messages) -> list[dict]:
+        """OpenAI messages -> the engine's chat format, each image and video read under the policy."""
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list", param="messages")
-        rendered, media = [], []
+        converted = []
         for number, message in enumerate(messages):
             where = f"messages[{number}]"
             if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
                 raise APIError(400, f"{where}: a message needs a role of system, user or assistant", param=where)
             content = message.get("content")
             if isinstance(content, str):
-                rendered.append({"role": message["role"], "content": content})
+                converted.append({"role": message["role"], "content": content})
                 continue
             if not isinstance(content, list):
                 raise APIError(400, f"{where}: content must be a string or a list of parts", param=where)
@@ -130,38 +123,30 @@ class RequestReader:
             for index, part in enumerate(content):
                 what = f"{where}.content[{index}]"
                 kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" and message["role"] != "user":
+                    raise APIError(400, f"{what}: images and videos go in user messages", param=what)
                 try:
                     if kind == "text":
                         if not isinstance(part.get("text"), str):
                             raise APIError(400, f"{what}: a text part needs 'text'", param=what)
                         parts.append({"type": "text", "text": part["text"]})
                     elif kind == "image_url":
-                        url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
-                        media.append(self.policy.read_image(url, what))
-                        parts.append({"type": "image"})
-                    elif kind in ("video_url", "video"):
-                        if kind == "video_url":
-                            url = part.get("video_url")
-                            url = url.get("url") if isinstance(url, dict) else url
-                            media.append(self.policy.read_video(url, what))
-                        else:
-                            media.append(self.policy.read_frames(part.get("video"), what))
-                        parts.append({"type": "video"} if self.template_knows_video
-                                     else {"type": "text", "text": VIDEO_PLACEHOLDER + "\n"})
+                        parts.append({"type": "image", "image": self.policy.read_image(_url_of(part, kind), what)})
+                    elif kind == "video_url":
+                        parts.append({"type": "video", "video": self.policy.read_video(_url_of(part, kind), what)})
+                    elif kind == "video":
+                        parts.append({"type": "video", "video": self.policy.read_frames(part.get("video"), what)})
                     else:
                         raise APIError(400, f"{what}: unknown part type {kind!r} (text, image_url, video_url or video)",
                                        param=what)
                 except MediaError as error:
                     raise APIError(400, str(error), param=what, code="invalid_image") from None
-            if message["role"] != "user" and any(part["type"] != "text" for part in parts):
-                raise APIError(400, f"{where}: images go in user messages", param=where)
-            rendered.append({"role": message["role"], "content": parts})
-        if rendered[-1]["role"] == "assistant":
-            raise APIError(400, "the last message must not be the assistant's (continuing a reply is not supported)",
-                           param="messages")
-        return rendered, media
+            converted.append({"role": message["role"], "content": parts})
+        if converted[-1]["role"] != "user":
+            raise APIError(400, "the last message must be the user's", param="messages")
+        return converted
 
-    def _sampling(self, body: dict, room: int) -> SamplingParams:
+    def _options(self, body: dict, room: int) -> GenerationOptions:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is None:
             max_tokens = min(self.default_max_tokens, room)
@@ -169,15 +154,15 @@ class RequestReader:
             raise APIError(400, "max_tokens must be a positive integer", param="max_tokens")
         if max_tokens > room:
             raise APIError(400, f"max_tokens {max_tokens} is more than the model's room after this prompt "
-                                f"({room} of {self.engine.max_positions} positions)", param="max_tokens",
+                                f"({room} of {self.serving.max_positions} positions)", param="max_tokens",
                            code="context_length_exceeded")
         temperature = body.get("temperature")
         temperature = 0.0 if temperature is None else temperature
         top_p = body.get("top_p")
         top_p = 1.0 if top_p is None else top_p
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise APIError(400, "temperature must be a number from 0 to 2", param="temperature")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise APIError(400, "top_p must be a number in (0, 1]", param="top_p")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
@@ -186,8 +171,14 @@ class RequestReader:
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise APIError(400, "seed must be an integer", param="seed")
-        return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                              stop=stop, seed=seed)
+        return GenerationOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                                 seed=seed, stop=tuple(stop))
+
+
+def _url_of(part: dict, kind: str):
+    """The URL of an ``image_url`` / ``video_url`` part: ``{"url": ...}`` as OpenAI sends it, or a bare string."""
+    value = part.get(kind)
+    return value.get("url") if isinstance(value, dict) else value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,8 +364,8 @@ def parse_args(argv=None):
 
 
 def build(args):
-    """(app, engine) from parsed arguments: the model loads once, its fingerprint is computed once."""
-    from ..inference import load_model
+    """(app, serving engine) from parsed arguments: the model loads once, its fingerprint is computed once."""
+    from ..engine import InferenceEngine
     from .cache_store import VoCoCacheStore
     from .scheduler import ServingEngine
 
@@ -382,26 +373,27 @@ def build(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    model, processor = load_model(args.model_path, device=args.device, dtype=args.dtype,
-                                  attn_implementation=args.attn_implementation)
     store = VoCoCacheStore(args.cache_dir, max_bytes=args.cache_max_bytes) if args.cache_dir else None
+    # the serving engine keeps its own hot caches in front of the store; the engine's memory would repeat them
+    engine = InferenceEngine.load(args.model_path, store=store, device=args.device, dtype=args.dtype,
+                                  attn_implementation=args.attn_implementation, memory_cache_size=0)
     metrics = ServerMetrics()
-    engine = ServingEngine(model, processor, store=store, mode=args.mode, max_batch=args.max_batch,
-                           hot_entries=args.hot_cache_entries, metrics=metrics)
+    serving = ServingEngine(engine, mode=args.mode, max_batch=args.max_batch, hot_entries=args.hot_cache_entries,
+                            metrics=metrics)
     policy = MediaPolicy(allow_remote=args.allow_remote_images, image_root=args.image_root,
                          max_media_bytes=args.max_media_bytes, max_pixels=args.max_pixels,
                          max_frames=args.max_frames, video_fps=args.video_fps)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model_path))
-    reader = RequestReader(engine, policy, name, args.default_max_tokens)
+    reader = RequestReader(serving, policy, name, args.default_max_tokens)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(engine, reader, metrics, api_key=api_key, max_body_bytes=args.max_body_bytes)
-    return app, engine
+    app = create_app(serving, reader, metrics, api_key=api_key, max_body_bytes=args.max_body_bytes)
+    return app, serving
 
 
 def main(argv=None) -> None:
     import uvicorn
 
-    from ..inference import one_line_errors
+    from ..errors import one_line_errors
 
     args = parse_args(argv)
     with one_line_errors():
