@@ -117,6 +117,8 @@ class ConversationTemplate:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = ""
     sep2: str = ""
+    # text the processor writes between an image's tokens and its VoCo tokens (VoCoLlavaProcessor.voco_separator)
+    voco_separator: str = ""
 
     def render(self, turns: Sequence[tuple[str, str]], num_images: int = 0,
                add_generation_prompt: bool = False) -> RenderedConversation:
@@ -233,11 +235,11 @@ class ConversationTemplate:
         return out.result()
 
     def _render_voco_official(self, turns, num_images):
-        """The released VoCo-LLaMA code's layout: ``<image>\\n`` per image first, then the ``two`` prompt
-        with every ``<image>`` and newline removed from it (that code strips them). The code also writes
-        ``\\n`` between the image and its VoCo tokens; here the processor puts the VoCo tokens right after
-        the image tokens (the layout the model's mask reads), so that one newline is absent.
-        Text-only samples are left as ``two`` renders them, as that code does."""
+        """The released VoCo-LLaMA code's layout, ``<image>\\n<voco><voco>\\n`` + prompt: ``<image>\\n`` per image
+        first, then the ``two`` prompt with every ``<image>`` and newline removed from it (that code strips
+        them). The processor expands each ``<image>`` into its tokens, ``voco_separator`` (``\\n``) and its
+        VoCo tokens, so the sequence is the released one; ``voco_mask_mode="official"`` reads it
+        (docs/design.md §2.2). Text-only samples are left as ``two`` renders them, as that code does."""
         if num_images == 0:
             return self._render_two(turns, num_images)
         cleaned = [(role, text.replace(IMAGE_PLACEHOLDER, "").replace("\n", "")) for role, text in turns]
@@ -341,7 +343,7 @@ _DEFINITIONS = [
         (_CHATML_USER, _CHATML_ASSISTANT), sep="<|im_end|>",
     ),
     ConversationTemplate("llama_3", "llama_3", _LLAVA_SYSTEM, ("user", "assistant"), sep="<|eot_id|>"),
-    ConversationTemplate("voco_official", "voco_official", _VOCO_SYSTEM, sep=" ", sep2="</s>"),
+    ConversationTemplate("voco_official", "voco_official", _VOCO_SYSTEM, sep=" ", sep2="</s>", voco_separator="\n"),
 ]
 # LLaVA's other names for the same templates.
 _ALIASES = {"vicuna_v1": "v1", "v0_plain": "plain", "mistral_direct": "chatml_direct"}

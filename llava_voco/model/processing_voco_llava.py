@@ -53,6 +53,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         llamavid_video_compress_type: str | None = None,
         instruction_max_length: int = 128,
         vision_token_pooling: str = "none",
+        voco_separator: str = "",
         **kwargs,
     ):
         if voco_tokens < 0:
@@ -61,6 +62,10 @@ class VoCoLlavaProcessor(LlavaProcessor):
         # an elastic model's VoCo counts (VoCoLlavaConfig.voco_train_tokens): __call__(voco_tokens=k) picks one
         self.voco_token_choices = sorted(voco_token_choices) if voco_token_choices else None
         self.voco_token = voco_token
+        # text between an image's tokens and its VoCo tokens: "" (right after them), or the conversation
+        # template's (ConversationTemplate.voco_separator: "\n" for voco_official, the released VoCo-LLaMA
+        # layout "<image>\n<voco><voco>\n", which voco_mask_mode="official" reads)
+        self.voco_separator = voco_separator
         # LLaMA-VID (None: plain LLaVA tokens): each image becomes 1 context + pooled content tokens
         self.llamavid_compress_type = llamavid_compress_type
         self.llamavid_video_compress_type = llamavid_video_compress_type or llamavid_compress_type
@@ -109,6 +114,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             llamavid_video_compress_type=getattr(processor, "llamavid_video_compress_type", None),
             instruction_max_length=getattr(processor, "instruction_max_length", 128),
             vision_token_pooling=getattr(processor, "vision_token_pooling", "none"),
+            voco_separator=getattr(processor, "voco_separator", ""),
         )
         rebuilt.text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
         return rebuilt
@@ -301,13 +307,14 @@ class VoCoLlavaProcessor(LlavaProcessor):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The image's tokens (``image_inputs.tokens_per_image``: patches, pooled or LLaMA-VID tokens),
-        then its VoCo tokens."""
+        then ``voco_separator`` and its VoCo tokens."""
         call = _CALL_IMAGES.get()
         is_frame = bool(call is not None and image_idx < len(call.is_frame) and call.is_frame[image_idx])
         pixels = image_inputs["pixel_values"][image_idx]
         count = tokens_per_image(self, is_frame, image_size=tuple(pixels.shape[-2:]))
         voco = call.voco_tokens if call is not None and call.voco_tokens is not None else count.voco
-        return self.image_token * count.image + self.voco_token * voco
+        voco_run = (self.voco_separator + self.voco_token * voco) if voco else ""
+        return self.image_token * count.image + voco_run
 
 
 __all__ = ["VoCoLlavaProcessor", "VOCO_TOKEN"]

@@ -11,7 +11,9 @@ Torch only (no transformers import), so that the same file carries the rule into
 checkout (``patches/``). It reduces to one number per key: the last query position allowed to see it
 (``key_visible_until``). Vision keys of an image followed by VoCo tokens are visible up to that
 image's last VoCo token; every other key is visible forever. ``official`` mode adds, per sample,
-that queries after the last VoCo token see nothing before the first VoCo token.
+that queries after the last VoCo token see nothing before the first VoCo token, and accepts other tokens
+between an image and its VoCo run (the released VoCo-LLaMA layout, ``<image>\n<voco><voco>``): they are
+hidden with the image's vision tokens.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class VoCoLayout:
         """Find each image span and its VoCo span, vectorised over the batch.
 
         Raises :class:`VoCoLayoutError` naming the sample (batch row) when an image span is not
-        followed by exactly ``voco_tokens`` VoCo tokens, when VoCo tokens follow no image, or when
+        followed by exactly ``voco_tokens`` VoCo tokens (in ``official`` mode, right away or after other
+        tokens), when VoCo tokens follow no image, or when
         the spans disagree with ``num_images`` / ``tokens_per_image`` (known when pixels are given: one count
         for every image, or one per image of the batch in token order). ``sample_index`` ``[batch, seq]``: the
         sample of each position in packed rows (``packed_sample_index``); an image span may not cross samples.
@@ -153,6 +156,15 @@ class VoCoLayout:
         prev_kind, prev_sample = shifted(run_kind, -1, -1), shifted(run_group, -1, -1)
         vision_run = run_kind == _VISION
         voco_run = run_kind == _VOCO
+        # official mode: other tokens may stand between an image and its VoCo run (the released code writes
+        # "<image>\n<voco><voco>"); they belong to the image's block and are hidden with its vision tokens
+        official = mode == "official"
+        after_next_kind, after_next_len = shifted(run_kind, 2, -1), shifted(run_len, 2, 0)
+        after_next_sample = shifted(run_group, 2, -1)
+        voco_next = vision_run & (next_kind == _VOCO) & (next_sample == run_group)
+        voco_after_gap = (vision_run & (next_kind == _OTHER) & (next_sample == run_group)
+                          & (after_next_kind == _VOCO) & (after_next_sample == run_group) & official)
+        gap_run = shifted(voco_after_gap, -1, False)  # the other-token run of such an image
         image_index = vision_run.long().cumsum(0) - 1  # global image number of each vision run
         sample_first_image = torch.zeros(batch_size, dtype=torch.long, device=device)
         images_per_sample = torch.zeros(batch_size, dtype=torch.long, device=device).index_add_(
@@ -165,19 +177,24 @@ class VoCoLayout:
             nth = int(image_index[run] - sample_first_image[sample]) + 1
             return f"sample {sample} (batch row), image {nth}"
 
-        followed_by_voco = vision_run & (next_kind == _VOCO) & (next_sample == run_group)
-        k_allowed = torch.isin(next_len, torch.tensor(allowed_k, device=device))
+        followed_by_voco = voco_next | voco_after_gap
+        voco_len = torch.where(voco_after_gap, after_next_len, torch.where(voco_next, next_len, 0))  # the image's k
+        k_allowed = torch.isin(voco_len, torch.tensor(allowed_k, device=device))
         bad = vision_run & ~(followed_by_voco & k_allowed)
         if bad.any():
             run = int(bad.nonzero()[0])
-            found = int(next_len[run]) if bool(followed_by_voco[run]) else 0
+            found = int(voco_len[run])
+            gapped = (int(next_kind[run]) == _OTHER and int(after_next_kind[run]) == _VOCO
+                      and int(after_next_sample[run]) == int(run_group[run]) and not official)
             raise VoCoLayoutError(
                 f"{image_name(run)}: the image span (positions {int(run_start[run] % seq_len)}.."
                 f"{int((run_start[run] + run_len[run] - 1) % seq_len)}) is followed by {found} VoCo "
-                f"token(s), expected {_expected_k(allowed_k)} (truncated, or built without "
-                "VoCoLlavaProcessor?)"
+                f"token(s), expected {_expected_k(allowed_k)} " + (
+                    "(other tokens stand between it and its VoCo run: only voco_mask_mode='official' "
+                    "accepts that, the released VoCo-LLaMA layout)" if gapped
+                    else "(truncated, or built without VoCoLlavaProcessor?)")
             )
-        orphan = voco_run & ~((prev_kind == _VISION) & (prev_sample == run_group))
+        orphan = voco_run & ~(((prev_kind == _VISION) & (prev_sample == run_group)) | shifted(gap_run, -1, False))
         if orphan.any():
             run = int(orphan.nonzero()[0])
             raise VoCoLayoutError(
@@ -206,8 +223,11 @@ class VoCoLayout:
 
         # Per key: the last query allowed to see it.
         # each image's k is the length of its VoCo run (one k per model, or any of an elastic model's)
-        last_voco_of_run = (shifted(run_start, 1, 0) + next_len - 1) % seq_len
+        voco_start = torch.where(voco_after_gap, shifted(run_start, 2, 0), shifted(run_start, 1, 0))
+        last_voco_of_run = (voco_start + voco_len - 1) % seq_len
         run_visible_until = torch.where(vision_run, last_voco_of_run, torch.full_like(run_start, NEVER_HIDDEN))
+        # an image's gap tokens (official mode) are hidden with its vision tokens
+        run_visible_until = torch.where(gap_run, shifted(run_visible_until, -1, NEVER_HIDDEN), run_visible_until)
         key_visible_until = run_visible_until[run_of_token].view(batch_size, seq_len)
 
         # Per sample (a row, or a packed sample of it): its first VoCo token and where its text starts.

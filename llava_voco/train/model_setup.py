@@ -40,6 +40,7 @@ from transformers.integrations.deepspeed import (
 )
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from llava_voco.conversation import get_template
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.constants import IMAGE_PLACEHOLDER, VOCO_TOKEN
 from llava_voco.model.builder import add_special_tokens_with_mean_rows, gathered, use_voco_attention
@@ -64,6 +65,13 @@ logger = logging.getLogger("llava_voco.train")
 
 def read_config(flag: str, path: str, cache_dir: str | None = None):
     """The config of a model directory (no weight is read); a directory without one is a TrainConfigError."""
+    from llava_voco.model.llava_original import is_llava_original
+
+    if is_llava_original(path):
+        raise TrainConfigError(
+            f"{flag} {path}: a checkpoint in LLaVA's own format (llava_llama / llava_mistral); convert it first: "
+            f"python scripts/convert_llava_checkpoint.py {path} OUTPUT_DIR [--vision-tower CLIP_DIR]"
+        )
     try:
         return AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as error:
@@ -529,6 +537,8 @@ def build_model_and_processor(model_args: ModelArguments, training_args: Trainin
     if plan.voco_train_tokens and len(plan.voco_train_tokens) > 1:  # elastic k: saved with the model
         model.config.voco_train_tokens = plan.voco_train_tokens
         processor.voco_token_choices = plan.voco_train_tokens
+    # the template's VoCo layout (voco_official: "<image>\\n<voco><voco>", docs/design.md §2.1), saved with the processor
+    processor.voco_separator = get_template(model_args.version).voco_separator
     check_one_dtype(model, plan.dtype)
     running = model.model.language_model.config._attn_implementation
     if running not in (plan.attn, VOCO_FLASH if plan.attn == "flash_attention_2" else plan.attn):
