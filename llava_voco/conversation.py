@@ -120,6 +120,12 @@ class ConversationTemplate:
     # text the processor writes between an image's tokens and its VoCo tokens (VoCoLlavaProcessor.voco_separator)
     voco_separator: str = ""
 
+    def lay_out_voco(self, processor) -> None:
+        """Have ``processor`` lay VoCo runs out as this template does (``voco_official``: ``<image>\\n<voco><voco>``,
+        docs/design.md §2.1): it writes ``voco_separator`` between an image's tokens and its VoCo tokens."""
+        if hasattr(processor, "voco_separator"):
+            processor.voco_separator = self.voco_separator
+
     def render(self, turns: Sequence[tuple[str, str]], num_images: int = 0,
                add_generation_prompt: bool = False) -> RenderedConversation:
         """Render ``turns`` (``(role, text)`` with role ``"human"`` / ``"gpt"``).

@@ -166,6 +166,7 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
     import llava_voco  # noqa: F401  (registers the Auto classes and the varlen backends)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .model.llava_original import LlavaCheckpointError, is_llava_original, load_llava_original
     from .model.varlen import FlashAttentionUnavailable, require_flash_attn
 
     check_model_path(model_path)
@@ -184,8 +185,17 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
                 raise InputError(str(error)) from None
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
-        processor = AutoProcessor.from_pretrained(model_path)
+        if is_llava_original(model_path):  # LLaVA's own format: converted on the fly (scripts/convert_llava_checkpoint.py)
+            if quantization is not None:
+                raise InputError(f"{model_path}: a LLaVA-format checkpoint is converted in memory, unquantized: "
+                                 "convert it with scripts/convert_llava_checkpoint.py to load it quantized")
+            model, processor = load_llava_original(model_path, dtype=kwargs.get("dtype"),
+                                                   attn_implementation=attn_implementation)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
+            processor = AutoProcessor.from_pretrained(model_path)
+    except LlavaCheckpointError as error:
+        raise InputError(str(error)) from None
     except OSError as error:  # a Hub id that cannot be fetched, a folder with missing files
         first_line = str(error).strip().splitlines()[0]
         if not Path(model_path).expanduser().exists():
@@ -250,6 +260,7 @@ class InferenceEngine:
         self.model, self.processor = model, processor
         self.template = template if isinstance(template, ConversationTemplate) else conversation_template_of(
             processor, template)
+        self.template.lay_out_voco(processor)  # voco_official: the released "<image>\\n<voco><voco>" layout
         self.store = VoCoCacheStore(store) if isinstance(store, (str, Path)) else store
         self.uses_voco = getattr(model.config, "voco_tokens", 0) > 0
         self.reads_instruction = getattr(processor, "llamavid_compress_type", None) is not None

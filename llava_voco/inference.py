@@ -56,13 +56,6 @@ def prompt_for_reply(template: ConversationTemplate, turns: list[tuple[str, str]
     return rendered.text[: rendered.target_spans[-1][0]].rstrip(" ")
 
 
-def use_template_layout(processor, template: ConversationTemplate) -> None:
-    """Lay VoCo runs out as ``template`` does (``voco_official``: ``<image>\\n<voco><voco>``, docs/design.md
-    §2.1): the processor writes the template's ``voco_separator`` between an image and its VoCo tokens."""
-    if hasattr(processor, "voco_separator"):
-        processor.voco_separator = template.voco_separator
-
-
 def first_human_turn(question: str, num_images: int, has_video: bool = False) -> str:
     return (IMAGE_PLACEHOLDER + "\n") * num_images + (VIDEO_PLACEHOLDER + "\n" if has_video else "") + question
 
@@ -140,7 +133,7 @@ class ImageChat:
     video: object | None = None
 
     def __post_init__(self):
-        use_template_layout(self.processor, self.template)
+        self.template.lay_out_voco(self.processor)
         self.turns: list[tuple[str, str]] = []
         self.has_video = self.video is not None and len(self.video) > 0
         self.media = len(self.images) + (1 if self.has_video else 0)  # placeholders in the first turn
@@ -375,7 +368,7 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
     import llava_voco  # noqa: F401  (registers the Auto classes and the varlen backends)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .model.llava_original import LlavaCheckpointError, convert_llava_original, is_llava_original, llava_processor
+    from .model.llava_original import LlavaCheckpointError, is_llava_original, load_llava_original
     from .model.varlen import FlashAttentionUnavailable, require_flash_attn
 
     check_model_path(model_path)
@@ -391,10 +384,8 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
         kwargs["attn_implementation"] = attn_implementation
     try:
         if is_llava_original(model_path):  # LLaVA's own format: converted on the fly (scripts/convert_llava_checkpoint.py)
-            model = convert_llava_original(model_path, dtype=kwargs.get("dtype"), attn_implementation=attn_implementation)
-            processor = llava_processor(model_path, model)
-            if processor is None:
-                raise InputError(f"{model_path}: a LLaVA checkpoint without its tokenizer: nothing to build a processor from")
+            model, processor = load_llava_original(model_path, dtype=kwargs.get("dtype"),
+                                                   attn_implementation=attn_implementation)
         else:
             model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
             processor = AutoProcessor.from_pretrained(model_path)

@@ -107,11 +107,11 @@ def test_voco_official_template_lays_out_the_released_sequence(voco_dir, digit_i
     from conftest import load_voco
 
     from llava_voco.conversation import HUMAN, get_template
-    from llava_voco.inference import prompt_for_reply, use_template_layout
+    from llava_voco.inference import prompt_for_reply
 
     model, processor = load_voco(voco_dir, voco_mask_mode="official")
     template = get_template("voco_official")
-    use_template_layout(processor, template)
+    template.lay_out_voco(processor)
     text = prompt_for_reply(template, [(HUMAN, "What is the digit?\n<image>")], 1)
     assert text.startswith("<image>\n") and "\n" not in text[len("<image>\n"):]
     full = processor(images=digit_images[3], text=text, return_tensors="pt")
@@ -148,3 +148,23 @@ def test_the_training_entry_trains_the_released_layout(tiny, tmp_path):
     first_voco = int((ids == config.voco_token_id).nonzero().min())
     assert first_voco > last_image + 1  # the gap ("\n") between the image and its VoCo run
     assert VoCoLlavaProcessor.from_pretrained(tmp_path / "out").voco_separator == "\n"
+
+
+def test_the_engine_answers_in_the_released_layout_as_the_full_forward(voco_dir, digit_images):
+    """``InferenceEngine`` with ``voco_official``: the processor lays out the gap, the answer from the compressed
+    head is the greedy answer of the whole sequence."""
+    from conftest import load_voco
+
+    from llava_voco.engine import GenerationOptions, InferenceEngine
+
+    model, processor = load_voco(voco_dir, voco_mask_mode="official")
+    engine = InferenceEngine(model, processor, "voco_official")
+    assert processor.voco_separator == "\n"
+    prompt = engine.render([{"role": "user", "content": [{"type": "image", "image": digit_images[4]},
+                                                         {"type": "text", "text": "What is the sum?"}]}])
+    full = processor(images=[digit_images[4]], text=prompt.text, return_tensors="pt")
+    ids = full.input_ids[0]
+    assert int((ids == model.config.voco_token_id).nonzero().min()) > int((ids == model.config.image_token_id).nonzero().max()) + 1
+    expected = model.generate(**full, max_new_tokens=5, do_sample=False)[0, full.input_ids.shape[1]:]
+    (answer,) = engine.answer([prompt], GenerationOptions(max_new_tokens=5))
+    assert answer.text == processor.tokenizer.decode(expected, skip_special_tokens=True).strip()

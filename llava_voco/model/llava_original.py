@@ -12,8 +12,9 @@ vocabulary for it (``image_token_id`` = LLaVA's vocabulary size; its rows are th
 ``add_special_tokens_with_mean_rows`` does, and never read: image positions take the image's features).
 Logits over LLaVA's vocabulary are LLaVA's (tests/test_parity_llava.py).
 
-``convert_llava_original`` is used by ``scripts/convert_llava_checkpoint.py`` and, on the fly, by
-``llava_voco.inference.load_model`` (chat, model_vqa, serve) when handed such a folder; the training entry refuses
+``convert_llava_original`` is used by ``scripts/convert_llava_checkpoint.py`` and, on the fly
+(``load_llava_original``), by the loaders ``llava_voco.engine.load_model`` / ``llava_voco.inference.load_model``
+(chat, model_vqa, serve) when handed such a folder; the training entry refuses
 one naming the script. ``from_pretrained`` itself is not patched (that would mean patching transformers).
 """
 
@@ -228,6 +229,16 @@ def llava_processor(path: str | Path, model: VoCoLlavaForConditionalGeneration,
         num_additional_image_tokens=1,  # CLIP's CLS
         voco_tokens=model.config.voco_tokens,
     )
+
+
+def load_llava_original(path: str | Path, *, dtype: torch.dtype | None = None,
+                        attn_implementation: str | None = None) -> tuple[VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor]:
+    """Model and processor of a LLaVA-format folder, converted in memory (the loaders' on-the-fly path)."""
+    model = convert_llava_original(path, dtype=dtype, attn_implementation=attn_implementation)
+    processor = llava_processor(path, model)
+    if processor is None:
+        raise LlavaCheckpointError(f"{path}: a LLaVA checkpoint without its tokenizer: nothing to build a processor from")
+    return model, processor
 
 
 def llava_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, image_index: int, image_token_id: int,

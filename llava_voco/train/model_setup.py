@@ -538,7 +538,7 @@ def build_model_and_processor(model_args: ModelArguments, training_args: Trainin
         model.config.voco_train_tokens = plan.voco_train_tokens
         processor.voco_token_choices = plan.voco_train_tokens
     # the template's VoCo layout (voco_official: "<image>\\n<voco><voco>", docs/design.md §2.1), saved with the processor
-    processor.voco_separator = get_template(model_args.version).voco_separator
+    get_template(model_args.version).lay_out_voco(processor)
     check_one_dtype(model, plan.dtype)
     running = model.model.language_model.config._attn_implementation
     if running not in (plan.attn, VOCO_FLASH if plan.attn == "flash_attention_2" else plan.attn):
