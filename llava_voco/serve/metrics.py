@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 disable_created_metrics()  # the *_created series: noise for a scraper of one process
@@ -29,6 +29,8 @@ class ServerMetrics:
                               registry=self.registry)
         self.uncompressed = Counter("voco_uncompressed_prompt_tokens",
                                     "Prompt positions with every vision token", registry=self.registry)
+        self.cache_bytes = Gauge("voco_cache_bytes", "Keys/values held by the server's in-memory caches, in bytes",
+                                 registry=self.registry)
         self.batch_size = Histogram("voco_batch_size", "Rows decoded together, per decoding step",
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.ttft = Histogram("voco_time_to_first_token_seconds", "From request received to its first token",

@@ -158,6 +158,8 @@ class ServingEngine:
         self._hot[key] = cache
         while len(self._hot) > self.hot_entries:
             self._hot.popitem(last=False)
+        if self.metrics is not None:
+            self.metrics.cache_bytes.set(self.hot_cache_bytes())
         return cache, where
 
     def _processor_inputs(self, text: str, prompt: Prompt):
