@@ -32,7 +32,8 @@ from transformers import DynamicCache
 import llava_voco
 from llava_voco.conversation import HUMAN, get_template
 from llava_voco.demo.tiny import TinySizes, build_tiny_llava
-from llava_voco.inference import first_human_turn, ids_after_media, prompt_for_reply
+from llava_voco.engine import ids_after_media
+from llava_voco.inference import first_human_turn, prompt_for_reply
 
 ANSWER_TOKENS = 8
 

@@ -53,9 +53,10 @@ class GenerationOptions:
     num_beams: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    generate_extra: dict = field(default_factory=dict)  # more of ``generate``'s keywords (suppress_tokens, ...)
 
     def generate_kwargs(self, tokenizer) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0,
+        kwargs = {**self.generate_extra, "max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0,
                   "num_beams": self.num_beams}
         if self.temperature > 0:
             kwargs["temperature"] = self.temperature
@@ -424,11 +425,12 @@ class InferenceEngine:
             media["videos"] = [video for p in prompts for video in p.videos]
         if self.reads_instruction and any(p.has_media for p in prompts):
             media["instructions"] = [text for p in prompts for text in (p.instructions or [])]
-        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            inputs = self.processor(text=[p.text for p in prompts], return_tensors="pt", padding=True, **media)
-        finally:
-            tokenizer.padding_side = previous_side
+        with self._lock:  # the tokenizer's padding side is shared state
+            previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+            try:
+                inputs = self.processor(text=[p.text for p in prompts], return_tensors="pt", padding=True, **media)
+            finally:
+                tokenizer.padding_side = previous_side
         inputs = inputs.to(self.model.device)
         output = self._generate(options, streamer, **stock_llava_inputs(self.model, inputs))
         answers = self._answers(output[:, inputs["input_ids"].shape[1]:], options)

@@ -8,7 +8,8 @@ A missing or incomplete model folder ends the script with one line on stderr.
 import argparse
 
 import llava_voco
-from llava_voco.inference import InputError, check_model_path, one_line_errors
+from llava_voco.engine import check_model_path
+from llava_voco.errors import InputError, one_line_errors
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llava_voco.inference import InputError, check_model_path, load_model, one_line_errors
+from llava_voco.engine import check_model_path, load_model
+from llava_voco.errors import InputError, one_line_errors
 from llava_voco.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, decode_video
 
 

@@ -282,3 +282,42 @@ def test_half_precision_caches(voco_dir, digit_images, tmp_path, dtype, implemen
     assert (from_cache - reference).abs().max() <= 2e-2 * reference.abs().max()
     answer = model.generate(**question_ids, past_key_values=loaded, max_new_tokens=4, do_sample=False)
     assert answer.shape[1] == question_ids.input_ids.shape[1] + 4
+
+
+def test_keep_turn_without_an_end_of_sequence_id(voco_dir, digit_images):
+    """A model whose tokenizer has no end-of-sequence id: the kept turn holds every generated token (keep_turn
+    built ``torch.tensor([None])`` and failed)."""
+    model, processor = load_voco(voco_dir)
+    model.generation_config.eos_token_id = None
+    text = prompt(processor, "What is the sum?")
+    head = text[: text.index("<image>") + len("<image>")]
+    cache = model.compress(**processor(images=digit_images[0], text=head, return_tensors="pt"))
+    question = torch.tensor([processor.tokenizer(text)["input_ids"][len(processor.tokenizer(head)["input_ids"]):]])
+    before = cache.described_length
+    output = model.generate(input_ids=question, past_key_values=cache, keep_turn=True, max_new_tokens=3,
+                            do_sample=False, pad_token_id=0)
+    assert output.shape[1] == question.shape[1] + 3
+    assert cache.described_length == before + question.shape[1] + 3 == cache.get_seq_length()
+    assert cache.token_ids[0, before:].tolist() == output[0].tolist()
+
+
+def test_truncate_cuts_a_kept_conversation_back_to_its_head(voco_dir, digit_images):
+    """``truncate`` keeps the first positions and moves where text resumes back with them: a conversation's
+    cache cut back to its head answers as the head's own cache does."""
+    model, processor = load_voco(voco_dir)
+    text, head, _ = split_prompt(processor, "What is the sum?")
+    cache = model.compress(**processor(images=digit_images[1], text=head, return_tensors="pt"))
+    question = torch.tensor([processor.tokenizer(text)["input_ids"][len(processor.tokenizer(head)["input_ids"]):]])
+    kept = cache.clone()
+    model.generate(input_ids=question, past_key_values=kept, keep_turn=True, max_new_tokens=3, do_sample=False)
+    assert kept.described_length > cache.described_length
+    cut = kept.truncate(cache.described_length)
+    assert torch.equal(cut.token_ids, cache.token_ids) and torch.equal(cut.next_position, cache.next_position)
+    for ours, theirs in zip(cut.layers, cache.layers):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    greedy = {"max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(model.generate(input_ids=question, past_key_values=cut, **greedy),
+                       model.generate(input_ids=question, past_key_values=cache, **greedy))
+    assert kept.described_length > cut.described_length  # a copy: the conversation's cache is as it was
+    with pytest.raises(VoCoCacheError, match="cannot truncate"):
+        cache.truncate(cache.described_length + 1)

@@ -44,13 +44,15 @@ def bad_images(tmp_path, digit_images):
     digit_images[0].save(folder / "good.png")
     (folder / "corrupt.png").write_bytes((folder / "good.png").read_bytes()[:40])
     (folder / "notes.png").write_text("a text file, not an image\n")
+    (folder / "empty.png").write_bytes(b"")
     return folder
 
 
 @pytest.mark.parametrize("name, problem", [
     ("missing.png", "no such image file"),
-    ("corrupt.png", ""),
+    ("corrupt.png", "not an image file PIL can read (corrupt"),
     ("notes.png", "not an image file"),
+    ("empty.png", "empty file (0 bytes)"),
 ])
 def test_cli_bad_image(voco_dir, bad_images, capsys, name, problem):
     path = bad_images / name
@@ -103,6 +105,36 @@ def test_eval_bad_question_line_missing_files_and_bad_image(voco_dir, bad_images
         argv, _ = eval_args(voco_dir, tmp_path, json.dumps({"question_id": 1, "image": name, "text": "Sum?"}) + "\n",
                             bad_images)
         one_line_failure(capsys, model_vqa.main, argv, str(bad_images / name))
+
+
+def test_eval_names_the_question_of_a_bad_image(voco_dir, bad_images, tmp_path, capsys):
+    """A file that exists but does not open stops the run naming the file, the problem and the question."""
+    for name, problem in (("corrupt.png", "not an image file PIL can read"), ("empty.png", "empty file")):
+        good = json.dumps({"question_id": "q1", "image": "good.png", "text": "Sum?"}) + "\n"
+        bad = json.dumps({"question_id": "q7", "image": name, "text": "Sum?"}) + "\n"
+        argv, questions = eval_args(voco_dir, tmp_path, good + bad, bad_images)
+        one_line_failure(capsys, model_vqa.main, argv, str(bad_images / name), problem, f"question 'q7' of {questions}")
+
+
+def test_eval_refuses_an_empty_question_file(voco_dir, bad_images, tmp_path, capsys):
+    for content in ("", "\n\n"):
+        argv, questions = eval_args(voco_dir, tmp_path, content, bad_images)
+        one_line_failure(capsys, model_vqa.main, argv, str(questions), "no questions")
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_a_mistyped_model_folder_is_named_as_a_folder(voco_dir, bad_images, tmp_path, capsys, monkeypatch):
+    """``checkpoints/voco-7c`` beside ``checkpoints/voco-7b`` reads like a Hub id (``org/name``); it is a missing
+    folder, and saying so beats "could not connect to the Hub"."""
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    image = str(bad_images / "good.png")
+    one_line_failure(capsys, cli.main, ["--model-path", "checkpoints/voco-7c", "--image-file", image],
+                     "checkpoints/voco-7c: no such model folder")
+    argv, _ = eval_args(voco_dir, tmp_path, json.dumps({"question_id": 0, "image": "good.png", "text": "Sum?"}) + "\n",
+                        bad_images)
+    argv[argv.index("--model-path") + 1] = "checkpoints/voco-7c"
+    one_line_failure(capsys, model_vqa.main, argv, "checkpoints/voco-7c: no such model folder")
 
 
 def test_eval_damaged_answers_file(voco_dir, bad_images, tmp_path, capsys):

@@ -605,3 +605,32 @@ def test_llamavid_text_decoder_from_instructblip(tiny, tmp_path):
     model_args, _, training_args = parse_args(wrong + common_args(tiny, tmp_path / "out"))
     with pytest.raises(TrainConfigError, match="--text_decoder_path: .*query_tokens"):
         build_model_and_processor(model_args, training_args)
+
+
+def test_the_checkpoint_carries_its_prompt_format(tiny, tmp_path, capsys):
+    """The train entry saves ``--version`` as the processor's chat template and records its name; the engine and
+    the eval entry prompt with it by default (they prompted with v1 whatever the model learned)."""
+    from llava_voco.conversation import get_template
+    from llava_voco.engine import InferenceEngine
+    from llava_voco.eval import model_vqa
+
+    output_dir = tmp_path / "out"
+    run_cli(layout_a(tiny) + ["--voco_tokens", "1"] + common_args(tiny, output_dir, max_steps=1,
+                                                                   version="llava_llama_2"))
+    processor = AutoProcessor.from_pretrained(output_dir)
+    template = get_template("llava_llama_2")
+    assert processor.conversation_version == "llava_llama_2"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the sum?"}]},
+                {"role": "assistant", "content": "7"}, {"role": "user", "content": "And the largest?"}]
+    turns = [("human", "<image>\nWhat is the sum?"), ("gpt", "7"), ("human", "And the largest?")]
+    asked = template.render(turns, 1, add_generation_prompt=True).text
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == asked
+    assert InferenceEngine.load(str(output_dir)).template is template
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question_id": 0, "image": "digits/0.png", "text": "What is the sum?"}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    model_vqa.main(["--model-path", str(output_dir), "--question-file", str(questions), "--image-folder",
+                    str(tiny.image_folder), "--answers-file", str(answers), "--max-new-tokens", "2"])
+    record = json.loads(answers.read_text())
+    assert record["prompt"] == template.render(turns[:1], 1, add_generation_prompt=True).text

@@ -1,19 +1,26 @@
 """Answer a LLaVA question file, compressing each distinct image once.
 
     python -m llava_voco.eval.model_vqa --model-path DIR --question-file q.jsonl --image-folder DIR
-        --answers-file a.jsonl [--conv-mode v1] [--batch-size 8] [--temperature 0] [--max-new-tokens 128]
+        --answers-file a.jsonl [--conv-mode NAME] [--batch-size 8] [--temperature 0] [--top_p P] [--num_beams N]
+        [--max-new-tokens 128] [--num-chunks N --chunk-idx K] [--load-4bit | --load-8bit]
 
 Reads LLaVA's question JSONL (``question_id``, ``image`` or ``video``, ``text``) and writes LLaVA's answers JSONL
 (``question_id``, ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``), one line per answer,
 flushed as it goes. Rerunning with the same answers file resumes: answered questions are skipped and a
 half-written last line (an interrupted run) is dropped first; any other bad line stops the run, naming it.
 A user's mistake (a missing or unreadable file, a bad line) ends the run with one line on stderr.
+
+LLaVA's eval scripts run it unchanged: ``--num-chunks N --chunk-idx K`` answers the K-th of N shards of the
+question file, cut as LLaVA's ``get_chunk`` cuts them (so ``cat`` of the N answers files is one run's
+answers); ``--top_p``, ``--num_beams``; ``--load-4bit`` / ``--load-8bit`` through bitsandbytes. The prompt is
+the template the checkpoint was trained with, unless ``--conv-mode`` names another.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import uuid
 from collections import OrderedDict
@@ -22,7 +29,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..conversation import get_template
-from ..inference import ImageChat, InputError, count_vision_passes, load_images, load_model, one_line_errors, read_video
+from ..engine import GenerationOptions, InferenceEngine
+from ..errors import InputError, one_line_errors
+from ..image_io import ImageReadError, load_image
+from ..inference import count_vision_passes, read_video
+from ..video import VideoError
 
 
 def _lines(path: str, what: str) -> list[str]:
@@ -50,7 +61,16 @@ def read_questions(path: str) -> list[dict]:
         if missing:
             raise InputError(f"{path}:{number}: question without {', '.join(missing)}")
         questions.append(question)
+    if not questions:
+        raise InputError(f"{path}: no questions (an empty question file)")
     return questions
+
+
+def get_chunk(questions: list, num_chunks: int, chunk_index: int) -> list:
+    """The ``chunk_index``-th of ``num_chunks`` shards, cut as LLaVA's ``get_chunk`` cuts them (chunks of
+    ceil(n / num_chunks) questions in file order; the last ones may be short or empty)."""
+    size = math.ceil(len(questions) / num_chunks)
+    return questions[chunk_index * size : (chunk_index + 1) * size]
 
 
 def answered_ids(path: str) -> set:
@@ -98,10 +118,18 @@ def _main(argv=None) -> None:
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", required=True)
     parser.add_argument("--answers-file", required=True)
-    parser.add_argument("--conv-mode", default="v1")
+    parser.add_argument("--conv-mode", default=None,
+                        help="conversation template (default: the one the checkpoint was trained with, v1 where it "
+                             "records none)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--top_p", "--top-p", type=float, default=None)
+    parser.add_argument("--num_beams", "--num-beams", type=int, default=1)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=128)
+    parser.add_argument("--num-chunks", type=int, default=1, help="LLaVA's sharding: answer one of N shards")
+    parser.add_argument("--chunk-idx", type=int, default=0, help="which shard (0 .. num-chunks - 1)")
+    parser.add_argument("--load-4bit", action="store_true", help="quantize the weights with bitsandbytes (NF4)")
+    parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--attn-implementation", default=None,
                         help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
@@ -115,9 +143,13 @@ def _main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.model_base:
         raise SystemExit("--model-base (LoRA weights over a base model) is not supported: merge the LoRA first")
+    if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
+        raise InputError(f"--chunk-idx {args.chunk_idx} --num-chunks {args.num_chunks}: the index must be in "
+                         f"0 .. num-chunks - 1")
 
-    template = get_template(args.conv_mode)
-    questions = read_questions(args.question_file)  # the files first: a mistake there costs no model load
+    if args.conv_mode is not None:
+        get_template(args.conv_mode)  # an unknown name is refused before anything loads
+    questions = get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)  # files first
     try:
         Path(args.answers_file).parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -133,35 +165,41 @@ def _main(argv=None) -> None:
         if name and not os.path.exists(path):
             raise InputError(f"{path}: no such {kind} file (question {image_questions[0]['question_id']!r} of "
                              f"{args.question_file})")
-    model, processor = load_model(args.model_path, device=args.device,
-                                  attn_implementation=args.attn_implementation, voco_tokens=args.voco_tokens)
+    engine = InferenceEngine.load(args.model_path, conv_mode=args.conv_mode, device=args.device,
+                                  attn_implementation=args.attn_implementation, voco_tokens=args.voco_tokens,
+                                  load_4bit=args.load_4bit, load_8bit=args.load_8bit, memory_cache_size=1)
+    model, processor = engine.model, engine.processor
     model_id = Path(args.model_path).name
-    generation = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        generation["temperature"] = args.temperature
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                num_beams=args.num_beams)
+    metadata = {"voco_tokens": args.voco_tokens} if args.voco_tokens is not None else {}
 
     with count_vision_passes(model) as vision, open(args.answers_file, "a", encoding="utf-8") as out, tqdm(
         total=len(pending), desc="answering", unit="q"
     ) as progress:
         for (kind, name), image_questions in by_image.items():
-            images, video = [], None
-            if kind == "video":
-                # a file, a folder of frames, or precomputed frame features (.safetensors)
-                video = read_video(os.path.join(args.video_folder or args.image_folder, name), model, processor,
-                                   fps=args.video_fps, max_frames=args.max_frames)
-            elif name:
-                images = load_images([os.path.join(args.image_folder, name)])
-            chat = ImageChat(model, processor, template, images, generation_kwargs=generation, video=video)
+            path = os.path.join((args.video_folder or args.image_folder) if kind == "video" else args.image_folder, name)
+            try:  # a file that does not open names the question that needs it
+                if kind == "video":  # a file, a folder of frames, or precomputed frame features (.safetensors)
+                    media = [{"type": "video", "video": read_video(path, model, processor, fps=args.video_fps,
+                                                                   max_frames=args.max_frames)}]
+                else:
+                    media = [{"type": "image", "image": load_image(path)}] if name else []
+            except (ImageReadError, VideoError) as error:
+                raise InputError(f"{error} (question {image_questions[0]['question_id']!r} of "
+                                 f"{args.question_file})") from None
             for start in range(0, len(image_questions), args.batch_size):
                 batch = image_questions[start : start + args.batch_size]
-                for question, (prompt, answer) in zip(batch, chat.ask_batch([q["text"] for q in batch])):
+                prompts = [engine.render([{"role": "user", "content": [*media, {"type": "text", "text": q["text"]}]}])
+                           for q in batch]
+                for question, prompt, answer in zip(batch, prompts, engine.answer(prompts, options)):
                     record = {
                         "question_id": question["question_id"],
-                        "prompt": prompt,
-                        "text": answer,
+                        "prompt": prompt.text,
+                        "text": answer.text,
                         "answer_id": uuid.uuid4().hex,
                         "model_id": model_id,
-                        "metadata": {"voco_tokens": args.voco_tokens} if args.voco_tokens is not None else {},
+                        "metadata": metadata,
                     }
                     out.write(json.dumps(record) + "\n")
                 out.flush()

@@ -54,6 +54,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         instruction_max_length: int = 128,
         vision_token_pooling: str = "none",
         voco_separator: str = "",
+        conversation_version: str | None = None,
         **kwargs,
     ):
         if voco_tokens < 0:
@@ -72,6 +73,8 @@ class VoCoLlavaProcessor(LlavaProcessor):
         self.instruction_max_length = instruction_max_length
         # Average pooling before a linear / mlp2x_gelu projector (VoCoLlavaConfig.vision_token_pooling)
         self.vision_token_pooling = vision_token_pooling
+        # the --version template the model was trained with (the train entry records it with its chat template)
+        self.conversation_version = conversation_version
         # LLaMA-VID's text decoder tokenizer (BERT WordPiece); saved in a subfolder, see save_pretrained
         self.text_decoder_tokenizer = None
         self.voco_token_id = None
@@ -115,6 +118,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             instruction_max_length=getattr(processor, "instruction_max_length", 128),
             vision_token_pooling=getattr(processor, "vision_token_pooling", "none"),
             voco_separator=getattr(processor, "voco_separator", ""),
+            conversation_version=getattr(processor, "conversation_version", None),
         )
         rebuilt.text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
         return rebuilt

@@ -205,7 +205,16 @@ class VoCoGenerationMixin:
             cache = cache.repeat_rows(torch.zeros(batch_size, dtype=torch.long))
         elif cache.batch_size != batch_size:
             raise VoCoCacheError(f"the VoCoCache holds {cache.batch_size} rows, got {batch_size} questions")
-        full_attention_mask = cache.attention_mask_with(attention_mask.long())
+        full_attention_mask = cache.attention_mask_with(attention_mask.long())  # [batch, cache + new]
+        # generate copies each question num_beams times (beam search) or num_return_sequences times (sampling),
+        # its inputs but not a cache it is given: the cache's rows are copied alike
+        config = kwargs.get("generation_config") or self.generation_config
+        num_beams = kwargs.get("num_beams", config.num_beams) or 1
+        copies = num_beams if num_beams > 1 else kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        if copies > 1:
+            if keep_turn:
+                raise VoCoCacheError("keep_turn needs one answer per question (num_beams=1, num_return_sequences=1)")
+            cache = cache.repeat_rows(torch.arange(batch_size).repeat_interleave(copies))
         output = super().generate(
             input_ids=input_ids, attention_mask=full_attention_mask, past_key_values=cache, **kwargs
         )

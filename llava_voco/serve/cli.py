@@ -1,11 +1,13 @@
 """Chat about an image from the terminal, like LLaVA's ``llava.serve.cli``; the image is compressed once.
 
-    python -m llava_voco.serve.cli --model-path DIR --image-file IMG [--video-file VIDEO] [--conv-mode v1]
+    python -m llava_voco.serve.cli --model-path DIR --image-file IMG [--video-file VIDEO] [--conv-mode NAME]
         [--temperature 0.2] [--max-new-tokens 512] [--cache-dir DIR] [--video-fps 1] [--max-frames N]
+        [--load-4bit | --load-8bit]
 
 Each turn is answered from the VoCo cache made at start (or loaded from ``--cache-dir``, a
 ``VoCoCacheStore``), extended by the text of the conversation only. An empty line or end of input ends.
-The speakers are named as the ``--conv-mode`` template names them. A user's mistake (a missing or
+The prompt is the template the checkpoint was trained with (``--conv-mode`` overrides it), and the
+speakers are named as that template names them. A user's mistake (a missing or
 unreadable image, a missing model) ends the session with one line on stderr.
 """
 
@@ -14,16 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers import TextStreamer
-
 from ..conversation import get_template
+from ..engine import conversation_template_of
+from ..errors import one_line_errors
 from ..inference import (
     ImageChat,
     count_vision_passes,
     image_tokens_per_frame,
     load_images,
     load_model,
-    one_line_errors,
     read_video,
     role_names,
 )
@@ -39,11 +40,15 @@ def parse_args(argv=None):
                         help="a video file (PyAV decodes it), a folder of frames, or frame features (.safetensors)")
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
-    parser.add_argument("--conv-mode", default="v1", help="conversation template (LLaVA's --version names)")
+    parser.add_argument("--conv-mode", default=None,
+                        help="conversation template (LLaVA's --version names; default: the one the checkpoint was "
+                             "trained with, v1 where it records none)")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--cache-dir", default=None, help="VoCo cache store: reuse compressed images across sessions")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--load-4bit", action="store_true", help="quantize the weights with bitsandbytes (NF4)")
+    parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
     parser.add_argument("--attn-implementation", default=None,
                         help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
                              "(default: the checkpoint's)")
@@ -64,14 +69,16 @@ def main(argv=None) -> None:
 
 
 def _main(args) -> None:
-    template = get_template(args.conv_mode)
+    if args.conv_mode is not None:
+        get_template(args.conv_mode)  # an unknown name is refused before anything loads
     image_files = args.image_file.split(",") if args.image_file else []
     video_files = [path for path in image_files if is_video(path)] + ([args.video_file] if args.video_file else [])
     if not image_files and not video_files:
         raise SystemExit("give --image-file and/or --video-file")
     images = load_images([path for path in image_files if not is_video(path)])  # before the model: fail fast
-    model, processor = load_model(args.model_path, device=args.device,
-                                  attn_implementation=args.attn_implementation, voco_tokens=args.voco_tokens)
+    model, processor = load_model(args.model_path, device=args.device, attn_implementation=args.attn_implementation,
+                                  voco_tokens=args.voco_tokens, load_4bit=args.load_4bit, load_8bit=args.load_8bit)
+    template = conversation_template_of(processor, args.conv_mode)
     video = None
     if video_files:  # one video per conversation: the last one given
         video = read_video(video_files[-1], model, processor, fps=args.video_fps, max_frames=args.max_frames)
@@ -91,7 +98,6 @@ def _main(args) -> None:
             print(f"[{source} {what}] {chat.cache_summary()}", flush=True)
         else:
             print(f"[{chat.cache_summary()}]", flush=True)
-        streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         user, assistant = role_names(template)
         turns = 0
         while True:
@@ -103,7 +109,9 @@ def _main(args) -> None:
                 print("exit...")
                 break
             print(f"{assistant}: ", end="", flush=True)
-            chat.ask(question, streamer=streamer)
+            for piece in chat.ask_streaming(question):
+                print(piece, end="", flush=True)
+            print(flush=True)
             turns += 1
         print(f"[session: {turns} turn(s), {vision['passes']} vision tower pass(es)]")
 

@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as a file (``deepspeed llava_voco/train/tra
 from transformers import set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from llava_voco.conversation import get_template
 from llava_voco.model.image_inputs import tokens_per_image
 
 from .arguments import TrainConfigError, one_line, parse_args, refuse_flags_without_effect
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     if data_args.packing:
         logger.info("packing: each batch's samples in rows of at most %d tokens", training_args.model_max_length)
     model.model.apply_voco_mask = model_args.voco_mask_in_training
+    # The checkpoint carries its prompt format: apply_chat_template, the chat CLI and the eval entry prompt
+    # with the --version the model learns here.
+    processor.chat_template = get_template(model_args.version).chat_template()
+    processor.conversation_version = model_args.version
 
     # 4. What trains (and, when distilling, what teaches).
     model = set_trainable(model, model_args, training_args)
