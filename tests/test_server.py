@@ -135,6 +135,16 @@ def test_multi_turn_history_and_sampling_with_a_seed_repeat(client):
     assert first.usage.prompt_tokens > 0
 
 
+def test_a_stop_string_ends_the_answer_before_it(client, digit_images, offline_answers):
+    model = _model_name(client)
+    full = offline_answers[1, QUESTIONS[0]]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    reply = client.chat.completions.create(model=model, max_tokens=MAX_TOKENS, stop=[stop],
+                                           messages=image_message(png_data_url(digit_images[1]), QUESTIONS[0]))
+    assert reply.choices[0].message.content == full[: full.index(stop)].strip()
+    assert reply.choices[0].finish_reason == "stop"
+
+
 def test_without_the_api_key_every_v1_request_is_refused_in_openai_format(server):
     bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as raised:

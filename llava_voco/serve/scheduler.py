@@ -54,10 +54,9 @@ class Generation:
     """One request in flight; the worker pushes events to its asyncio queue: ("delta", text),
     ("done", finish_reason), ("error", message)."""
 
-    def __init__(self, request: PreparedRequest, emit: Callable[[tuple], None], tokenizer):
+    def __init__(self, request: PreparedRequest, emit: Callable[[tuple], None]):
         self.request = request
         self.emit = emit
-        self.tokenizer = tokenizer
         self.cancelled = False
         self.tokens: list[int] = []  # sampled tokens, the final end of sequence included
         self.sent_text = ""
@@ -128,7 +127,7 @@ class ServingEngine:
         self._thread.join(timeout=10)
 
     def submit(self, request: PreparedRequest, emit: Callable[[tuple], None]) -> Generation:
-        generation = Generation(request, emit, self.tokenizer)
+        generation = Generation(request, emit)
         options = request.options
         if options.temperature > 0:  # each sampled request draws from its own generator: batch-independent
             generation.generator = torch.Generator(device=self.model.device)
