@@ -148,7 +148,7 @@ def pretrain_text_decoder(base_dir: Path, data_dir: Path, out: Path, steps: int 
                               InstructBlipQFormerConfig, LlamaConfig)
 
     from llava_voco.image_io import load_image
-    from llava_voco.model.llamavid import LlamaVidProjector, encode_instructions
+    from llava_voco.model.projectors.llamavid import LlamaVidProjector, encode_instructions
 
     torch.manual_seed(0)
     tower = CLIPVisionModel.from_pretrained(base_dir / "vision_tower").eval()

@@ -10,7 +10,7 @@ process's peak resident memory during one step after a warm-up step, each config
     python benchmarks/training.py [--steps 6] [--batch 8] [--backends eager,sdpa,flex_attention,varlen_reference]
 
 "VoCo" is the batch with its VoCo tokens and the mask; "causal" the same batch and tokens with a plain
-causal mask (``apply_voco_mask = False``). flex_attention has no backward on CPU: forward only there.
+causal mask (``voco_mask=False``). flex_attention has no backward on CPU: forward only there.
 The cost of distillation (``--voco_distill_weight``, ``--voco_distill_hidden``: one more forward of the same
 weights with the mask off, under no_grad) is measured on the first backend, padded: "voco+kl" and
 "voco+kl+hidden" against "voco".
@@ -92,9 +92,10 @@ def configurations(backends: list[str]) -> list[tuple[str, str, str]]:
 def make_step(model_dir: Path, backend: str, mask: str, batch: dict, device: str):
     model = llava_voco.VoCoLlavaForConditionalGeneration.from_pretrained(
         model_dir, attn_implementation={"text_config": backend, "vision_config": "sdpa"}).to(device).train()
-    model.model.apply_voco_mask = mask != "causal"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = {name: value.to(device) for name, value in batch.items()}
+    if mask == "causal":  # the same tokens with plain causal attention
+        batch["voco_mask"] = False
     forward_only = backend == "flex_attention" and device == "cpu"
     distillation = None
     if mask in DISTILL_MASKS:

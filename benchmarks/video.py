@@ -47,7 +47,7 @@ def run_stage(stage: str, frames: int, workdir: str) -> dict:
     from safetensors.torch import save_file
 
     import llava_voco
-    from llava_voco.model.llamavid import FrameFeatures, encode_instructions
+    from llava_voco.model.projectors.llamavid import FrameFeatures, encode_instructions
     from llava_voco.demo.tiny import build_tiny_llava, train_wordpiece_tokenizer
 
     torch.manual_seed(0)

@@ -21,7 +21,6 @@ from .model import (
     model_fingerprint,
 )
 from .model.builder import add_voco_to_llava
-from .model.varlen import register_varlen_backends
 
 __version__ = "0.1.0"
 
@@ -29,7 +28,6 @@ AutoConfig.register(VoCoLlavaConfig.model_type, VoCoLlavaConfig, exist_ok=True)
 AutoModel.register(VoCoLlavaConfig, VoCoLlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(VoCoLlavaConfig, VoCoLlavaProcessor, exist_ok=True)
-register_varlen_backends()  # attn_implementation="varlen_reference" (and flash_attention_2 on VoCo models)
 # Checkpoints keep Llava's on-disk key layout, so Llava and VoCo state dicts load into each other. By class
 # name as well as model type: a config read from a plain Llava checkpoint still says model_type "llava",
 # whose mapping transformers does not apply to classes outside the library.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -356,6 +357,35 @@ _ALIASES = {"vicuna_v1": "v1", "v0_plain": "plain", "mistral_direct": "chatml_di
 
 TEMPLATES: dict[str, ConversationTemplate] = {template.name: template for template in _DEFINITIONS}
 TEMPLATES.update({alias: TEMPLATES[target] for alias, target in _ALIASES.items()})
+
+
+def _turn_markers() -> re.Pattern:
+    """Every template's strings that open or close a turn (role tags, the end of a system block, end-of-turn
+    separators), longest first."""
+    markers: set[str] = set()
+    for template in _DEFINITIONS:
+        if template.style in ("two", "voco_official"):
+            markers.update(f"{role}:" for role in template.roles)
+        elif template.style == "llama_2":
+            markers.update(("[INST]", "[/INST]", "<</SYS>>"))
+        elif template.style == "mpt":
+            markers.update((*template.roles, template.sep))
+        elif template.style == "llama_3":
+            markers.update(("<|end_header_id|>", template.sep))
+    return re.compile("|".join(re.escape(marker) for marker in sorted(markers, key=len, reverse=True)))
+
+
+_TURN_MARKERS = _turn_markers()
+
+
+def turn_around(text: str, start: int, end: int) -> str:
+    """The text of the turn that holds ``text[start:end]`` (a placeholder) in a prompt rendered by one of these
+    templates: from the last turn marker before it to the first one after it (the whole text when there is
+    none), stripped. What LLaMA-VID's text decoder reads of a prompt given without its turns (docs/design.md
+    §3, "Instruction"): the human turn that shows the image, as the training data gives it."""
+    before = [match.end() for match in _TURN_MARKERS.finditer(text, 0, start)]
+    after = _TURN_MARKERS.search(text, end)
+    return text[before[-1] if before else 0 : after.start() if after else len(text)]
 
 
 def get_template(version: str) -> ConversationTemplate:

@@ -168,7 +168,7 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .model.llava_original import LlavaCheckpointError, is_llava_original, load_llava_original
-    from .model.varlen import FlashAttentionUnavailable, require_flash_attn
+    from .model.attention import AttentionBackendUnavailable, attention_backend_names, backend_running, check_requested
 
     check_model_path(model_path)
     if voco_tokens is not None:
@@ -179,12 +179,13 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
         kwargs.update(quantization_config=quantization, device_map=device or "auto")
         kwargs.setdefault("dtype", torch.float16)
     if attn_implementation:
-        if attn_implementation == "flash_attention_2":
-            try:
-                require_flash_attn()
-            except FlashAttentionUnavailable as error:
-                raise InputError(str(error)) from None
-        kwargs["attn_implementation"] = attn_implementation
+        try:
+            check_requested(attn_implementation)  # the backend table's check, before any weight is read
+        except AttentionBackendUnavailable as error:
+            raise InputError(str(error)) from None
+        backend = backend_running(attn_implementation) if attn_implementation in attention_backend_names() else None
+        vision = backend.vision_implementation if backend is not None else attn_implementation  # the table's
+        kwargs["attn_implementation"] = {"": vision, "text_config": attn_implementation, "vision_config": vision}
     try:
         if is_llava_original(model_path):  # LLaVA's own format: converted on the fly (scripts/convert_llava_checkpoint.py)
             if quantization is not None:
@@ -264,7 +265,7 @@ class InferenceEngine:
         self.template.lay_out_voco(processor)  # voco_official: the released "<image>\\n<voco><voco>" layout
         self.store = VoCoCacheStore(store) if isinstance(store, (str, Path)) else store
         self.uses_voco = getattr(model.config, "voco_tokens", 0) > 0
-        self.reads_instruction = getattr(processor, "llamavid_compress_type", None) is not None
+        self.reads_instruction = getattr(processor, "reads_instruction", False)  # the projector method's
         self.fingerprint = model_fingerprint(model) if self.uses_voco else ""  # once: model_fingerprint keeps it
         self.memory_cache_size = memory_cache_size
         self._memory: OrderedDict[str, VoCoCache] = OrderedDict()

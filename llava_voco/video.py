@@ -108,6 +108,34 @@ def _import_av():
     return av
 
 
+def count_frames(path: str | os.PathLike, fps: float = 1.0, max_frames: int | None = None) -> int:
+    """The frames ``load_video`` gives for ``path``, from headers alone (no frame decoded): a folder's images, a
+    features file's shape, a video file's frame count (or duration times rate), sampled as loading samples them.
+    A video that cannot be read this way is a ``VideoError``."""
+    try:
+        if is_frame_features(path):
+            from .frame_features import FrameFeatures
+
+            total, step = len(FrameFeatures(path)), 1.0
+        elif Path(path).is_dir():
+            total, step = len(_frame_paths(path)), 1.0
+        else:
+            av = _import_av()
+            try:
+                with av.open(str(path)) as container:
+                    stream = container.streams.video[0]
+                    rate = float(stream.average_rate or stream.guessed_rate or 0) or fps
+                    total = stream.frames
+                    if not total and stream.duration is not None and stream.time_base is not None:
+                        total = round(float(stream.duration * stream.time_base) * rate)
+                    step = rate / fps
+            except av.error.FFmpegError as error:
+                raise OSError(error) from error
+    except (ImportError, OSError, ValueError, KeyError, IndexError) as error:
+        raise VideoError(f"{path}: cannot count the video's frames: {error}") from error
+    return len(sample_indices(int(total), step, max_frames))
+
+
 def is_frame_features(path) -> bool:
     """A video given as precomputed frame features rather than pixels."""
     return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(FRAME_FEATURES_SUFFIX)

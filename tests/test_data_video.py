@@ -8,7 +8,7 @@ import torch
 
 import llava_voco
 from llava_voco.constants import IGNORE_INDEX
-from llava_voco.model.llamavid import encode_instructions
+from llava_voco.model.projectors.llamavid import encode_instructions
 from llava_voco.demo.tiny import train_wordpiece_tokenizer
 from llava_voco.train.collator import pop_batch_stats
 from llava_voco.train.data import DataArguments, DataError, make_supervised_data_module
@@ -155,3 +155,57 @@ def test_lengths_count_images_and_frames_as_the_model_does(llava_dir, image_fold
     assert dataset.modality_lengths == [4 + 5, 6 + 4 * 2, -3]
     item = dataset[0]
     assert item["num_vision_tokens"] + item["num_voco_tokens"] == 5  # the estimate of the image part is exact
+
+
+def test_lengths_count_each_videos_own_frames(voco_dir, digit_images, tmp_path):
+    """The length estimate reads how many frames each video gives, from its headers, sampled as loading samples
+    them (issue 24: every video was estimated at --max_frames, or 8 without it, whatever its length)."""
+    from llava_voco.model.image_inputs import tokens_per_image
+
+    _, processor = load_voco(voco_dir)
+    for name, count in (("short", 2), ("long", 12)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(count):
+            digit_images[i].save(folder / f"{i:03d}.png")
+    samples = [{"id": name, "video": name, "conversations": [
+        {"from": "human", "value": "<video>\nWhat is the sum?"}, {"from": "gpt", "value": "12"}]}
+        for name in ("short", "long")]
+    per_frame = tokens_per_image(processor, is_frame=True).total
+    words = 5  # "<video>", "What", "is", "the", "sum?" ... and the answer
+    for max_frames, frames in ((None, (2, 12)), (4, (2, 4))):
+        args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(tmp_path), max_frames=max_frames)
+        dataset = make_supervised_data_module(processor, args, version="v1", model_max_length=1024)["train_dataset"]
+        assert dataset.lengths == [words + 1 + n * per_frame for n in frames]
+        item = dataset[1]
+        assert item["num_vision_tokens"] + item["num_voco_tokens"] == frames[1] * per_frame  # what loading gives
+
+
+@pytest.mark.parametrize("version", ["v1", "llava_llama_2", "chatml_direct", "llama_3"])
+def test_the_processor_without_instructions_reads_the_turn_training_reads(llava_dir, image_folder, tmp_path, version):
+    """Called on a rendered conversation without ``instructions=``, the processor gives LLaMA-VID's context token
+    the human turn that shows the image, as the data pipeline does (issue 24: it gave the whole multi-turn text)."""
+    from llava_voco.conversation import GPT, HUMAN, get_template
+    from llava_voco.image_io import load_image
+
+    bert = train_wordpiece_tokenizer()
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(llava_dir, llamavid_compress_type="grid:2")
+    processor.text_decoder_tokenizer = bert
+    conversations = [
+        [(HUMAN, "<image>\nWhat is the sum of the digits?"), (GPT, "7"), (HUMAN, "Which digit is at the top left?"),
+         (GPT, "3")],
+        [(HUMAN, "Describe the digits."), (GPT, "four digits"), (HUMAN, "How many sevens are there?\n<image>"),
+         (GPT, "2")],
+    ]
+    samples = [{"id": f"q{n}", "image": "digit0.png", "conversations": [{"from": role, "value": text} for role, text in turns]}
+               for n, turns in enumerate(conversations)]
+    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder))
+    dataset = make_supervised_data_module(processor, args, version=version, model_max_length=512)["train_dataset"]
+    image = load_image(image_folder / "digit0.png")
+    for n, turns in enumerate(conversations):
+        rendered = get_template(version).render(turns, num_images=1).text
+        direct = processor(images=[image], text=rendered, return_tensors="pt")
+        trained = dataset[n]["instruction_input_ids"]
+        assert bert.batch_decode(direct["instruction_input_ids"], skip_special_tokens=True) == \
+            bert.batch_decode(trained, skip_special_tokens=True)
+        assert torch.equal(direct["instruction_input_ids"], trained)

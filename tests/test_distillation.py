@@ -5,7 +5,7 @@ the VoCo path."""
 import torch
 
 from llava_voco.constants import IGNORE_INDEX
-from llava_voco.train.distillation import VoCoDistillation, answer_kl, voco_mask_off
+from llava_voco.train.distillation import VoCoDistillation, answer_kl
 
 from conftest import load_voco, prompt
 
@@ -26,8 +26,8 @@ def test_zero_without_the_mask_positive_with_it_and_reaches_the_voco_row(voco_di
     model.train()
     inputs = batch(processor, digit_images)
     distill = VoCoDistillation(weight=1.0, temperature=2.0, hidden_weight=1.0)
-    with voco_mask_off(model):  # student and teacher see the same tokens
-        same = distill.terms(model, inputs, model(**inputs, output_hidden_states=True))
+    # student and teacher see the same tokens
+    same = distill.terms(model, inputs, model(**inputs, output_hidden_states=True, voco_mask=False))
     assert float(same["kl"]) < 1e-6 and float(same["hidden"]) < 1e-10
     student = model(**inputs, output_hidden_states=True)
     terms = distill.terms(model, inputs, student)
@@ -35,7 +35,8 @@ def test_zero_without_the_mask_positive_with_it_and_reaches_the_voco_row(voco_di
     distill.loss(terms).backward()
     voco_row = model.get_input_embeddings().weight.grad[model.config.voco_token_id]
     assert voco_row.abs().sum() > 0  # the gradient reaches the VoCo path
-    assert model.model.apply_voco_mask  # the teacher's forward left the mask on
+    with torch.no_grad():  # the teacher's forward left the mask on: the student's forward is unchanged
+        torch.testing.assert_close(model(**inputs).logits, student.logits, atol=1e-6, rtol=0)
 
 
 def test_a_frozen_teacher_model(voco_dir, digit_images):
@@ -47,7 +48,6 @@ def test_a_frozen_teacher_model(voco_dir, digit_images):
     same_weights = VoCoDistillation(weight=1.0).terms(model, inputs, student)
 
     copy, _ = load_voco(voco_dir)  # a frozen copy of the same weights, mask off: the default teacher's KL
-    copy.model.apply_voco_mask = False
     with_copy = VoCoDistillation(weight=1.0, teacher=copy).terms(model, inputs, student)
     torch.testing.assert_close(with_copy["kl"], same_weights["kl"], atol=1e-6, rtol=0)
 
@@ -57,10 +57,9 @@ def test_a_frozen_teacher_model(voco_dir, digit_images):
         for parameter in teacher.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     teacher.requires_grad_(False)
-    teacher.model.apply_voco_mask = False
     with_teacher = VoCoDistillation(weight=1.0, teacher=teacher).terms(model, inputs, student)
     with torch.no_grad():
-        teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}, voco_mask=False).logits
     torch.testing.assert_close(with_teacher["kl"], answer_kl(student.logits, teacher_logits, inputs["labels"]),
                                atol=1e-6, rtol=0)
     assert abs(float(with_teacher["kl"] - same_weights["kl"])) > 1e-3  # ignoring the teacher would show here

@@ -16,7 +16,7 @@ from transformers import LlavaConfig
 
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.conversation import get_template
-from llava_voco.model.llamavid import encode_instructions
+from llava_voco.model.projectors.llamavid import encode_instructions
 from llava_voco.demo.tiny import train_wordpiece_tokenizer
 from llava_voco.inference import ImageChat, count_vision_passes
 from llava_voco.train.collator import pop_batch_stats

@@ -7,13 +7,8 @@ import torch
 from transformers import InstructBlipQFormerConfig, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from llava_voco.model.llamavid import (
-    CompressTypeError,
-    LlamaVidProjector,
-    content_tokens_per_frame,
-    parse_compress_type,
-    pool_patches,
-)
+from llava_voco.model.projectors import CompressTypeError, content_tokens_per_frame, parse_compress_type, pool_patches
+from llava_voco.model.projectors.llamavid import LlamaVidProjector
 from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
 VISION, TEXT, PATCHES = 32, 64, 16  # a 4 x 4 patch grid
@@ -115,7 +110,7 @@ def test_grid_larger_than_patch_grid():
 def test_frame_features_file_in_chunks_equals_in_memory(projector, bert_tokenizer, tmp_path):
     from safetensors.torch import save_file
 
-    from llava_voco.model.llamavid import FrameFeatures
+    from llava_voco.model.projectors.llamavid import FrameFeatures
 
     frames = torch.randn(10, PATCHES, VISION)
     save_file({"features": frames}, tmp_path / "clip.safetensors")
@@ -133,7 +128,7 @@ def test_frame_features_file_in_chunks_equals_in_memory(projector, bert_tokenize
 def test_text_decoder_loads_from_an_instructblip_checkpoint(tmp_path):
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
-    from llava_voco.model.llamavid import load_text_decoder_from_instructblip
+    from llava_voco.model.projectors.llamavid import load_text_decoder_from_instructblip
 
     qformer = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     config = InstructBlipConfig(

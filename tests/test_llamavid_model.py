@@ -7,7 +7,7 @@ from transformers import AutoModelForImageTextToText, LlavaConfig
 
 import llava_voco
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
-from llava_voco.model.llamavid import encode_instructions
+from llava_voco.model.projectors.llamavid import encode_instructions
 from llava_voco.demo.tiny import train_wordpiece_tokenizer
 
 QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
@@ -124,7 +124,8 @@ def test_processor_encodes_instructions_and_saves_the_text_decoder_tokenizer(lla
     with torch.no_grad():
         assert torch.isfinite(AutoModelForImageTextToText.from_pretrained(tmp_path)(**batch).logits).all()
     default = reloaded(images=[digit_images[0]], text="USER: <image>\nWhat is the sum?", return_tensors="pt")
-    assert bert.decode(default["instruction_input_ids"][0], skip_special_tokens=True) == "user : what is the sum?"
+    # without instructions=, the turn that shows the image (issue 24: it was the whole text, "user : what ...")
+    assert bert.decode(default["instruction_input_ids"][0], skip_special_tokens=True) == "what is the sum?"
 
 
 def test_chat_and_eval_path_with_llamavid(llava_dir, bert, digit_images):
@@ -149,7 +150,7 @@ def test_extract_video_features_script(llava_dir, bert, tmp_path):
     import sys
     from pathlib import Path
 
-    from llava_voco.model.llamavid import FrameFeatures
+    from llava_voco.model.projectors.llamavid import FrameFeatures
     from llava_voco.video import decode_video
     from test_video import write_video
 
@@ -176,3 +177,30 @@ def test_extract_video_features_script(llava_dir, bert, tmp_path):
         from_file = model.model.multi_modal_projector(stored, instructions["instruction_input_ids"],
                                                       instructions["instruction_attention_mask"], "mean", frame_chunk=2)
     torch.testing.assert_close(from_file, torch.stack(from_pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_the_projector_runs_the_configs_frame_chunk(llava_dir, bert, digit_images):
+    """``config.frame_chunk`` frames go through LLaMA-VID's text decoder at a time, given to the projector directly
+    (a features file) or through the model (issue 24: the projector ran its own 64 whatever the config said)."""
+    model, processor = llamavid(llava_dir, bert, frame_chunk=3)
+    passes = []
+    hook = model.model.multi_modal_projector.text_decoder.register_forward_hook(lambda *args: passes.append(1))
+    frames = [digit_images[i % 10] for i in range(70)]
+    pixels = processor.image_processor(frames, return_tensors="pt")["pixel_values"]
+    instructions = encode_instructions(bert, ["what is the sum"] * 70)
+    frame_mask = torch.ones(70, dtype=torch.bool)
+    try:
+        with torch.no_grad():
+            features = model.model.vision_patch_features(pixels[:7])
+            model.model.multi_modal_projector(features, instructions["instruction_input_ids"][:7],
+                                              instructions["instruction_attention_mask"][:7], compress_type="mean")
+            assert len(passes) == 3  # 7 frames, 3 at a time
+            passes.clear()
+            model.config.frame_chunk = 70  # one chunk of 70 frames: one pass, not 64 + 6
+            chunked = model.model.encode_images(pixels, **instructions, video_frame_mask=frame_mask)
+            assert len(passes) == 1
+            model.config.frame_chunk = 3
+            assert torch.allclose(torch.stack(model.model.encode_images(pixels, **instructions, video_frame_mask=frame_mask)),
+                                  torch.stack(chunked), atol=1e-5)
+    finally:
+        hook.remove()

@@ -60,6 +60,7 @@ def test_one_processor_serves_concurrent_calls(voco_dir, digit_images):
     import threading
 
     processor = VoCoLlavaProcessor.from_pretrained(voco_dir, voco_tokens=1)
+    processor.mm_projector_type = "llamavid"
     processor.llamavid_compress_type, processor.llamavid_video_compress_type = "grid:2", "mean"
     calls = {
         "image": {"images": [digit_images[0]], "text": "USER: <image>\nWhich digit? ASSISTANT:"},

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel, LlamaForCausalLM
 
 import llava_voco
-from llava_voco.model.projector import LinearProjector
+from llava_voco.model.projectors import LinearProjector
 from llava_voco.demo.tiny import build_tiny_llava
 from llava_voco.train.arguments import TrainConfigError, build_parser, parse_args, refuse_flags_without_effect
 from llava_voco.train.model_setup import build_model_and_processor
@@ -201,20 +201,21 @@ def test_lower_bound_trains_without_the_mask_and_is_evaluated_with_it(tiny, tmp_
     trainer = main(["--model_name_or_path", str(tiny.llava), "--voco_tokens", "1", "--voco_mask_in_training", "False"]
                    + common_args(tiny, tmp_path / "out", max_steps=2, save_strategy="no"))
     trained = trainer.model.eval()
-    assert trained.model.apply_voco_mask is False
+    assert trainer.voco_mask is False  # every training forward ran with voco_mask=False
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     with torch.no_grad():
-        unmasked = trained(**batch)
+        unmasked = trained(**batch, voco_mask=False)
         trained.config.voco_tokens = 0  # the same weights and tokens, no VoCo mask at all: plain causal attention
         causal = trained(**batch)
         trained.config.voco_tokens = 1
-        trained.model.apply_voco_mask = True
         masked = trained(**batch)
     torch.testing.assert_close(unmasked.logits, causal.logits, rtol=0, atol=0)
     assert (masked.logits - unmasked.logits).abs().max() > 1e-3
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
-    assert reloaded.model.apply_voco_mask is True and reloaded.config.voco_mask_mode == "paper"
+    assert reloaded.config.voco_mask_mode == "paper"
+    with torch.no_grad():  # the checkpoint runs with the mask
+        torch.testing.assert_close(reloaded(**batch).logits, masked.logits, atol=1e-5, rtol=0)
     with pytest.raises(TrainConfigError, match="--voco_mask_in_training False"):
         main(["--model_name_or_path", str(tiny.llava), "--voco_mask_in_training", "False"]
              + common_args(tiny, tmp_path / "bad", max_steps=1))
@@ -547,7 +548,7 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(output_dir).eval()
     processor = AutoProcessor.from_pretrained(output_dir)
     assert model.config.mm_projector_type == "llamavid" and processor.text_decoder_tokenizer is not None
-    fresh = llava_voco.model.llamavid.build_llamavid_projector(model.config)
+    fresh = llava_voco.model.projectors.llamavid.build_llamavid_projector(model.config)
     trained = model.model.multi_modal_projector.text_decoder.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in fresh.text_decoder.state_dict().items())
     batch = processor(images=[Image.open(tiny.image_folder / "digits/0.png")], text="USER: <image>\nWhat is in the image? ASSISTANT:",
@@ -555,6 +556,14 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 1 + 4
     assert model.config.image_seq_length == 1 + 4  # what an image becomes (tokens_per_image)
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] > batch["input_ids"].shape[1]
+
+    # training on from the checkpoint (set-up (b)) keeps its projector: the same text decoder and weights
+    model_args, _, training_args = parse_args([str(arg) for arg in (
+        ["--model_name_or_path", output_dir] + common_args(tiny, tmp_path / "again", data_path=data))])
+    again, again_processor = build_model_and_processor(model_args, training_args)
+    assert again.config.llamavid_qformer == model.config.llamavid_qformer and again_processor.reads_instruction
+    saved = model.model.multi_modal_projector.state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in again.model.multi_modal_projector.state_dict().items())
 
     # --freeze_text_decoder: the Q-Former stays as it is, the queries and projections still train
     from llava_voco.train.model_setup import set_trainable

@@ -9,15 +9,15 @@ import pytest
 
 import llava_voco
 from llava_voco.model.builder import use_voco_attention
-from llava_voco.model.varlen import VOCO_FLASH
-from llava_voco.train.arguments import ATTN_IMPLEMENTATIONS, check_attn_implementation, parse_args
+from llava_voco.model.attention import attention_backend, attention_backend_names
+from llava_voco.train.arguments import check_attn_implementation, parse_args
 from llava_voco.train.train import main
 
 from test_train import common_args, layout_a, tiny  # noqa: F401
 
 
 def test_the_flag_takes_every_backend(tiny, tmp_path):
-    assert ATTN_IMPLEMENTATIONS == ("sdpa", "eager", "flex_attention", "varlen_reference", "varlen_torch",
+    assert attention_backend_names() == ("sdpa", "eager", "flex_attention", "varlen_reference", "varlen_torch",
                                     "flash_attention_2")
     for attn in ("sdpa", "eager", "varlen_reference"):  # the others are refused on this CPU machine, with a reason
         model_args, _, training_args = parse_args(layout_a(tiny) + ["--attn_implementation", attn]
@@ -49,4 +49,4 @@ def test_flash_attention_on_a_model_given_voco_after_loading(voco_dir):
     assert text_config._attn_implementation == "flash_attention_2"  # VoCo off: transformers' own path
     model.config.voco_tokens = 1
     use_voco_attention(model)
-    assert text_config._attn_implementation == VOCO_FLASH
+    assert text_config._attn_implementation == attention_backend("flash_attention_2").implementation == "voco_flash_attention_2"

@@ -14,6 +14,7 @@ import json
 import logging
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from llava_voco import VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
@@ -96,7 +97,11 @@ def test_with_lora(tiny, tmp_path):
     trainer = run(tiny, tmp_path / "lora", "--model_name_or_path", tiny.llava, "--voco_tokens", "1", *DISTILL,
                   "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0")
     assert all(entry["distill_kl"] > 0 for entry in logged(trainer).values())
-    assert trainer.model.get_base_model().model.apply_voco_mask  # the teacher's forwards left the mask on
+    base = trainer.model.get_base_model().eval()  # the teacher's forwards left the mask on
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        assert (base(**batch).logits - base(**batch, voco_mask=False).logits).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("flags, message", [

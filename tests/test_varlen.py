@@ -6,11 +6,8 @@ import torch
 
 import llava_voco
 from llava_voco import VoCoCache, VoCoLayout
-from llava_voco.model.varlen import (
-    FlashAttentionUnavailable,
-    build_varlen_plan,
-    varlen_reference_attention,
-)
+from llava_voco.model.attention import AttentionBackendUnavailable
+from llava_voco.model.varlen import build_varlen_plan, varlen_reference_attention
 
 from conftest import load_voco, prompt
 
@@ -123,8 +120,8 @@ def test_varlen_reference_equals_sdpa(voco_dir, voco4_dir, digit_images, mode, p
     batch = batch_for(processor, digit_images, [1, 3, 0], padding_side)
     expected = logits_and_grads(reference.train(), batch)
     got = logits_and_grads(varlen.train(), batch)
-    varlen.model.apply_voco_mask = False  # the same backend with plain causal segments: the rule was in the plan
-    without_rule = logits_and_grads(varlen, batch)
+    # the same backend with plain causal segments: the rule was in the plan
+    without_rule = logits_and_grads(varlen, {**batch, "voco_mask": False})
     assert (without_rule[0] - expected[0]).abs().max() > 1e-3
     torch.testing.assert_close(got[0], expected[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(got[1], expected[1], atol=ATOL, rtol=0)
@@ -178,7 +175,7 @@ def test_flash_attention_2_without_flash_attn_is_refused_before_loading(voco_dir
     broken = tmp_path / "broken"
     shutil.copytree(voco_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
-    with pytest.raises(FlashAttentionUnavailable, match=r"llava-voco\[gpu\]"):
+    with pytest.raises(AttentionBackendUnavailable, match=r"llava-voco\[gpu\]"):
         llava_voco.VoCoLlavaForConditionalGeneration.from_pretrained(broken, attn_implementation="flash_attention_2")
 
 
@@ -190,7 +187,8 @@ def test_flex_block_mask_skips_text_to_vision_blocks(voco_dir):
     block = 128
     ids = torch.tensor([[1] + [config.image_token_id] * 4 * block + [config.voco_token_id] + [5] * 3 * block])
     layout = model.model.voco_layout(ids)
-    block_mask = model.model.voco_attention_mask(layout, ids.shape[1], 1, None, None, None)
+    block_mask, _, _ = model.model.prepare_attention(ids, None, None, None, layout, None, batch_size=1,
+                                                     query_length=ids.shape[1], device=ids.device)
     computed = block_mask.to_dense()[0, 0]  # [query blocks, key blocks]: 1 where a block is computed
     text_start = int(layout.text_start[0, 0])
     text_query_blocks = [b for b in range(computed.shape[0]) if b * block >= text_start]

@@ -34,6 +34,7 @@ from ..errors import InputError, one_line_errors
 from ..image_io import ImageReadError, load_image
 from ..inference import count_vision_passes, read_video
 from ..video import VideoError
+from ..model.attention import attention_backend_names
 
 
 def _lines(path: str, what: str) -> list[str]:
@@ -132,8 +133,8 @@ def _main(argv=None) -> None:
     parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--attn-implementation", default=None,
-                        help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
-                             "(default: the checkpoint's)")
+                        help=f"the language model's attention backend: {', '.join(attention_backend_names())} "
+                             "(llava_voco.model.attention's table; default: the checkpoint's)")
     parser.add_argument("--voco-tokens", type=int, default=None,
                         help="an elastic model's VoCo count per image, one of those it was trained with "
                              "(default: its largest)")

@@ -15,6 +15,7 @@ from transformers import AddedToken, AutoProcessor, LlavaConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from ..constants import VOCO_TOKEN
+from .attention import implementation_with_voco
 from .configuration_voco_llava import VOCO_FIELDS, VoCoLlavaConfig
 from .modeling_voco_llava import VoCoLlavaForConditionalGeneration
 from .processing_voco_llava import VoCoLlavaProcessor
@@ -60,12 +61,10 @@ def use_voco_attention(model) -> None:
     """A model whose VoCo was switched on after it was built (``add_voco_to_llava``, the training entry):
     with ``flash_attention_2`` its language model would run transformers' flash path, which keeps only
     padding and would drop the VoCo rule; it runs flash-attn through the VoCo segment plan instead, as a
-    model built with VoCo on does (docs/design.md §2.5)."""
-    from .varlen import VOCO_FLASH
-
+    model built with VoCo on does (docs/design.md §2.5; ``attention.implementation_with_voco``)."""
     text_config = model.model.language_model.config
-    if model.config.voco_tokens > 0 and text_config._attn_implementation == "flash_attention_2":
-        text_config._attn_implementation = VOCO_FLASH
+    if model.config.voco_tokens > 0:
+        text_config._attn_implementation = implementation_with_voco(text_config._attn_implementation)
 
 
 def add_voco_to_llava(

@@ -5,15 +5,15 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
-from .image_inputs import parse_compress_type
-from .projector import check_projector_type
+from .projectors import get_projector, parse_compress_type
 from .voco_mask import check_mask_mode
 
-VOCO_FIELDS = (
-    "voco_tokens", "voco_token_id", "voco_mask_mode", "mm_projector_type", "llamavid_num_query", "llamavid_qformer",
-    "llamavid_compress_type", "llamavid_video_compress_type", "frame_chunk", "vision_token_pooling",
-    "voco_train_tokens",
+# What an image becomes: the projector method and its settings (a checkpoint's own, kept when it trains on)
+PROJECTOR_FIELDS = (
+    "mm_projector_type", "llamavid_num_query", "llamavid_qformer", "llamavid_compress_type",
+    "llamavid_video_compress_type", "llamavid_instruction_max_length", "frame_chunk", "vision_token_pooling",
 )
+VOCO_FIELDS = ("voco_tokens", "voco_token_id", "voco_mask_mode", "voco_train_tokens", *PROJECTOR_FIELDS)
 
 
 @strict
@@ -32,11 +32,16 @@ class VoCoLlavaConfig(LlavaConfig):
         ``"paper"`` (text may see the system prompt) or ``"official"`` (text sees nothing before the
         first VoCo token, as the released VoCo-LLaMA code does).
     mm_projector_type (`str`, defaults to ``"mlp2x_gelu"``):
-        LLaVA's projector name: ``"mlp2x_gelu"`` (Llava's own projector), ``"linear"`` or ``"llamavid"``.
-    llamavid_num_query, llamavid_qformer, llamavid_compress_type, llamavid_video_compress_type, frame_chunk:
+        The projector method, by LLaVA's names: ``"mlp2x_gelu"`` (Llava's own projector), ``"linear"``,
+        ``"llamavid"``, or one registered with ``llava_voco.model.projectors.register_projector``.
+    llamavid_num_query, llamavid_qformer, llamavid_compress_type, llamavid_video_compress_type,
+    llamavid_instruction_max_length:
         LLaMA-VID (``mm_projector_type="llamavid"``, docs/design.md §3): learnable queries of the text decoder, its
         ``InstructBlipQFormerConfig`` fields, the content pooling of images and of video frames
-        (``none`` | ``mean`` | ``grid:g``), and how many frames go through the vision tower at once.
+        (``none`` | ``mean`` | ``grid:g``), and the instruction tokens its text decoder reads (kept from the end).
+        These are LLaMA-VID's defaults everywhere: the train flags and the processor take theirs from here.
+    frame_chunk (`int`, defaults to 64):
+        Images or frames through the vision tower and the projector at once.
     vision_token_pooling (`str`, defaults to ``"none"``):
         Average pooling of each image's patch features before a ``linear`` / ``mlp2x_gelu`` projector:
         ``"none"``, ``"mean"`` (1 token per image: the VoCo paper's pooling baseline) or ``"grid:g"``.
@@ -53,21 +58,22 @@ class VoCoLlavaConfig(LlavaConfig):
     llamavid_qformer: dict | None = None
     llamavid_compress_type: str = "grid:2"
     llamavid_video_compress_type: str = "mean"
+    llamavid_instruction_max_length: int = 128
     frame_chunk: int = 64
     vision_token_pooling: str = "none"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         check_mask_mode(self.voco_mask_mode)
-        check_projector_type(self.mm_projector_type)
-        if self.mm_projector_type == "llamavid":
-            parse_compress_type(self.llamavid_compress_type)
-            parse_compress_type(self.llamavid_video_compress_type)
+        projector = get_projector(self.mm_projector_type)
         if self.vision_token_pooling != "none":
             parse_compress_type(self.vision_token_pooling)
-            if self.mm_projector_type == "llamavid":
-                raise ValueError("vision_token_pooling is for linear/mlp2x_gelu projectors; LLaMA-VID pools with "
-                                 "llamavid_compress_type")
+        projector.check_config(self)
+        if self.vision_token_pooling != "none" and not projector.accepts_pooling:
+            raise ValueError(f"vision_token_pooling={self.vision_token_pooling!r} with mm_projector_type="
+                             f"{self.mm_projector_type!r}: {projector.pooling_refusal}")
+        if self.frame_chunk < 1:
+            raise ValueError(f"frame_chunk must be >= 1, got {self.frame_chunk}")
         if self.voco_tokens < 0:
             raise ValueError(f"voco_tokens must be >= 0, got {self.voco_tokens}")
         if self.voco_train_tokens is not None:
@@ -98,8 +104,8 @@ class VoCoLlavaConfig(LlavaConfig):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """With VoCo off the checkpoint is written as plain LLaVA (docs/design.md §4), unless its projector is one
-        Llava does not have (``linear``): stock Llava would then load it with a wrong projector."""
-        if self.voco_tokens == 0 and self.mm_projector_type == "mlp2x_gelu" and self.vision_token_pooling == "none":
+        Llava does not have (``linear``, pooling): stock Llava would then load it with a wrong projector."""
+        if self.voco_tokens == 0 and get_projector(self.mm_projector_type).writes_llava_checkpoint(self):
             return self.to_llava_config().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 

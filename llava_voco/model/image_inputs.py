@@ -3,69 +3,23 @@
 - :class:`ImageInputs`, built once per forward, records in token order which images are pixels, which are
   precomputed frame features (``scripts/extract_video_features.py``), which are video frames, and each
   image's instruction (LLaMA-VID).
-- :func:`encode_images` is the one function that turns them into the LLM's tokens, by one of four routes:
-  ``linear`` / ``mlp2x_gelu`` projectors on every patch, the same after average pooling
-  (``vision_token_pooling``), LLaMA-VID's context + content tokens, and precomputed features, which skip
-  the vision tower and get the tokens their pixels would.
+- :func:`encode_images` is the one function that turns them into the LLM's tokens: each image's patch
+  features, from the vision tower or, for precomputed features, as given (they skip the tower and get the
+  tokens their pixels would), through the projector method the config names (``projectors``: ``linear`` /
+  ``mlp2x_gelu``, pooled or not, LLaMA-VID's context + content tokens, or one registered from outside).
 - :func:`tokens_per_image` is the one count of tokens an image or frame takes in the LLM's sequence, for a
-  model config or a processor: the processor, the data pipeline's lengths, the ZeRO-3 blank-image row, the
-  train entry and the chat path all call it.
-
-Pooling specs (``none`` | ``mean`` | ``grid:g``) are parsed and applied here too.
+  model config or a processor (asked of the same projector method): the processor, the data pipeline's
+  lengths, the ZeRO-3 blank-image row, the train entry and the chat path all call it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
-from torch.nn import functional as F
 
-
-class CompressTypeError(ValueError):
-    """A pooling spec (``--compress_type``, ``--vision_token_pooling``) that is malformed or does not fit
-    the patch grid."""
-
-
-def parse_compress_type(spec: str) -> tuple[str, int]:
-    """``"none"`` | ``"mean"`` | ``"grid:g"`` -> (kind, g)."""
-    if spec in ("none", "mean"):
-        return spec, 0
-    kind, _, side = spec.partition(":")
-    if kind == "grid" and side.isdigit() and int(side) > 0:
-        return "grid", int(side)
-    raise CompressTypeError(f"compress_type {spec!r} is malformed: use 'none', 'mean' or 'grid:<g>' with g >= 1")
-
-
-def content_tokens_per_frame(spec: str, num_patches: int) -> int:
-    """Tokens ``num_patches`` patch features become after pooling with ``spec``."""
-    kind, side = parse_compress_type(spec)
-    return {"none": num_patches, "mean": 1, "grid": side * side}[kind]
-
-
-def pool_patches(patch_features: torch.Tensor, spec: str, grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """``[frames, N, C]`` -> ``[frames, n, C]``: average pooling of the patch grid (``grid``: its rows and
-    columns; default a square grid of ``N`` patches)."""
-    kind, side = parse_compress_type(spec)
-    if kind == "none":
-        return patch_features
-    if kind == "mean":
-        return patch_features.mean(dim=1, keepdim=True)
-    frames, num_patches, channels = patch_features.shape
-    if grid is None:
-        rows = math.isqrt(num_patches)
-        if rows * rows != num_patches:
-            raise CompressTypeError(f"grid pooling needs the patch grid's shape; {num_patches} patches is not a square")
-        grid = (rows, rows)
-    rows, columns = grid
-    if rows * columns != num_patches:
-        raise CompressTypeError(f"a {rows} x {columns} patch grid has {rows * columns} patches, got {num_patches}")
-    if side > min(rows, columns):
-        raise CompressTypeError(f"compress_type 'grid:{side}' is larger than the {rows} x {columns} patch grid")
-    patch_grid = patch_features.transpose(1, 2).reshape(frames, channels, rows, columns)
-    pooled = F.adaptive_avg_pool2d(patch_grid, side)  # [frames, C, side, side]
-    return pooled.flatten(2).transpose(1, 2)
+from .configuration_voco_llava import VoCoLlavaConfig
+from .projectors import projector_for, projector_input_size
 
 
 @dataclass(frozen=True)
@@ -75,16 +29,21 @@ class ImageTokenSpec:
     patch_rows: int  # patch grid of the vision tower's input (image height // patch size)
     patch_columns: int
     extra_tokens: int  # tokens beside the patches that reach the LLM (CLS under the "full" strategy)
-    projector_type: str = "mlp2x_gelu"
-    vision_token_pooling: str = "none"  # linear / mlp2x_gelu
-    compress_type: str = "grid:2"  # LLaMA-VID, images
-    video_compress_type: str = "mean"  # LLaMA-VID, video frames
+    projector_type: str = VoCoLlavaConfig.mm_projector_type  # a registered projector method (projectors)
+    vision_token_pooling: str = VoCoLlavaConfig.vision_token_pooling  # linear / mlp2x_gelu
+    compress_type: str = VoCoLlavaConfig.llamavid_compress_type  # LLaMA-VID, images
+    video_compress_type: str = VoCoLlavaConfig.llamavid_video_compress_type  # LLaMA-VID, video frames
     voco_tokens: int = 0
 
     @property
     def patches(self) -> int:
         """Patch features per image (what LLaMA-VID and pooling read; CLS dropped under "default")."""
         return self.patch_rows * self.patch_columns + self.extra_tokens
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The patches' (rows, columns); None when a CLS token is kept beside them (not a grid)."""
+        return (self.patch_rows, self.patch_columns) if self.extra_tokens == 0 else None
 
     @classmethod
     def from_config(cls, config) -> "ImageTokenSpec":
@@ -96,10 +55,10 @@ class ImageTokenSpec:
             patch_rows=height // patch_height,
             patch_columns=width // patch_width,
             extra_tokens=1 if config.vision_feature_select_strategy == "full" else 0,
-            projector_type=getattr(config, "mm_projector_type", "mlp2x_gelu"),
-            vision_token_pooling=getattr(config, "vision_token_pooling", "none"),
-            compress_type=getattr(config, "llamavid_compress_type", "grid:2"),
-            video_compress_type=getattr(config, "llamavid_video_compress_type", "mean"),
+            projector_type=projector_for(config).name,
+            vision_token_pooling=getattr(config, "vision_token_pooling", cls.vision_token_pooling),
+            compress_type=getattr(config, "llamavid_compress_type", cls.compress_type),
+            video_compress_type=getattr(config, "llamavid_video_compress_type", cls.video_compress_type),
             voco_tokens=getattr(config, "voco_tokens", 0),
         )
 
@@ -111,15 +70,14 @@ class ImageTokenSpec:
         size = getattr(image_processor, "crop_size", None) or image_processor.size
         patch = processor.patch_size
         extra = processor.num_additional_image_tokens - (1 if processor.vision_feature_select_strategy == "default" else 0)
-        llamavid = getattr(processor, "llamavid_compress_type", None)
         return cls(
             patch_rows=size["height"] // patch,
             patch_columns=size["width"] // patch,
             extra_tokens=max(extra, 0),
-            projector_type="llamavid" if llamavid is not None else "mlp2x_gelu",
-            vision_token_pooling=getattr(processor, "vision_token_pooling", "none"),
-            compress_type=llamavid or "grid:2",
-            video_compress_type=getattr(processor, "llamavid_video_compress_type", None) or llamavid or "mean",
+            projector_type=projector_for(processor).name,
+            vision_token_pooling=getattr(processor, "vision_token_pooling", None) or cls.vision_token_pooling,
+            compress_type=getattr(processor, "llamavid_compress_type", None) or cls.compress_type,
+            video_compress_type=getattr(processor, "llamavid_video_compress_type", None) or cls.video_compress_type,
             voco_tokens=getattr(processor, "voco_tokens", 0),
         )
 
@@ -154,9 +112,9 @@ def image_token_spec(source) -> ImageTokenSpec:
 def tokens_per_image(source, is_frame: bool = False, image_size: tuple[int, int] | None = None) -> ImageTokenCount:
     """Tokens one image (``is_frame``: one video frame) becomes, for a model config or a processor.
 
-    linear / mlp2x_gelu: one token per patch (plus CLS under "full"), or the pooled count with
-    ``vision_token_pooling``; LLaMA-VID: 1 context token plus the pooled content tokens (frames pool with
-    the video compress type); then ``voco_tokens`` VoCo tokens. ``image_size``: the (height, width) the
+    The image tokens are the projector method's count (``projectors``; linear / mlp2x_gelu: one per patch,
+    plus CLS under "full", or the pooled count; LLaMA-VID: 1 context token plus the pooled content tokens,
+    frames pooled with the video compress type); then ``voco_tokens`` VoCo tokens. ``image_size``: the (height, width) the
     image reaches the vision tower at, when a processor was asked for another size than its own.
     """
     spec = image_token_spec(source)
@@ -165,13 +123,7 @@ def tokens_per_image(source, is_frame: bool = False, image_size: tuple[int, int]
         if patch is None:
             patch = _pair(source.vision_config.patch_size)[0]
         spec = replace(spec, patch_rows=int(image_size[0]) // patch, patch_columns=int(image_size[1]) // patch)
-    if spec.projector_type == "llamavid":
-        image = 1 + content_tokens_per_frame(spec.video_compress_type if is_frame else spec.compress_type, spec.patches)
-    elif spec.vision_token_pooling != "none":
-        image = content_tokens_per_frame(spec.vision_token_pooling, spec.patches)
-    else:
-        image = spec.patches
-    return ImageTokenCount(image=image, voco=spec.voco_tokens)
+    return ImageTokenCount(image=projector_for(spec).image_tokens(spec, is_frame), voco=spec.voco_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,7 +221,7 @@ class ImageInputs:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Features: the four routes.
+# Features: patch features (from pixels or precomputed), then the projector method.
 # ---------------------------------------------------------------------------------------------------
 def vision_patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[images, N, C]``: the selected vision layer(s)' patch features of a ``VoCoLlavaModel`` (CLS dropped
@@ -290,8 +242,6 @@ def vision_patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 def checked_frame_features(model, frame_features: torch.Tensor) -> torch.Tensor:
     """Precomputed frames on the vision tower's device and dtype; another width or rank is refused (they
     must be what :func:`vision_patch_features` gives)."""
-    from .projector import projector_input_size
-
     width = projector_input_size(model.config)
     if frame_features.ndim != 3 or frame_features.shape[-1] != width:
         raise ValueError(
@@ -327,44 +277,16 @@ def encode_images(model, images: ImageInputs) -> list[torch.Tensor]:
     """Each image's tokens for the LLM, ``[tokens_per_image(config, is_frame).image, D]``, in token order.
 
     ``model`` is a ``VoCoLlavaModel`` (its vision tower, projector and config). Images go through the tower
-    ``frame_chunk`` at a time, so a long video keeps memory flat."""
+    and the projector method ``frame_chunk`` at a time, so a long video keeps memory flat."""
     config = model.config
-    spec = ImageTokenSpec.from_config(config)
-    grid = (spec.patch_rows, spec.patch_columns) if spec.extra_tokens == 0 else None
+    method = projector_for(config)
+    grid = ImageTokenSpec.from_config(config).grid
     features: list[torch.Tensor] = []
     for start in range(0, len(images), config.frame_chunk):
         chunk = images.select(slice(start, start + config.frame_chunk))
         patches = patch_features(model, chunk)  # [chunk, N, C]
-        if config.mm_projector_type == "llamavid":
-            features.extend(_llamavid_tokens(model.multi_modal_projector, patches, chunk, config, grid))
-        else:
-            if config.vision_token_pooling != "none":
-                patches = pool_patches(patches, config.vision_token_pooling, grid)  # [chunk, n, C]
-            features.extend(model.multi_modal_projector(patches))
+        features.extend(method.encode(model, patches, chunk, grid))
     return features
-
-
-def _llamavid_tokens(projector, patches: torch.Tensor, images: ImageInputs, config, grid) -> list[torch.Tensor]:
-    """Per image ``[1 + content, D]``: LLaMA-VID's context token and content tokens (docs/design.md §3); video
-    frames pool with ``llamavid_video_compress_type``, images with ``llamavid_compress_type``."""
-    if images.instruction_input_ids is None or images.instruction_attention_mask is None:
-        raise ValueError(
-            "mm_projector_type='llamavid' needs instruction_input_ids / instruction_attention_mask: each image's "
-            "instruction tokenized with the text decoder's tokenizer (the processor gives them)"
-        )
-    tokens: list[torch.Tensor | None] = [None] * len(images)
-    for is_frame, spec in ((False, config.llamavid_compress_type), (True, config.llamavid_video_compress_type)):
-        rows = (images.is_frame == is_frame).nonzero().squeeze(1)
-        if len(rows) == 0:
-            continue
-        rows_on = rows.to(patches.device)
-        encoded = projector(
-            patches[rows_on], images.instruction_input_ids[rows], images.instruction_attention_mask[rows],
-            compress_type=spec, grid=grid,
-        )
-        for row, image_tokens in zip(rows.tolist(), encoded):
-            tokens[row] = image_tokens
-    return tokens
 
 
 __all__ = [
@@ -373,12 +295,8 @@ __all__ = [
     "encode_images",
     "patch_features",
     "vision_patch_features",
-    "CompressTypeError",
     "ImageTokenCount",
     "ImageTokenSpec",
-    "content_tokens_per_frame",
     "image_token_spec",
-    "parse_compress_type",
-    "pool_patches",
     "tokens_per_image",
 ]

@@ -1,12 +1,13 @@
 """LLaVA with VoCo compression: each image's vision tokens are read by later text only through the
 ``voco_tokens`` VoCo tokens that follow it (docs/design.md §2).
 
-Nothing here copies the language model: the VoCo rule (``voco_mask.VoCoLayout``) is turned into a mask in
-the format of the attention backend (boolean for sdpa, additive float for eager, a BlockMask for flex,
-through transformers' ``create_causal_mask(and_mask_function=...)``), and the 4D result is passed to the
-language model, which uses a 4D mask as given. What an image becomes is ``image_inputs``; compression
-(``compress`` / ``generate`` from a cache) is ``voco_generation``. Parameter names are Llava's, so Llava
-state dicts load unchanged.
+Nothing here copies the language model. ``prepare_attention`` is the one place attention is prepared: the
+VoCo rule's layout (``voco_mask.VoCoLayout``) is turned into what the language model's attention backend takes,
+looked up in ``attention.py``'s table: a dense mask (boolean for sdpa, additive float for eager), a BlockMask
+(flex, through transformers' ``create_causal_mask(and_mask_function=...)``) or a varlen segment plan. What an
+image becomes is ``image_inputs`` (``get_image_features``, transformers' hook); compression (``compress`` /
+``generate`` from a cache) is ``voco_generation``. Parameter names are Llava's, so Llava state dicts load
+unchanged.
 """
 
 from __future__ import annotations
@@ -15,27 +16,18 @@ import torch
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import Cache
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    create_causal_mask,
-    eager_mask,
-    flex_attention_mask,
-    sdpa_mask,
-)
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
+from .attention import AttentionBackend, attention_backend_names, backend_running, check_requested, implementation_with_voco
 from .configuration_voco_llava import VoCoLlavaConfig
 from .image_inputs import ImageInputs, encode_images, vision_patch_features
-from .projector import build_projector
-from .varlen import PLAN_KWARG, VARLEN_IMPLEMENTATIONS, VOCO_FLASH, build_varlen_plan, require_flash_attn
+from .projectors import projector_for
+from .varlen import PLAN_KWARG, build_varlen_plan
 from .voco_cache import VoCoCache
 from .voco_generation import VoCoGenerationMixin
 from .voco_mask import VoCoLayout, packed_sample_index
-
-# Mask builders that honour a mask function. flash-attn's builder only keeps padding, so it would silently
-# drop the VoCo rule: its varlen path is a separate backend (docs/design.md §2.5).
-_MASK_BUILDERS_WITH_MASK_FUNCTION = (sdpa_mask, eager_mask, flex_attention_mask)
 
 
 class VoCoLlavaModel(LlavaModel):
@@ -47,25 +39,45 @@ class VoCoLlavaModel(LlavaModel):
         # under ZeRO-3's zero.Init that allocates and partitions it for nothing).
         LlavaPreTrainedModel.__init__(self, config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = build_projector(config)
+        self.multi_modal_projector = projector_for(config).build(config)
         self.language_model = AutoModel.from_config(config.text_config)
-        # False only to train the VoCo paper's lower bound (``--voco_mask_in_training False``): VoCo tokens in
-        # the sequence but plain causal attention, so text learns to read the vision tokens; the saved model
-        # is then evaluated with the mask. Not a config field: a checkpoint always loads with the mask on.
-        self.apply_voco_mask = True
-        if config.voco_tokens > 0 and self.language_model.config._attn_implementation == "flash_attention_2":
-            # transformers' flash path keeps only padding and would drop the rule: the same kernel, through
-            # the VoCo segment plan (varlen.py)
-            self.language_model.config._attn_implementation = VOCO_FLASH
+        if config.voco_tokens > 0:
+            # transformers' flash path keeps only padding and would drop the rule: the same kernel, through the
+            # VoCo segment plan (attention.implementation_with_voco)
+            text_config = self.language_model.config
+            text_config._attn_implementation = implementation_with_voco(text_config._attn_implementation)
         self.post_init()
 
     def vision_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[images, N, C]``: what precomputed frame features store (``image_inputs.vision_patch_features``)."""
         return vision_patch_features(self, pixel_values)
 
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        *,
+        images: ImageInputs | None = None,
+        **image_inputs,
+    ) -> BaseModelOutputWithPooling:
+        """transformers' hook for image features: ``pooler_output`` is each image's tokens for the LLM (a list of
+        ``[tokens, D]``, in token order), made by the config's projector method (``image_inputs.encode_images``).
+        Takes the forward's image inputs (or ``images``); the vision layer and strategy are the config's."""
+        for name, value, configured in (
+            ("vision_feature_layer", vision_feature_layer, self.config.vision_feature_layer),
+            ("vision_feature_select_strategy", vision_feature_select_strategy, self.config.vision_feature_select_strategy),
+        ):
+            if value is not None and value != configured:
+                raise ValueError(f"{name}={value!r}: this model's projector was trained on {configured!r}")
+        if images is None:
+            images = ImageInputs.from_forward(pixel_values, **image_inputs)
+        return BaseModelOutputWithPooling(pooler_output=encode_images(self, images))
+
     def encode_images(self, pixel_values: torch.Tensor | None = None, **image_inputs) -> list[torch.Tensor]:
-        """Each image's tokens for the LLM (``image_inputs.encode_images``); takes the forward's image inputs."""
-        return encode_images(self, ImageInputs.from_forward(pixel_values, **image_inputs))
+        """Each image's tokens for the LLM (``get_image_features(...).pooler_output``)."""
+        return self.get_image_features(pixel_values, **image_inputs).pooler_output
 
     def voco_layout(
         self,
@@ -96,66 +108,137 @@ class VoCoLlavaModel(LlavaModel):
             sample_index=sample_index,
         )
 
-    def continuation_layout(
-        self, input_ids: torch.LongTensor | None, cache: VoCoCache, query_length: int, new_mask: torch.Tensor,
-        images: ImageInputs | None, cache_length: int | None = None,
-    ) -> VoCoLayout | None:
-        """Layout of (cache, new tokens) when continuing a compressed cache; None when no mask beyond causal
-        and padding is needed (paper mode, no image in the new tokens). ``cache_length``: the cached positions
-        ``input_ids`` follow (default: all of them; ``generate`` passes the described ones and every token
-        after them)."""
-        new_has_images = input_ids is not None and bool(
-            ((input_ids == self.config.image_token_id) | (input_ids == self.config.voco_token_id)).any()
-        )
-        if not new_has_images and self.config.voco_mask_mode == "paper":
-            return None
-        new_tokens = self.voco_layout(input_ids, new_mask, images=images) if new_has_images else None
-        return VoCoLayout.continuing(
-            new_tokens,
-            cache_length=cache.get_seq_length() if cache_length is None else cache_length,
-            cache_first_voco=cache.first_voco_index(self.config.voco_token_id).to(new_mask.device),
-            batch_size=new_mask.shape[0],
-            query_length=query_length,
-            mode=self.config.voco_mask_mode,
-        )
-
-    def voco_attention_mask(
+    def attention_layout(
         self,
-        voco_layout: VoCoLayout,
-        query_length: int,
-        batch_size: int,
-        attention_mask: torch.Tensor | None,  # [batch, past + query] padding, or None
-        past_key_values: Cache | None,
-        position_ids: torch.Tensor | None,
-    ):
-        """Causal + padding + VoCo mask in the format of the language model's attention backend."""
-        text_config = self.language_model.config
-        implementation = text_config._attn_implementation
-        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation)
-        if builder not in _MASK_BUILDERS_WITH_MASK_FUNCTION:
-            raise ValueError(
-                f"the VoCo mask cannot be expressed with attn_implementation={implementation!r} "
-                "(its mask builder ignores mask functions); use 'sdpa', 'eager' or 'flex_attention'"
+        input_ids: torch.LongTensor | None,  # [batch, n] the whole sequence, or the tokens after `cache_length`
+        attention_mask: torch.Tensor | None,  # [batch, n] padding of input_ids
+        *,
+        cache: VoCoCache | None = None,
+        cache_length: int | None = None,
+        images: ImageInputs | None = None,
+        position_ids: torch.Tensor | None = None,
+        voco_mask: bool = True,
+    ) -> VoCoLayout | None:
+        """The layout the mask is made from, for the forward and for ``generate``'s steps alike; None when causal
+        attention and padding are all there is.
+
+        - ``input_ids`` continue a compressed ``cache`` (after its first ``cache_length`` positions, default all):
+          the rule within the new tokens (an image compressed after others) and, in official mode, text kept off
+          the cached prefix;
+        - ``input_ids`` are a whole sequence: the rule, per sample in packed rows (``position_ids``);
+        - the rule off (VoCo off, or ``voco_mask=False``: the lower bound's training, the distillation teacher):
+          only "no token reads another sample" in packed rows.
+        """
+        voco = self.config.voco_tokens > 0 and voco_mask
+        if cache is not None:
+            if not voco or input_ids is None:
+                return None
+            new_has_images = bool(
+                ((input_ids == self.config.image_token_id) | (input_ids == self.config.voco_token_id)).any()
             )
-        embedding = self.get_input_embeddings().weight
-        if builder in (sdpa_mask, eager_mask):
+            if not new_has_images and self.config.voco_mask_mode == "paper":
+                return None
+            new_tokens = self.voco_layout(input_ids, attention_mask, images=images) if new_has_images else None
+            return VoCoLayout.continuing(
+                new_tokens,
+                cache_length=cache.get_seq_length() if cache_length is None else cache_length,
+                cache_first_voco=cache.first_voco_index(self.config.voco_token_id).to(attention_mask.device),
+                batch_size=attention_mask.shape[0],
+                query_length=input_ids.shape[1],
+                mode=self.config.voco_mask_mode,
+            )
+        sample_index = packed_sample_index(position_ids)
+        if voco:
+            if input_ids is None:
+                raise ValueError("VoCo needs input_ids (or a voco_layout) to find the image and VoCo tokens")
+            return self.voco_layout(input_ids, attention_mask, images=images, sample_index=sample_index)
+        return VoCoLayout.packed_only(sample_index, self.config.voco_mask_mode) if sample_index is not None else None
+
+    def attention_backend(self) -> tuple[str, AttentionBackend | None]:
+        """The language model's ``attn_implementation`` and its row of the backend table (None: one the table does
+        not know)."""
+        implementation = self.language_model.config._attn_implementation
+        return implementation, backend_running(implementation)
+
+    def prepare_attention(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,  # [batch, past + query] or [batch, query] padding, or None
+        position_ids: torch.Tensor | None,
+        past_key_values: Cache | None,
+        voco_layout: VoCoLayout | None,
+        images: ImageInputs | None,
+        batch_size: int,
+        query_length: int,
+        device: torch.device,
+        voco_mask: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """The one place attention is prepared: the layout (``attention_layout``, unless given), then what the
+        backend takes, by its ``rule`` in the table (``attention.py``): a dense mask, a BlockMask, or a varlen
+        plan. Returns ``(attention_mask, position_ids, extra forward keywords)``."""
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        continuing = isinstance(past_key_values, VoCoCache) and past_length > 0
+        if continuing:
+            # A compressed cache holds only what later tokens may read, and its positions run on past it.
+            attention_mask, position_ids = past_key_values.continuation_inputs(
+                batch_size, query_length, attention_mask, position_ids
+            )
+        if voco_layout is None:
+            if past_length > 0 and not continuing and self.config.voco_tokens > 0 and voco_mask:
+                raise ValueError(
+                    "continuing from a cache with VoCo on needs voco_layout= the layout of the whole sequence "
+                    "(VoCoLayout.from_input_ids on all ids so far), or a VoCoCache from model.compress(); "
+                    "generate() passes the layout itself"
+                )
+            if continuing:
+                voco_layout = self.attention_layout(
+                    input_ids, attention_mask[:, -query_length:], cache=past_key_values, images=images,
+                    voco_mask=voco_mask,
+                )
+            elif past_length == 0:
+                voco_layout = self.attention_layout(
+                    input_ids, attention_mask, images=images, position_ids=position_ids, voco_mask=voco_mask
+                )
+        if voco_layout is not None and not (voco_layout.has_voco and voco_mask or voco_layout.sample_index is not None):
+            voco_layout = None  # the rule switched off, and no packed samples to keep apart
+        implementation, backend = self.attention_backend()
+        if backend is None or implementation != backend.implementation:
+            # a kernel path the table does not prepare: transformers' own flash path (a model without VoCo, which
+            # reads packed position ids itself), or an unknown backend, which cannot take the rule
+            if voco_layout is not None and (voco_layout.has_voco or implementation != "flash_attention_2"):
+                raise ValueError(
+                    f"the VoCo mask cannot be expressed with attn_implementation={implementation!r} (it is not in the "
+                    f"attention backend table, and its mask builder may ignore mask functions); use one of "
+                    f"{', '.join(attention_backend_names())} or register it (llava_voco.model.attention)"
+                )
+            return attention_mask, position_ids, {}
+        padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        if backend.rule == "varlen":
+            # no mask at all: the rule (or plain causal attention) as varlen segments, padding never computed
+            plan = build_varlen_plan(voco_layout, padding, batch_size=batch_size, q_offset=past_length,
+                                     q_length=query_length, device=device)
+            return attention_mask, position_ids, {PLAN_KWARG: plan}
+        if voco_layout is None:
+            return attention_mask, position_ids, {}
+        dtype = self.get_input_embeddings().weight.dtype
+        if backend.rule == "dense":
             # The rule evaluated by broadcasting (VoCoLayout.dense_mask), in the format sdpa_mask / eager_mask
             # give: what create_causal_mask would build, without its per-element vmap (costly per call).
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            allowed = voco_layout.dense_mask(attention_mask, q_offset=past_length, q_length=query_length)
-            if builder is sdpa_mask:
-                return allowed  # [batch, 1, query, past + query] bool
-            zero = torch.zeros((), dtype=embedding.dtype, device=allowed.device)
-            return torch.where(allowed, zero, torch.finfo(embedding.dtype).min)
-        shape_only = torch.empty((batch_size, query_length, 0), dtype=embedding.dtype, device=embedding.device)
-        return create_causal_mask(
-            config=text_config,
+            allowed = voco_layout.dense_mask(padding, q_offset=past_length, q_length=query_length)
+            if not backend.additive_mask:
+                return allowed, position_ids, {}  # [batch, 1, query, past + query] bool
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            return torch.where(allowed, zero, torch.finfo(dtype).min), position_ids, {}
+        shape_only = torch.empty((batch_size, query_length, 0), dtype=dtype, device=device)
+        block_mask = create_causal_mask(
+            config=self.language_model.config,
             inputs_embeds=shape_only,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             position_ids=position_ids,
             and_mask_function=voco_layout.mask_function(),
         )
+        return block_mask, position_ids, {}
 
     def forward(
         self,
@@ -171,6 +254,7 @@ class VoCoLlavaModel(LlavaModel):
         video_frame_mask: torch.Tensor | None = None,
         frame_features: torch.Tensor | None = None,
         frame_features_mask: torch.Tensor | None = None,
+        voco_mask: bool = True,
         **kwargs,
     ):
         r"""
@@ -186,61 +270,28 @@ class VoCoLlavaModel(LlavaModel):
         voco_layout (`VoCoLayout`, *optional*):
             Layout of the whole sequence (cached tokens included). Derived from `input_ids` when they are the
             whole sequence or continue a `VoCoCache`; `generate` passes it at every step otherwise.
+        voco_mask (`bool`, defaults to `True`):
+            False: the VoCo tokens stay in the sequence but attention is plain causal (packed samples still kept
+            apart), so text reads the vision tokens. For training the VoCo paper's lower bound
+            (`--voco_mask_in_training False`) and for the distillation teacher; a checkpoint always runs with
+            the mask unless asked.
         """
         images = ImageInputs.from_forward(
             pixel_values, frame_features, frame_features_mask, video_frame_mask,
             instruction_input_ids, instruction_attention_mask,
         )
-        batch_size, query_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        mask_is_4d = attention_mask is not None and attention_mask.ndim == 4
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if isinstance(past_key_values, VoCoCache) and past_length > 0 and not mask_is_4d:
-            # Continuing a compressed cache: it holds only what later tokens may read; the rule applies
-            # within the new tokens (an image compressed after others), and official mode keeps text off
-            # the cached prefix.
-            attention_mask, position_ids = past_key_values.continuation_inputs(
-                batch_size, query_length, attention_mask, position_ids
+        if attention_mask is None or attention_mask.ndim != 4:  # a 4D mask is used as given
+            sequence = input_ids if input_ids is not None else inputs_embeds
+            attention_mask, position_ids, attention_inputs = self.prepare_attention(
+                input_ids, attention_mask, position_ids, past_key_values, voco_layout, images,
+                batch_size=sequence.shape[0], query_length=sequence.shape[1], device=sequence.device,
+                voco_mask=voco_mask,
             )
-            if voco_layout is None and self.config.voco_tokens > 0:
-                voco_layout = self.continuation_layout(
-                    input_ids, past_key_values, query_length, attention_mask[:, -query_length:], images
-                )
-        elif self.config.voco_tokens > 0 and self.apply_voco_mask and not mask_is_4d and voco_layout is None:
-            if input_ids is None:
-                raise ValueError("VoCo needs input_ids (or a voco_layout) to find the image and VoCo tokens")
-            if past_length > 0:
-                raise ValueError(
-                    "continuing from a cache with VoCo on needs voco_layout= the layout of the whole sequence "
-                    "(VoCoLayout.from_input_ids on all ids so far), or a VoCoCache from model.compress(); "
-                    "generate() passes the layout itself"
-                )
-            voco_layout = self.voco_layout(
-                input_ids, attention_mask, images=images, sample_index=packed_sample_index(position_ids)
-            )
-        elif voco_layout is None and not mask_is_4d and past_length == 0:
-            # packed rows without VoCo (or training the lower bound): only "no token reads another sample";
-            # transformers' own flash path reads packed position ids itself
-            sample_index = packed_sample_index(position_ids)
-            if sample_index is not None and self.language_model.config._attn_implementation != "flash_attention_2":
-                voco_layout = VoCoLayout.packed_only(sample_index, self.config.voco_mask_mode)
-        with_rule = (voco_layout is not None and not mask_is_4d
-                     and (voco_layout.has_voco and self.apply_voco_mask or voco_layout.sample_index is not None))
-        if self.language_model.config._attn_implementation in VARLEN_IMPLEMENTATIONS and not mask_is_4d:
-            # no mask at all: the rule (or plain causal attention) as varlen segments, padding never computed
-            padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-            kwargs[PLAN_KWARG] = build_varlen_plan(
-                voco_layout if with_rule else None, padding, batch_size=batch_size, q_offset=past_length,
-                q_length=query_length, device=(input_ids if input_ids is not None else inputs_embeds).device,
-            )
-        elif with_rule:
-            attention_mask = self.voco_attention_mask(
-                voco_layout, query_length, batch_size, attention_mask, past_key_values, position_ids
-            )
+            kwargs.update(attention_inputs)
         if images is not None:
             # Llava's extension point for image features computed outside it: it scatters them into the
             # image tokens (and checks their count).
-            image_features = encode_images(self, images)  # per image [tokens, D]
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=image_features)}
+            kwargs["mm_encoder_outputs"] = {"image": self.get_image_features(images=images)}  # per image [tokens, D]
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -264,11 +315,9 @@ class VoCoLlavaForConditionalGeneration(VoCoGenerationMixin, LlavaForConditional
 
     @classmethod
     def from_pretrained(cls, *args, attn_implementation: str | dict | None = None, **kwargs):
-        """``from_pretrained``; ``attn_implementation="flash_attention_2"`` without flash-attn installed is refused
-        here, before any weight is read, naming the extra that installs it."""
-        asked = attn_implementation.values() if isinstance(attn_implementation, dict) else [attn_implementation]
-        if "flash_attention_2" in asked:
-            require_flash_attn()
+        """``from_pretrained``; a backend of the table (``attention.py``) whose package is missing (flash-attn) is
+        refused here, before any weight is read, naming what installs it."""
+        check_requested(attn_implementation)
         return super().from_pretrained(*args, attn_implementation=attn_implementation, **kwargs)
 
     def forward(
@@ -290,6 +339,7 @@ class VoCoLlavaForConditionalGeneration(VoCoGenerationMixin, LlavaForConditional
         video_frame_mask: torch.Tensor | None = None,
         frame_features: torch.Tensor | None = None,
         frame_features_mask: torch.Tensor | None = None,
+        voco_mask: bool = True,
         **kwargs,
     ):
         r"""Llava's forward; the extra inputs as in `VoCoLlavaModel.forward` (named here so `generate`
@@ -301,6 +351,7 @@ class VoCoLlavaForConditionalGeneration(VoCoGenerationMixin, LlavaForConditional
             "video_frame_mask": video_frame_mask,
             "frame_features": frame_features,
             "frame_features_mask": frame_features_mask,
+            "voco_mask": None if voco_mask else False,
         }
         kwargs.update({name: value for name, value in extra.items() if value is not None})
         return super().forward(

@@ -12,8 +12,12 @@ import torch
 from transformers import LlavaProcessor
 
 from ..constants import IMAGE_PLACEHOLDER, TEXT_DECODER_TOKENIZER_DIR, VIDEO_PLACEHOLDER, VOCO_TOKEN
+from ..conversation import turn_around
 from ..video import is_frame_features, read_frame_features
+from .configuration_voco_llava import VoCoLlavaConfig
 from .image_inputs import image_token_spec, tokens_per_image
+from .projectors import get_projector, projector_for
+from .projectors.llamavid import encode_instructions
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,9 @@ _CALL_IMAGES: ContextVar[_CallImages | None] = ContextVar("llava_voco_call_image
 class VoCoLlavaProcessor(LlavaProcessor):
     """Expands ``<image>`` exactly as ``LlavaProcessor`` does, then appends the VoCo tokens.
 
-    With ``voco_tokens=0`` the output is the parent's, token for token.
+    With ``voco_tokens=0`` the output is the parent's, token for token. ``mm_projector_type`` names the
+    model's projector method (``projectors``), which says how many tokens an image becomes; its settings
+    (``vision_token_pooling``, LLaMA-VID's compress types and instruction length) default to the config's.
     """
 
     def __init__(
@@ -51,8 +57,9 @@ class VoCoLlavaProcessor(LlavaProcessor):
         voco_token: str = VOCO_TOKEN,
         llamavid_compress_type: str | None = None,
         llamavid_video_compress_type: str | None = None,
-        instruction_max_length: int = 128,
-        vision_token_pooling: str = "none",
+        instruction_max_length: int | None = None,
+        vision_token_pooling: str = VoCoLlavaConfig.vision_token_pooling,
+        mm_projector_type: str | None = None,
         voco_separator: str = "",
         conversation_version: str | None = None,
         **kwargs,
@@ -67,10 +74,19 @@ class VoCoLlavaProcessor(LlavaProcessor):
         # template's (ConversationTemplate.voco_separator: "\n" for voco_official, the released VoCo-LLaMA
         # layout "<image>\n<voco><voco>\n", which voco_mask_mode="official" reads)
         self.voco_separator = voco_separator
-        # LLaMA-VID (None: plain LLaVA tokens): each image becomes 1 context + pooled content tokens
-        self.llamavid_compress_type = llamavid_compress_type
-        self.llamavid_video_compress_type = llamavid_video_compress_type or llamavid_compress_type
-        self.instruction_max_length = instruction_max_length
+        # The projector method. A LLaMA-VID compress type given to a method that reads none (a processor saved
+        # before the method was recorded, or one asked for LLaMA-VID that way) means LLaMA-VID.
+        mm_projector_type = mm_projector_type or VoCoLlavaConfig.mm_projector_type
+        if llamavid_compress_type is not None and not get_projector(mm_projector_type).reads_instruction:
+            mm_projector_type = "llamavid"
+        self.mm_projector_type = mm_projector_type
+        # LLaMA-VID (None with another method): each image becomes 1 context + pooled content tokens
+        reads_instruction = projector_for(self).reads_instruction
+        self.llamavid_compress_type = (llamavid_compress_type or VoCoLlavaConfig.llamavid_compress_type
+                                       if reads_instruction else None)
+        self.llamavid_video_compress_type = (llamavid_video_compress_type or VoCoLlavaConfig.llamavid_video_compress_type
+                                             if reads_instruction else None)
+        self.instruction_max_length = instruction_max_length or VoCoLlavaConfig.llamavid_instruction_max_length
         # Average pooling before a linear / mlp2x_gelu projector (VoCoLlavaConfig.vision_token_pooling)
         self.vision_token_pooling = vision_token_pooling
         # the --version template the model was trained with (the train entry records it with its chat template)
@@ -100,6 +116,11 @@ class VoCoLlavaProcessor(LlavaProcessor):
 
     video_token = VIDEO_PLACEHOLDER
 
+    @property
+    def reads_instruction(self) -> bool:
+        """Whether each image's instruction is tokenized for the model (LLaMA-VID's text decoder reads it)."""
+        return projector_for(self).reads_instruction
+
     @classmethod
     def from_llava_processor(cls, processor: LlavaProcessor, voco_tokens: int, tokenizer=None) -> "VoCoLlavaProcessor":
         """The same image processor, tokenizer (or ``tokenizer``), template and image-token settings, with VoCo."""
@@ -115,8 +136,9 @@ class VoCoLlavaProcessor(LlavaProcessor):
             voco_token_choices=getattr(processor, "voco_token_choices", None),
             llamavid_compress_type=getattr(processor, "llamavid_compress_type", None),
             llamavid_video_compress_type=getattr(processor, "llamavid_video_compress_type", None),
-            instruction_max_length=getattr(processor, "instruction_max_length", 128),
-            vision_token_pooling=getattr(processor, "vision_token_pooling", "none"),
+            instruction_max_length=getattr(processor, "instruction_max_length", None),
+            vision_token_pooling=getattr(processor, "vision_token_pooling", VoCoLlavaConfig.vision_token_pooling),
+            mm_projector_type=getattr(processor, "mm_projector_type", None),
             voco_separator=getattr(processor, "voco_separator", ""),
             conversation_version=getattr(processor, "conversation_version", None),
         )
@@ -154,8 +176,9 @@ class VoCoLlavaProcessor(LlavaProcessor):
 
         LLaMA-VID: ``instructions``, one per ``<image>`` / ``<video>`` placeholder in order (a video's
         goes to each of its frames), become ``instruction_input_ids`` / ``instruction_attention_mask``
-        through ``text_decoder_tokenizer``; without them each image gets its sample's text, placeholders
-        removed (left-truncated, so the question at the end is kept).
+        through ``text_decoder_tokenizer``; without them each image gets the turn of its sample's text that
+        shows it (``conversation.turn_around``: the human turn, as training gives it), placeholders removed
+        (left-truncated, so the question at the end is kept).
 
         ``voco_tokens=k``: this call's VoCo count, one of an elastic model's (``voco_token_choices``)."""
         voco_tokens = kwargs.pop("voco_tokens", None)
@@ -163,7 +186,8 @@ class VoCoLlavaProcessor(LlavaProcessor):
             choices = self.voco_token_choices or [self.voco_tokens]
             if voco_tokens not in choices:
                 raise ValueError(f"voco_tokens={voco_tokens}: this processor's model was trained with VoCo counts {choices}")
-        if videos is None and self.llamavid_compress_type is None:
+        reads_instruction = self.reads_instruction
+        if videos is None and not reads_instruction:
             call_images = _CALL_IMAGES.set(_CallImages((), None, voco_tokens))
             try:
                 return super().__call__(images=images, text=text, **kwargs)
@@ -180,12 +204,14 @@ class VoCoLlavaProcessor(LlavaProcessor):
         placeholders_per_sample = []  # (span in the caller's text, images it stands for)
         for sample in texts:
             pieces, placeholders, cursor = [], [], 0
-            sample_instruction = placeholder.sub("", sample).strip()
             for piece in placeholder.split(sample):
                 span = (cursor, cursor + len(piece))
                 cursor += len(piece)
                 if piece in (self.image_token, self.video_token):
-                    instruction = next(pending_instructions, None) if pending_instructions is not None else sample_instruction
+                    if pending_instructions is not None:
+                        instruction = next(pending_instructions, None)
+                    else:
+                        instruction = placeholder.sub("", turn_around(sample, *span)).strip()
                     if instruction is None:
                         raise ValueError("fewer instructions than <image>/<video> placeholders: LLaMA-VID needs one each")
                 if piece == self.image_token:
@@ -245,9 +271,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             if frame_features:
                 output["frame_features"] = torch.cat(frame_features)  # [precomputed frames, patches, dim]
                 output["frame_features_mask"] = torch.tensor(precomputed_flags) if as_tensors else precomputed_flags
-            if self.llamavid_compress_type is not None and self.text_decoder_tokenizer is not None:
-                from .llamavid import encode_instructions
-
+            if reads_instruction and self.text_decoder_tokenizer is not None:
                 encoded = encode_instructions(self.text_decoder_tokenizer, image_instructions, self.instruction_max_length)
                 output.update(encoded if as_tensors else {k: v.tolist() for k, v in encoded.items()})
         return output

@@ -8,14 +8,11 @@ queries are the segment's tokens: the kernel's bottom-right aligned causal mask 
 is then exactly the rule. The plan (which tokens go where, ``cu_seqlens``) is derived from
 :class:`~llava_voco.model.voco_mask.VoCoLayout` once per forward and shared by every layer.
 
-Backends, asked for as transformers' ``attn_implementation`` (on the language model; the vision tower keeps
-its own):
-- ``"varlen_reference"``: :func:`varlen_reference_attention`, pure torch with ``flash_attn_varlen_func``'s
-  signature and semantics, so the plan, gather, scatter and backward run (and are tested) on CPU;
-- ``"flash_attention_2"`` on a VoCo model: ``flash_attn.flash_attn_varlen_func`` through the same plan
-  (registered as ``"voco_flash_attention_2"``; a model without VoCo keeps transformers' own flash path);
-- ``"varlen_torch"``: torch's own CUDA varlen kernel (``torch.nn.attention.varlen``), a second real kernel
-  where flash-attn is not installed (CUDA only; checked by ``benchmarks/gpu_check.py``).
+The kernels behind the varlen backends of the table in ``attention.py``: ``varlen_reference_attention`` (pure
+torch with ``flash_attn_varlen_func``'s signature and semantics, so the plan, gather, scatter and backward run,
+and are tested, on CPU), flash-attn's ``flash_attn_varlen_func`` and torch's own CUDA varlen kernel
+(``torch.nn.attention.varlen``). ``varlen_attention_function(kernel)`` makes any such kernel an attention
+function for transformers' ``AttentionInterface``.
 """
 
 from __future__ import annotations
@@ -25,32 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from .voco_mask import NEVER_HIDDEN, VoCoLayout
 
-VARLEN_REFERENCE = "varlen_reference"
-VOCO_FLASH = "voco_flash_attention_2"
-VARLEN_TORCH = "varlen_torch"
-VARLEN_IMPLEMENTATIONS = (VARLEN_REFERENCE, VOCO_FLASH, VARLEN_TORCH)
-PLAN_KWARG = "voco_varlen_plan"
-
-
-class FlashAttentionUnavailable(ImportError):
-    """``flash_attention_2`` asked for where the ``flash_attn`` package is not installed."""
-
-
-def require_flash_attn() -> None:
-    """Refuse ``flash_attention_2`` early (before any weight is read) when flash-attn is missing."""
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError as error:
-        raise FlashAttentionUnavailable(
-            "attn_implementation='flash_attention_2' needs the flash-attn package (CUDA only): "
-            "pip install 'llava-voco[gpu]'; on CPU use 'varlen_reference' (same plan, pure torch) or 'sdpa'"
-        ) from error
+PLAN_KWARG = "voco_varlen_plan"  # the forward keyword the plan travels in, to every layer
 
 
 @dataclass
@@ -190,14 +166,15 @@ def varlen_reference_attention(
     return torch.cat(outputs)
 
 
-def _flash_varlen(*args, **kwargs):
+def flash_attn_varlen(*args, **kwargs):
+    """flash-attn's ``flash_attn_varlen_func``, imported when first run (the package is CUDA only)."""
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(*args, **kwargs)
 
 
-def _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                  softmax_scale=None, causal=False):
+def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False):
     """torch's own CUDA varlen kernel (``torch.nn.attention.varlen.varlen_attn``) behind flash-attn's signature."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -207,70 +184,47 @@ def _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _varlen_attention(kernel, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """An attention function for transformers' ``AttentionInterface``: ``query`` ``[B, H, S, D]``, ``key`` /
-    ``value`` ``[B, H_kv, KV, D]``; returns ``([B, S, H, D], None)``. Reads the plan from ``voco_varlen_plan``;
-    without one (a model that does not build it), each row is one causal sequence of its real tokens, and a
-    non-causal module (a vision tower) runs sdpa."""
-    plan: VarlenPlan | None = kwargs.get(PLAN_KWARG)
-    batch_size, heads, q_length, head_dim = query.shape
-    kv_length = key.shape[2]
-    if plan is None:
-        if not getattr(module, "is_causal", True):
-            return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, dropout=dropout)
-        padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-        plan = build_varlen_plan(None, padding, batch_size=batch_size, q_offset=kv_length - q_length,
-                                 q_length=q_length, device=query.device)
-    if (plan.batch_size, plan.q_length, plan.kv_length) != (batch_size, q_length, kv_length):
-        raise ValueError(
-            f"the varlen plan was made for batch {plan.batch_size}, {plan.q_length} queries over {plan.kv_length} "
-            f"keys; this layer has {batch_size}, {q_length}, {kv_length}"
-        )
-    flat_q = query.transpose(1, 2).reshape(batch_size * q_length, heads, head_dim)[plan.query_index]
-    flat_k = key.transpose(1, 2).reshape(batch_size * kv_length, key.shape[1], head_dim)[plan.key_index]
-    flat_v = value.transpose(1, 2).reshape(batch_size * kv_length, value.shape[1], value.shape[-1])[plan.key_index]
-    out = kernel(
-        flat_q, flat_k, flat_v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k,
-        dropout_p=dropout if module.training else 0.0, softmax_scale=scaling, causal=True,
-    )  # [total_q, H, D]
-    # padding queries read nothing: zeros, as flash-attn's padding-free path leaves them
-    output = out.new_zeros(batch_size * q_length, heads, out.shape[-1]).index_copy(0, plan.query_index, out)
-    return output.view(batch_size, q_length, heads, out.shape[-1]), None
+def varlen_attention_function(kernel):
+    """An attention function for transformers' ``AttentionInterface`` running ``kernel`` (``flash_attn_varlen_func``'s
+    signature) through the plan in ``voco_varlen_plan``: ``query`` ``[B, H, S, D]``, ``key`` / ``value``
+    ``[B, H_kv, KV, D]``; returns ``([B, S, H, D], None)``. Without a plan (a model that does not build it) each
+    row is one causal sequence of its real tokens, and a non-causal module (a vision tower) runs sdpa."""
 
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        plan: VarlenPlan | None = kwargs.get(PLAN_KWARG)
+        batch_size, heads, q_length, head_dim = query.shape
+        kv_length = key.shape[2]
+        if plan is None:
+            if not getattr(module, "is_causal", True):
+                return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, dropout=dropout)
+            padding = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            plan = build_varlen_plan(None, padding, batch_size=batch_size, q_offset=kv_length - q_length,
+                                     q_length=q_length, device=query.device)
+        if (plan.batch_size, plan.q_length, plan.kv_length) != (batch_size, q_length, kv_length):
+            raise ValueError(
+                f"the varlen plan was made for batch {plan.batch_size}, {plan.q_length} queries over "
+                f"{plan.kv_length} keys; this layer has {batch_size}, {q_length}, {kv_length}"
+            )
+        flat_q = query.transpose(1, 2).reshape(batch_size * q_length, heads, head_dim)[plan.query_index]
+        flat_k = key.transpose(1, 2).reshape(batch_size * kv_length, key.shape[1], head_dim)[plan.key_index]
+        flat_v = value.transpose(1, 2).reshape(batch_size * kv_length, value.shape[1], value.shape[-1])[plan.key_index]
+        out = kernel(
+            flat_q, flat_k, flat_v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k,
+            dropout_p=dropout if module.training else 0.0, softmax_scale=scaling, causal=True,
+        )  # [total_q, H, D]
+        # padding queries read nothing: zeros, as flash-attn's padding-free path leaves them
+        output = out.new_zeros(batch_size * q_length, heads, out.shape[-1]).index_copy(0, plan.query_index, out)
+        return output.view(batch_size, q_length, heads, out.shape[-1]), None
 
-def varlen_reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    return _varlen_attention(varlen_reference_attention, module, query, key, value, attention_mask, scaling,
-                             dropout, **kwargs)
-
-
-def voco_flash_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    return _varlen_attention(_flash_varlen, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-
-
-def varlen_torch_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    return _varlen_attention(_torch_varlen, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-
-
-def register_varlen_backends() -> None:
-    """Make ``"varlen_reference"`` and ``"voco_flash_attention_2"`` valid ``attn_implementation`` names. Their
-    mask builder is flash-attention's (padding only, or nothing): the VoCo rule travels in the plan."""
-    AttentionInterface.register(VARLEN_REFERENCE, varlen_reference_attention_forward)
-    AttentionInterface.register(VOCO_FLASH, voco_flash_attention_forward)
-    AttentionInterface.register(VARLEN_TORCH, varlen_torch_attention_forward)
-    for name in VARLEN_IMPLEMENTATIONS:
-        AttentionMaskInterface.register(name, flash_attention_mask)
+    return attention
 
 
 __all__ = [
-    "FlashAttentionUnavailable",
     "PLAN_KWARG",
-    "VARLEN_IMPLEMENTATIONS",
-    "VARLEN_REFERENCE",
-    "VARLEN_TORCH",
-    "VOCO_FLASH",
     "VarlenPlan",
     "build_varlen_plan",
-    "register_varlen_backends",
-    "require_flash_attn",
+    "flash_attn_varlen",
+    "torch_varlen_attention",
+    "varlen_attention_function",
     "varlen_reference_attention",
 ]

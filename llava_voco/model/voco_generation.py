@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .image_inputs import ImageInputs, encode_images
+from .image_inputs import ImageInputs
 from .voco_cache import VoCoCache, VoCoCacheError, model_fingerprint
 
 
@@ -27,30 +27,30 @@ class VoCoGenerationMixin:
             # like pixel_values, precomputed frames are read by the prefill only
             model_inputs.pop("frame_features", None)
             model_inputs.pop("frame_features_mask", None)
-        if isinstance(past_key_values, VoCoCache):
+        cache = past_key_values if isinstance(past_key_values, VoCoCache) else None
+        if cache is not None:
             # input_ids are every token after the cache's described part (generate's own bookkeeping)
             if attention_mask is None:  # generate drops an all-ones mask
-                described = past_key_values.attention_mask.to(input_ids.device).expand(input_ids.shape[0], -1)
+                described = cache.attention_mask.to(input_ids.device).expand(input_ids.shape[0], -1)
                 attention_mask = torch.cat([described, torch.ones_like(input_ids)], dim=1)
             query_length = model_inputs["input_ids"].shape[1]
-            model_inputs["position_ids"] = past_key_values.position_ids_for(attention_mask, query_length)
-            if self.config.voco_tokens > 0 and input_ids.shape[1] > 0:
-                # the rule over every token after the cache: an image in the question stays hidden from the
-                # answer's tokens after its VoCo tokens (the decoding steps see only their own token)
-                layout = self.model.continuation_layout(
-                    input_ids, past_key_values, input_ids.shape[1], attention_mask[:, -input_ids.shape[1]:], None,
-                    cache_length=past_key_values.described_length,
-                )
-                if layout is not None:
-                    model_inputs["voco_layout"] = layout
-        elif self.config.voco_tokens > 0 and input_ids is not None and input_ids.shape[1] > 0:
-            if attention_mask is None or attention_mask.ndim == 2:
-                model_inputs["voco_layout"] = self.model.voco_layout(
-                    input_ids, attention_mask, images=ImageInputs.from_forward(
-                        model_inputs.get("pixel_values"), model_inputs.get("frame_features"),
-                        model_inputs.get("frame_features_mask"), model_inputs.get("video_frame_mask"),
-                    ),
-                )
+            model_inputs["position_ids"] = cache.position_ids_for(attention_mask, query_length)
+        if input_ids is None or input_ids.shape[1] == 0 or (attention_mask is not None and attention_mask.ndim != 2):
+            return model_inputs
+        # The layout of every token so far, as the forward would make it (the decoding steps see only their own
+        # token): after a cache, an image in the question stays hidden from the answer after its VoCo tokens.
+        layout = self.model.attention_layout(
+            input_ids,
+            attention_mask[:, -input_ids.shape[1]:] if cache is not None else attention_mask,
+            cache=cache,
+            cache_length=cache.described_length if cache is not None else None,
+            images=None if cache is not None else ImageInputs.from_forward(
+                model_inputs.get("pixel_values"), model_inputs.get("frame_features"),
+                model_inputs.get("frame_features_mask"), model_inputs.get("video_frame_mask"),
+            ),
+        )
+        if layout is not None:
+            model_inputs["voco_layout"] = layout
         return model_inputs
 
     @torch.no_grad()
@@ -143,7 +143,7 @@ class VoCoGenerationMixin:
             if image < num_images:
                 if image >= encoded_from + len(encoded):
                     encoded_from = image
-                    encoded = encode_images(self.model, images.select(slice(image, image + chunk)))
+                    encoded = self.model.get_image_features(images=images.select(slice(image, image + chunk))).pooler_output
                 segment_inputs["mm_encoder_outputs"] = {
                     "image": BaseModelOutputWithPooling(pooler_output=[encoded[image - encoded_from]])
                 }

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..conversation import get_template
 from ..engine import conversation_template_of
 from ..errors import one_line_errors
+from ..model.attention import attention_backend_names
 from ..inference import (
     ImageChat,
     count_vision_passes,
@@ -50,8 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--load-4bit", action="store_true", help="quantize the weights with bitsandbytes (NF4)")
     parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
     parser.add_argument("--attn-implementation", default=None,
-                        help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
-                             "(default: the checkpoint's)")
+                        help=f"the language model's attention backend: {', '.join(attention_backend_names())} "
+                             "(llava_voco.model.attention's table; default: the checkpoint's)")
     parser.add_argument("--voco-tokens", type=int, default=None,
                         help="an elastic model's VoCo count per image, one of those it was trained with "
                              "(default: its largest)")

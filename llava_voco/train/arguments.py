@@ -9,6 +9,7 @@ resolved in ``llava_voco.train.model_setup.build_model_and_processor``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -17,17 +18,14 @@ import transformers
 from transformers import HfArgumentParser
 
 from llava_voco.conversation import UnknownTemplateError, get_template
-from llava_voco.model.image_inputs import CompressTypeError, parse_compress_type
-from llava_voco.model.projector import PROJECTOR_TYPES
-from llava_voco.model.varlen import FlashAttentionUnavailable, require_flash_attn
+from llava_voco.model.configuration_voco_llava import VoCoLlavaConfig
+from llava_voco.model.projectors import CompressTypeError, get_projector, parse_compress_type, projector_names
+from llava_voco.model.attention import AttentionBackendUnavailable, attention_backend, attention_backend_names
 
 from .data import DataArguments
 
 # LLaVA's --mm_vision_select_feature -> transformers' vision_feature_select_strategy.
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
-# --attn_implementation: transformers' backends that take the VoCo rule as a mask, and the varlen ones
-# (llava_voco.model.varlen) that take it as a segment plan.
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "varlen_reference", "varlen_torch", "flash_attention_2")
 
 
 class TrainConfigError(ValueError):
@@ -51,7 +49,9 @@ class ModelArguments:
         default=None, metadata={"help": "Projector weights: LLaVA's mm_projector.bin or our mm_projector.safetensors."}
     )
     mm_projector_type: str | None = field(
-        default=None, metadata={"help": f"One of {', '.join(PROJECTOR_TYPES)} (LLaVA default linear)."}
+        default=None,
+        metadata={"help": "linear (LLaVA's default), mlp2x_gelu, llamavid, or a method registered with "
+                  "llava_voco.model.projectors.register_projector."},
     )
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "Refused when True (see the message)."})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "Refused when True (see the message)."})
@@ -96,9 +96,10 @@ class ModelArguments:
     )
     attn_implementation: str = field(
         default="sdpa",
-        metadata={"help": "The language model's attention backend (docs/design.md §2.5): sdpa, eager, flex_attention, "
-                  "varlen_reference (the flash-attn varlen plan in pure torch), varlen_torch (torch's CUDA varlen "
-                  "kernel) or flash_attention_2 (needs pip install 'llava-voco[gpu]')."},
+        metadata={"help": "The language model's attention backend (docs/design.md §2.5; the table in "
+                  "llava_voco.model.attention): sdpa, eager, flex_attention, varlen_reference (the flash-attn varlen "
+                  "plan in pure torch), varlen_torch (torch's CUDA varlen kernel), flash_attention_2 (needs pip "
+                  "install 'llava-voco[gpu]'), or one registered there."},
     )
     # LLaMA-VID (--mm_projector_type llamavid, set-up (a))
     text_decoder_tokenizer: str | None = field(
@@ -112,14 +113,27 @@ class ModelArguments:
         default=None,
         metadata={"help": "LLaMA-VID: an InstructBLIP checkpoint whose Q-Former and queries start the text decoder."},
     )
-    num_query: int = field(default=32, metadata={"help": "LLaMA-VID: learnable queries of the text decoder."})
-    compress_type: str = field(default="grid:2", metadata={"help": "LLaMA-VID content tokens of an image: none, mean or grid:g."})
-    video_compress_type: str = field(default="mean", metadata={"help": "LLaMA-VID content tokens of a video frame."})
-    instruction_max_length: int = field(default=128, metadata={"help": "LLaMA-VID: instruction tokens kept (from the end)."})
+    # LLaMA-VID's defaults are the config's (VoCoLlavaConfig), never written here
+    num_query: int = field(
+        default=VoCoLlavaConfig.llamavid_num_query, metadata={"help": "LLaMA-VID: learnable queries of the text decoder."}
+    )
+    compress_type: str = field(
+        default=VoCoLlavaConfig.llamavid_compress_type,
+        metadata={"help": "LLaMA-VID content tokens of an image: none, mean or grid:g."},
+    )
+    video_compress_type: str = field(
+        default=VoCoLlavaConfig.llamavid_video_compress_type, metadata={"help": "LLaMA-VID content tokens of a video frame."}
+    )
+    instruction_max_length: int = field(
+        default=VoCoLlavaConfig.llamavid_instruction_max_length,
+        metadata={"help": "LLaMA-VID: instruction tokens kept (from the end)."},
+    )
     freeze_text_decoder: bool = field(default=False, metadata={"help": "LLaMA-VID: keep the text decoder (Q-Former) frozen."})
-    frame_chunk: int = field(default=64, metadata={"help": "Images or frames through the vision tower at once."})
+    frame_chunk: int = field(
+        default=VoCoLlavaConfig.frame_chunk, metadata={"help": "Images or frames through the vision tower at once."}
+    )
     vision_token_pooling: str = field(
-        default="none",
+        default=VoCoLlavaConfig.vision_token_pooling,
         metadata={"help": "Average-pool each image's patches before a linear/mlp2x_gelu projector: none, mean "
                   "(1 token per image, the VoCo paper's pooling baseline) or grid:g."},
     )
@@ -198,9 +212,9 @@ def training_dtype(training_args) -> torch.dtype:
 
 
 def vision_attn_implementation(attn_implementation: str) -> str:
-    """The vision tower's backend for the LLM's ``attn_implementation``: the varlen backends are causal
-    language-model kernels, so the (bidirectional) vision tower runs sdpa with them."""
-    return "sdpa" if attn_implementation in ("varlen_reference", "varlen_torch") else attn_implementation
+    """The vision tower's backend for the LLM's ``attn_implementation`` (the table's; a varlen kernel is a causal
+    language-model kernel, so the bidirectional vision tower runs sdpa beside it)."""
+    return attention_backend(attn_implementation).vision_implementation
 
 
 def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_args: TrainingArguments) -> None:
@@ -233,23 +247,9 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
         refuse(f"--lora_bias {training_args.lora_bias}", "must be none, all or lora_only (PEFT's values)")
     if not training_args.lora_enable and not training_args.lora_merge_on_save:
         refuse("--lora_merge_on_save False", "only means something with --lora_enable True")
-    if model_args.mm_projector_type != "llamavid":
-        for flag, default in (("text_decoder_tokenizer", None), ("text_decoder_config", None),
-                              ("text_decoder_path", None), ("num_query", 32),
-                              ("compress_type", "grid:2"), ("video_compress_type", "mean"),
-                              ("freeze_text_decoder", False), ("instruction_max_length", 128)):
-            if getattr(model_args, flag) != default:
-                refuse(f"--{flag} {getattr(model_args, flag)}", "it only applies with --mm_projector_type llamavid")
-    if model_args.vision_token_pooling != "none":
-        if model_args.mm_projector_type == "llamavid":
-            refuse(f"--vision_token_pooling {model_args.vision_token_pooling}",
-                   "LLaMA-VID pools its content tokens with --compress_type / --video_compress_type")
-        try:
-            parse_compress_type(model_args.vision_token_pooling)
-        except CompressTypeError as error:
-            refuse(f"--vision_token_pooling {model_args.vision_token_pooling}", str(error))
-    if model_args.mm_projector_type is not None and model_args.mm_projector_type not in PROJECTOR_TYPES:
-        refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(PROJECTOR_TYPES)}")
+    if model_args.mm_projector_type is not None and model_args.mm_projector_type not in projector_names():
+        refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(projector_names())}")
+    refuse_other_projectors_flags(model_args)
     if model_args.mm_vision_select_feature is not None and model_args.mm_vision_select_feature not in SELECT_FEATURE:
         refuse(f"--mm_vision_select_feature {model_args.mm_vision_select_feature}", "must be patch or cls_patch")
     if not model_args.voco_mask_in_training and not model_args.voco_tokens:
@@ -288,6 +288,28 @@ def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_
         get_template(model_args.version)
     except UnknownTemplateError as error:
         refuse(f"--version {model_args.version}", str(error))
+
+
+def refuse_other_projectors_flags(model_args: ModelArguments) -> None:
+    """A flag only another projector method reads (``ImageProjector.train_flags``), or pooling a method does not
+    take, would have no effect: refused naming the method it belongs to. (``--mm_projector_type`` left out is a
+    checkpoint's own method, or ``linear`` for a new model: only flags no method reads by default are refused.)"""
+    chosen = model_args.mm_projector_type
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments)}
+    for name in projector_names():
+        if name == chosen:
+            continue
+        for flag in get_projector(name).train_flags:
+            if getattr(model_args, flag) != defaults[flag] and flag not in get_projector(chosen or "linear").train_flags:
+                raise TrainConfigError(f"--{flag} {getattr(model_args, flag)}: it only applies with --mm_projector_type {name}")
+    if model_args.vision_token_pooling != defaults["vision_token_pooling"]:
+        if chosen is not None and not get_projector(chosen).accepts_pooling:
+            raise TrainConfigError(f"--vision_token_pooling {model_args.vision_token_pooling}: "
+                                   f"{get_projector(chosen).pooling_refusal}")
+        try:
+            parse_compress_type(model_args.vision_token_pooling)
+        except CompressTypeError as error:
+            raise TrainConfigError(f"--vision_token_pooling {model_args.vision_token_pooling}: {error}") from None
 
 
 def parse_voco_train_tokens(value: str) -> list[int]:
@@ -344,25 +366,16 @@ def check_attn_implementation(model_args: ModelArguments, training_args: Trainin
     """``--attn_implementation``: a backend this entry can train with, available here (checked before any
     weight is read)."""
     attn = model_args.attn_implementation
-    if attn not in ATTN_IMPLEMENTATIONS:
-        raise TrainConfigError(f"--attn_implementation {attn}: supported: {', '.join(ATTN_IMPLEMENTATIONS)}")
-    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    if attn == "flash_attention_2":
-        try:
-            require_flash_attn()
-        except FlashAttentionUnavailable as error:
-            raise TrainConfigError(f"--attn_implementation flash_attention_2: {error}") from None
-    if attn == "varlen_torch" and on_cpu:
-        raise TrainConfigError("--attn_implementation varlen_torch: torch's varlen kernel runs on CUDA only; on CPU "
-                               "use varlen_reference (the same segment plan, pure torch) or sdpa")
-    if attn == "flex_attention" and on_cpu:
-        raise TrainConfigError("--attn_implementation flex_attention: torch's flex attention has no backward on CPU, "
-                               "so it cannot train here; use sdpa, eager or varlen_reference")
+    if attn not in attention_backend_names():
+        raise TrainConfigError(f"--attn_implementation {attn}: supported: {', '.join(attention_backend_names())}")
+    try:
+        attention_backend(attn).check(on_cpu=training_args.use_cpu or not torch.cuda.is_available(), training=True)
+    except AttentionBackendUnavailable as error:
+        raise TrainConfigError(f"--attn_implementation {attn}: {error}") from None
 
 
 
 __all__ = [
-    "ATTN_IMPLEMENTATIONS",
     "SELECT_FEATURE",
     "ModelArguments",
     "TrainConfigError",

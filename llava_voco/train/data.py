@@ -52,7 +52,8 @@ from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from ..conversation import GPT, HUMAN, ConversationError, RenderedConversation, get_template
 from ..image_io import ImageReadError, check_image, load_image, pad_to_square
 from ..model import image_inputs
-from ..video import VideoError, check_video, decode_video, is_frame_features, read_frame_features
+from ..model.projectors import projector_for
+from ..video import VideoError, check_video, count_frames, decode_video, is_frame_features, read_frame_features
 from .collator import DataCollatorForSupervisedDataset, skipped_item
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ class LazySupervisedDataset(Dataset):
         self._indices = list(range(len(self.samples)))  # positions in the file, after up-front skips
         self._cache: dict | None = {} if data_args.cache_samples else None  # position (elastic: (position, k)) -> built item
         self._skipped: set[int] = set()  # positions skipped when drawn, in this process
+        self._frame_counts: dict[int, int] = {}  # position -> frames of its video (lengths)
         if data_args.check_samples:
             self._check_all()
         if not self._indices:
@@ -301,15 +303,30 @@ class LazySupervisedDataset(Dataset):
         """The same for one video frame (LLaMA-VID pools frames with its video compress type)."""
         return image_inputs.tokens_per_image(self.processor, is_frame=True).total
 
+    def _frames(self, position: int) -> int:
+        """The frames a sample's video gives (``video.count_frames``: headers only, sampled as loading samples
+        them). A video that cannot be read (loading reports it) counts as ``--max_frames``, or none without it."""
+        name = _video_file(self.samples[position])
+        if name is None:
+            return 0
+        if position not in self._frame_counts:
+            try:
+                path = self._video_path(position, self.samples[position].get("id"), name)
+                self._frame_counts[position] = count_frames(path, self.data_args.video_fps, self.data_args.max_frames)
+            except (VideoError, ValueError):
+                cap = self.data_args.max_frames
+                self._frame_counts[position] = cap if cap is not None else 0
+        return self._frame_counts[position]
+
     @property
     def lengths(self) -> list[int]:
-        """Estimated tokens per sample: words of the turns plus image and VoCo tokens (as LLaVA estimates)."""
-        frames = self.data_args.max_frames or 8  # without decoding: the cap, or a typical short clip
+        """Estimated tokens per sample: words of the turns plus image and VoCo tokens (as LLaVA estimates), a
+        video's frames counted from its headers."""
         per_image, per_frame = self.tokens_per_image, self.tokens_per_frame
         return [
             _word_count(self.samples[i])
             + len(_image_files(self.samples[i])) * per_image
-            + (frames * per_frame if _video_file(self.samples[i]) else 0)
+            + self._frames(i) * per_frame
             for i in self._indices
         ]
 
@@ -505,7 +522,7 @@ class LazySupervisedDataset(Dataset):
 
     def _instructions(self, turns: list) -> list[str] | None:
         """LLaMA-VID reads, for each image or video, the human turn that shows it (placeholders removed)."""
-        if getattr(self.processor, "llamavid_compress_type", None) is None:
+        if not projector_for(self.processor).reads_instruction:
             return None
         placeholder = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
         instructions = []
@@ -696,12 +713,12 @@ def make_supervised_data_module(
             "(LLaVA uses the unk token: tokenizer.pad_token = tokenizer.unk_token)"
         )
     instruction_pad_token_id = None
-    if getattr(processor, "llamavid_compress_type", None) is not None:
+    if projector_for(processor).reads_instruction:
         text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
         if text_decoder_tokenizer is None:
             raise ValueError(
-                "the processor is LLaMA-VID's (llamavid_compress_type is set) but has no text_decoder_tokenizer "
-                "to tokenize each image's instruction with"
+                f"the processor's projector ({processor.mm_projector_type}) reads each image's instruction, but it has "
+                "no text_decoder_tokenizer to tokenize them with"
             )
         if text_decoder_tokenizer.pad_token_id is None:
             raise ValueError("LLaMA-VID's text decoder tokenizer has no pad token; set one (BERT's is [PAD])")

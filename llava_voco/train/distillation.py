@@ -16,7 +16,6 @@ of a starting checkpoint. The terms:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,19 +49,6 @@ def text_hidden_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: t
     return torch.stack(layers).mean()
 
 
-@contextlib.contextmanager
-def voco_mask_off(model):
-    """The same weights seeing every vision token (the default teacher)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = base.model
-    previous = inner.apply_voco_mask
-    inner.apply_voco_mask = False
-    try:
-        yield
-    finally:
-        inner.apply_voco_mask = previous
-
-
 @dataclass
 class VoCoDistillation:
     """The extra loss terms; ``teacher``: a frozen model (``--voco_teacher PATH``), or None for the same
@@ -77,20 +63,19 @@ class VoCoDistillation:
     def needs_hidden_states(self) -> bool:
         return self.hidden_weight > 0
 
-    def teacher_outputs(self, model, inputs: dict, unwrapped=None):
+    def teacher_outputs(self, model, inputs: dict):
         with torch.no_grad():
-            if self.teacher is not None:
-                return self.teacher(**inputs, output_hidden_states=self.needs_hidden_states)
-            with voco_mask_off(unwrapped if unwrapped is not None else model):
-                return model(**inputs, output_hidden_states=self.needs_hidden_states)
+            # every vision token visible: the frozen teacher, or the same weights, with the VoCo mask off
+            teacher = self.teacher if self.teacher is not None else model
+            return teacher(**inputs, output_hidden_states=self.needs_hidden_states, voco_mask=False)
 
     def terms(self, model, inputs: dict, student_outputs, unwrapped=None) -> dict[str, torch.Tensor]:
         """``{"kl": ..., "hidden": ...}`` (unweighted) for a batch and the student's outputs on it. ``model`` runs
         the teacher's forward (a Trainer's wrapped model: DDP, DeepSpeed); ``unwrapped``: the model inside it,
-        whose mask is switched off (default: ``model``)."""
+        whose layout gives the text positions (default: ``model``)."""
         unwrapped = unwrapped if unwrapped is not None else model
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "output_hidden_states", "num_items_in_batch")}
-        teacher = self.teacher_outputs(model, model_inputs, unwrapped)
+        teacher = self.teacher_outputs(model, model_inputs)
         terms = {"kl": answer_kl(student_outputs.logits, teacher.logits, inputs["labels"], self.temperature)}
         if self.needs_hidden_states:
             terms["hidden"] = text_hidden_loss(student_outputs.hidden_states, teacher.hidden_states,
@@ -116,4 +101,4 @@ def text_positions(model, inputs: dict) -> torch.Tensor:
     return text
 
 
-__all__ = ["VoCoDistillation", "answer_kl", "text_hidden_loss", "text_positions", "voco_mask_off"]
+__all__ = ["VoCoDistillation", "answer_kl", "text_hidden_loss", "text_positions"]

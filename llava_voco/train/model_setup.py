@@ -22,12 +22,10 @@ ZeRO-3's init context (``zero3_context_off``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 import transformers
@@ -44,10 +42,10 @@ from llava_voco.conversation import get_template
 from llava_voco import VoCoLlavaConfig, VoCoLlavaForConditionalGeneration, VoCoLlavaProcessor
 from llava_voco.constants import IMAGE_PLACEHOLDER, VOCO_TOKEN
 from llava_voco.model.builder import add_special_tokens_with_mean_rows, gathered, use_voco_attention
-from llava_voco.model.configuration_voco_llava import VOCO_FIELDS
+from llava_voco.model.configuration_voco_llava import PROJECTOR_FIELDS, VOCO_FIELDS
 from llava_voco.model.image_inputs import tokens_per_image
-from llava_voco.model.projector import build_projector, llava_projector_state_dict
-from llava_voco.model.varlen import VOCO_FLASH
+from llava_voco.model.projectors import get_projector, llava_projector_state_dict, projector_for
+from llava_voco.model.attention import attention_backend, backend_running
 
 from .arguments import (
     SELECT_FEATURE,
@@ -119,7 +117,7 @@ def read_projector_weights(path: str, config: VoCoLlavaConfig) -> dict[str, torc
     except ValueError as error:
         raise TrainConfigError(one_line(str(error))) from None
     with torch.device("meta"):
-        projector = build_projector(config)
+        projector = projector_for(config).build(config)
     expected = {name: tuple(p.shape) for name, p in projector.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state_dict.items()}
     if expected != got:
@@ -148,7 +146,7 @@ class LoadPlan:
     checkpoint_config: object | None = None  # set-up (b): the Llava / VoCo-Llava checkpoint's config
     llm_config: object | None = None  # set-up (a): the LLM's config ...
     vision_config: object | None = None  # ... and --vision_tower's (vision part), whichever set-up
-    llamavid: dict = field(default_factory=dict)  # set-up (a): LLaMA-VID's config fields
+    projector_fields: dict = field(default_factory=dict)  # set-up (a): the projector method's config fields
     projector_state: dict | None = None  # --pretrain_mm_mlp_adapter, checked
     voco_train_tokens: list[int] | None = None  # elastic k's counts, checked against the model's k
 
@@ -179,7 +177,7 @@ def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -
         select_feature = model_args.mm_vision_select_feature or "patch"
         if select_feature == "cls_patch" and plan.vision_config.model_type != "clip_vision_model":
             raise TrainConfigError(f"--mm_vision_select_feature cls_patch: {model_args.vision_tower} has no CLS token")
-        plan.llamavid = llamavid_fields(model_args, plan.vision_config)
+        plan.projector_fields = projector_fields(model_args, plan.vision_config)
         projector_config = VoCoLlavaConfig(
             vision_config=plan.vision_config.to_dict(),
             text_config=config.to_dict(),
@@ -187,7 +185,8 @@ def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -
             vision_feature_select_strategy=SELECT_FEATURE[select_feature],
             mm_projector_type=model_args.mm_projector_type or "linear",
             vision_token_pooling=model_args.vision_token_pooling,
-            **plan.llamavid,
+            frame_chunk=model_args.frame_chunk,
+            **plan.projector_fields,
         )
     if model_args.pretrain_mm_mlp_adapter:
         plan.projector_state = read_projector_weights(model_args.pretrain_mm_mlp_adapter, projector_config)
@@ -265,8 +264,7 @@ def build_teacher(model_args: ModelArguments, training_args: TrainingArguments, 
             f"--voco_teacher {model_args.voco_teacher}: its images become {tokens_per_image(teacher.config)} tokens, "
             f"the student's {tokens_per_image(student.config)}"
         )
-    teacher.requires_grad_(False).eval()
-    teacher.model.apply_voco_mask = False
+    teacher.requires_grad_(False).eval()  # its forwards run with voco_mask=False (VoCoDistillation)
     teacher.config.text_config.use_cache = False
     return teacher.to(training_args.device)
 
@@ -310,7 +308,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         voco_mask_mode=model_args.voco_mask_mode or "paper",
         frame_chunk=model_args.frame_chunk,
         vision_token_pooling=model_args.vision_token_pooling,
-        **plan.llamavid,
+        **plan.projector_fields,
     )
     config.image_seq_length = tokens_per_image(config).image  # tokens one image becomes, VoCo tokens aside
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
@@ -326,16 +324,14 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
     # nn.Linear's own init, as LLaVA's projector, from --seed alone: the same weights however the other parts
     # were loaded (ZeRO-3's zero.Init draws random numbers while loading, one process does not); in the dtype
     # of the rest
+    method = projector_for(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(training_args.seed)
-        model.model.multi_modal_projector = build_projector(config).to(plan.dtype)
-    if model_args.text_decoder_path is not None:
-        from llava_voco.model.llamavid import load_text_decoder_from_instructblip
-
-        try:
-            load_text_decoder_from_instructblip(model.model.multi_modal_projector, model_args.text_decoder_path)
-        except (ValueError, FileNotFoundError) as error:
-            raise TrainConfigError(f"--text_decoder_path: {error}") from None
+        model.model.multi_modal_projector = method.build(config).to(plan.dtype)
+    try:
+        method.init_from_flags(model.model.multi_modal_projector, model_args)
+    except ValueError as error:
+        raise TrainConfigError(one_line(str(error))) from None
     model.config.text_config = llm.config
     model.config.vision_config = vision_config
     on_meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -351,64 +347,20 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         num_additional_image_tokens=1 if has_cls else 0,
         chat_template=tokenizer.chat_template,
         voco_tokens=voco_tokens,
-        llamavid_compress_type=config.llamavid_compress_type if config.mm_projector_type == "llamavid" else None,
-        llamavid_video_compress_type=config.llamavid_video_compress_type if config.mm_projector_type == "llamavid" else None,
-        instruction_max_length=model_args.instruction_max_length,
-        vision_token_pooling=model_args.vision_token_pooling,
+        mm_projector_type=config.mm_projector_type,
+        **method.processor_fields(config),
     )
-    if config.mm_projector_type == "llamavid":
-        processor.text_decoder_tokenizer = AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer)
+    method.prepare_processor(processor, model_args)
     return model, processor
 
 
-def llamavid_fields(model_args: ModelArguments, vision_config=None) -> dict:
-    """The config fields of LLaMA-VID's projector from its flags (set-up (a)); refuses what cannot fit, from
-    configs and tokenizers only. ``vision_config``: the vision tower's, to check an InstructBLIP Q-Former against."""
-    if model_args.mm_projector_type != "llamavid":
-        return {}
-    if model_args.text_decoder_tokenizer is None:
-        raise TrainConfigError("--mm_projector_type llamavid needs --text_decoder_tokenizer (a BERT tokenizer directory)")
-    qformer = {}
-    if model_args.text_decoder_path is not None:
-        from transformers import InstructBlipConfig
-
-        try:
-            instructblip = InstructBlipConfig.from_pretrained(model_args.text_decoder_path)
-        except (OSError, ValueError) as error:
-            raise TrainConfigError(f"--text_decoder_path {model_args.text_decoder_path}: {one_line(str(error))}") from None
-        if instructblip.num_query_tokens != model_args.num_query:
-            raise TrainConfigError(
-                f"--text_decoder_path: {model_args.text_decoder_path} has {instructblip.num_query_tokens} query_tokens, "
-                f"--num_query is {model_args.num_query}"
-            )
-        width = instructblip.qformer_config.encoder_hidden_size
-        if vision_config is not None and width != vision_config.hidden_size:
-            raise TrainConfigError(
-                f"--text_decoder_path: the Q-Former of {model_args.text_decoder_path} cross-attends to vision "
-                f"features of width {width}; --vision_tower gives {vision_config.hidden_size}"
-            )
-        if model_args.text_decoder_config is None:
-            qformer = instructblip.qformer_config.to_dict()
-            for key in ("model_type", "encoder_hidden_size", "transformers_version", "architectures"):
-                qformer.pop(key, None)
-    if model_args.text_decoder_config is not None:
-        try:
-            qformer = json.loads(Path(model_args.text_decoder_config).read_text())
-        except (OSError, ValueError) as error:
-            raise TrainConfigError(f"--text_decoder_config {model_args.text_decoder_config}: {error}") from None
+def projector_fields(model_args: ModelArguments, vision_config=None) -> dict:
+    """The config fields the projector method takes from its flags (set-up (a)), checked from configs and
+    tokenizers only (LLaMA-VID: its text decoder's); ``vision_config``: the vision tower's."""
     try:
-        vocab = len(AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer))
-    except (OSError, ValueError) as error:
-        raise TrainConfigError(f"--text_decoder_tokenizer {model_args.text_decoder_tokenizer}: {one_line(str(error))}") from None
-    if qformer.get("vocab_size", vocab) < vocab:
-        raise TrainConfigError(f"--text_decoder_config vocab_size {qformer['vocab_size']} < the tokenizer's {vocab}")
-    qformer.setdefault("vocab_size", vocab)
-    return {
-        "llamavid_num_query": model_args.num_query,
-        "llamavid_qformer": qformer,
-        "llamavid_compress_type": model_args.compress_type,
-        "llamavid_video_compress_type": model_args.video_compress_type,
-    }
+        return get_projector(model_args.mm_projector_type or "linear").config_fields_from_flags(model_args, vision_config)
+    except ValueError as error:
+        raise TrainConfigError(one_line(str(error))) from None
 
 
 # Vision config fields that decide the weights' shapes and the tokens an image becomes.
@@ -466,8 +418,8 @@ def checkpoint_config(model_args: ModelArguments, saved, vision_config=None) -> 
             )
 
     values = {k: v for k, v in saved.to_dict().items() if k not in ("model_type", "architectures", *VOCO_FIELDS)}
-    values["mm_projector_type"] = saved_type
-    values["vision_token_pooling"] = saved_pooling
+    # the projector the checkpoint was built with, all its settings (LLaMA-VID's text decoder, ...)
+    values.update({name: getattr(saved, name) for name in PROJECTOR_FIELDS if hasattr(saved, name)})
     if saved_voco:
         values.update(voco_tokens=saved_voco, voco_token_id=saved.voco_token_id, voco_mask_mode=saved_mode,
                       voco_train_tokens=getattr(saved, "voco_train_tokens", None))
@@ -541,7 +493,7 @@ def build_model_and_processor(model_args: ModelArguments, training_args: Trainin
     get_template(model_args.version).lay_out_voco(processor)
     check_one_dtype(model, plan.dtype)
     running = model.model.language_model.config._attn_implementation
-    if running not in (plan.attn, VOCO_FLASH if plan.attn == "flash_attention_2" else plan.attn):
+    if running != attention_backend(plan.attn).implementation:
         raise TrainConfigError(f"--attn_implementation {plan.attn}: the language model would run {running}")
     model.config.text_config.use_cache = False  # training; set back on save
     return model, processor
@@ -570,15 +522,8 @@ def attention_backends(model) -> str:
     vision = base.model.vision_tower.config._attn_implementation
     if base.config.voco_tokens == 0:
         return f"language model {text} (VoCo off: causal; packed rows kept apart), vision tower {vision}"
-    rule = {
-        "sdpa": "VoCo rule as a dense boolean mask",
-        "eager": "VoCo rule as a dense additive mask",
-        "flex_attention": "VoCo rule as a flex BlockMask",
-        "varlen_reference": "VoCo rule as a varlen segment plan, pure-torch kernel",
-        "varlen_torch": "VoCo rule as a varlen segment plan, torch's CUDA varlen kernel",
-        "voco_flash_attention_2": "VoCo rule as a varlen segment plan, flash-attn's kernel",
-    }.get(text, "")
-    return f"language model {text} ({rule}), vision tower {vision}"
+    backend = backend_running(text)
+    return f"language model {text} ({backend.log if backend else 'not in the backend table'}), vision tower {vision}"
 
 
 def lora_target_modules(model) -> list[str]:
@@ -606,8 +551,7 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
         model.model.vision_tower.requires_grad_(False)
     if training_args.freeze_mm_mlp_adapter:
         model.model.multi_modal_projector.requires_grad_(False)
-    if model_args.freeze_text_decoder and model.config.mm_projector_type == "llamavid":
-        model.model.multi_modal_projector.text_decoder.requires_grad_(False)
+    projector_for(model.config).freeze_from_flags(model.model.multi_modal_projector, model_args)
 
     if training_args.lora_enable:
         from peft import LoraConfig, get_peft_model

@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
     logger.info("weights in %s%s", str(plan.dtype).removeprefix("torch."), precision_note(training_args))
     if data_args.packing:
         logger.info("packing: each batch's samples in rows of at most %d tokens", training_args.model_max_length)
-    model.model.apply_voco_mask = model_args.voco_mask_in_training
     # The checkpoint carries its prompt format: apply_chat_template, the chat CLI and the eval entry prompt
     # with the --version the model learns here.
     processor.chat_template = get_template(model_args.version).chat_template()
@@ -128,6 +127,7 @@ def main(argv: list[str] | None = None) -> VoCoLlavaTrainer:
         compression_stats=CompressionStats(skipped_up_front=skipped_before_training(data_module["train_dataset"])),
         blank_image_for_text_batches=needs_blank_image_rows(base, training_args),
         distillation=distillation,
+        voco_mask=model_args.voco_mask_in_training,
         **data_module,
     )
     resume = training_args.resume_from_checkpoint

@@ -31,6 +31,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..constants import IGNORE_INDEX
 from ..model.image_inputs import tokens_per_image
+from ..model.projectors import projector_for
+from ..model.projectors.llamavid import encode_instructions
 from .collator import pop_batch_stats
 from .distillation import VoCoDistillation
 from .samplers import LengthGroupedSampler
@@ -150,7 +152,7 @@ def with_blank_image_row(inputs: dict, model, processor) -> dict:
         if "video_frame_mask" in inputs:
             frames = inputs["video_frame_mask"]
             inputs["video_frame_mask"] = torch.cat([frames, frames.new_zeros(1)])
-    if config.mm_projector_type == "llamavid":
+    if projector_for(config).reads_instruction:
         inputs.update(_with_empty_instruction(inputs, processor, input_ids.device))
     return inputs
 
@@ -166,11 +168,9 @@ def _pad_id(tokenizer, what: str) -> int:
 def _with_empty_instruction(inputs: dict, processor, device) -> dict:
     """LLaMA-VID's instruction rows plus an empty one for the blank image, all padded to one width with the
     text decoder tokenizer's pad id."""
-    from ..model.llamavid import encode_instructions
-
     text_decoder_tokenizer = getattr(processor, "text_decoder_tokenizer", None)
     pad_id = _pad_id(text_decoder_tokenizer, "LLaMA-VID's text decoder tokenizer (processor.text_decoder_tokenizer)")
-    empty = encode_instructions(text_decoder_tokenizer, [""])
+    empty = encode_instructions(text_decoder_tokenizer, [""], processor.instruction_max_length)
     rows = {}
     for key, value in (("instruction_input_ids", pad_id), ("instruction_attention_mask", 0)):
         blank = empty[key].to(device)
@@ -231,9 +231,13 @@ class VoCoLlavaTrainer(Trainer):
         compression_stats: CompressionStats | None = None,
         blank_image_for_text_batches: bool = False,
         distillation: VoCoDistillation | None = None,
+        voco_mask: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        # False trains the VoCo paper's lower bound (--voco_mask_in_training False): every forward gets
+        # voco_mask=False, so text reads the vision tokens; the saved model runs with the mask
+        self.voco_mask = voco_mask
         self.group_by_modality_length = group_by_modality_length
         self.mm_projector_lr = mm_projector_lr
         self.mm_vision_tower_lr = mm_vision_tower_lr
@@ -350,6 +354,8 @@ class VoCoLlavaTrainer(Trainer):
             self.compression_stats.update(batch_stats, inputs.get("attention_mask"), *input_ids.shape[:2])
         if self.blank_image_for_text_batches and "pixel_values" not in inputs:
             inputs = self.with_blank_image_row(inputs)
+        if not self.voco_mask:
+            inputs = {**inputs, "voco_mask": False}
         labels = inputs.get("labels")
         learnable = labels is None or bool((labels != IGNORE_INDEX).any())
         if self.distillation is not None and model.training and labels is not None:

@@ -11,19 +11,24 @@ For frame ``t`` with patch features ``X_t`` (``[N, C]``, CLS dropped):
 * content tokens: ``X_t`` pooled (``grid:g`` -> g x g average pooling over the patch grid, ``mean``
   -> 1 token, ``none`` -> all N) and passed through the usual LLaVA projector.
 
-Frames go through in chunks of ``frame_chunk`` so that memory does not grow with the video's length.
+Frames go through in chunks of ``frame_chunk`` (the config's) so that memory does not grow with the video's
+length. ``LlamaVidMethod`` is its entry in the projector registry (``mm_projector_type="llamavid"``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import InstructBlipQFormerConfig, InstructBlipQFormerModel
+from transformers import AutoTokenizer, InstructBlipQFormerConfig, InstructBlipQFormerModel
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from ..frame_features import FrameFeatures  # noqa: F401  (the projector reads such files a chunk at a time)
-from .image_inputs import CompressTypeError, content_tokens_per_frame, parse_compress_type, pool_patches  # noqa: F401
+from ...frame_features import FrameFeatures  # noqa: F401  (the projector reads such files a chunk at a time)
+from .base import ImageProjector
+from .pooled import content_tokens_per_frame, parse_compress_type, pool_patches
 
 
 class LlamaVidProjector(nn.Module):
@@ -35,7 +40,8 @@ class LlamaVidProjector(nn.Module):
         vision_hidden_size: int,
         text_hidden_size: int,
         content_projector: nn.Module,
-        num_query: int = 32,
+        num_query: int,
+        frame_chunk: int | None = None,
     ):
         super().__init__()
         if qformer_config.encoder_hidden_size != vision_hidden_size:
@@ -49,6 +55,7 @@ class LlamaVidProjector(nn.Module):
         self.key_projection = nn.Linear(vision_hidden_size, vision_hidden_size)
         self.context_projection = nn.Linear(vision_hidden_size, text_hidden_size)
         self.content_projector = content_projector
+        self.frame_chunk = frame_chunk  # frames per pass when forward is given none (config.frame_chunk; None: all)
 
     def text_queries(self, patch_features, instruction_ids, instruction_mask) -> torch.Tensor:
         """``Q_t``: ``[frames, M, C]``, the query outputs of the text decoder reading the instruction."""
@@ -77,11 +84,12 @@ class LlamaVidProjector(nn.Module):
         patch_features: torch.Tensor,  # [frames, N, C]
         instruction_ids: torch.LongTensor,  # [frames, L] text decoder tokens of each frame's instruction
         instruction_mask: torch.Tensor,  # [frames, L]
-        compress_type: str = "grid:2",
-        frame_chunk: int = 64,
+        compress_type: str,
+        frame_chunk: int | None = None,
         grid: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """``[frames, 1 + n, D]``: each frame's ``[context, content...]`` tokens, computed in chunks.
+        """``[frames, 1 + n, D]``: each frame's ``[context, content...]`` tokens, computed ``frame_chunk`` (default:
+        the config's) frames at a time.
 
         ``patch_features`` may also be a :class:`FrameFeatures` file: then only one chunk of features is
         in memory at a time, and the output (written in place, no concatenation) is the only thing that
@@ -95,6 +103,7 @@ class LlamaVidProjector(nn.Module):
                 f"{self.key_projection.in_features} (extracted with another vision tower?)"
             )
         total = len(patch_features)
+        frame_chunk = frame_chunk or self.frame_chunk or max(total, 1)
         tokens = None
         for start in range(0, total, frame_chunk):
             features = patch_features[start : start + frame_chunk]
@@ -111,21 +120,21 @@ class LlamaVidProjector(nn.Module):
 
 def build_llamavid_projector(config) -> LlamaVidProjector:
     """The projector a ``VoCoLlavaConfig`` with ``mm_projector_type="llamavid"`` describes."""
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     vision_hidden = config.vision_config.hidden_size
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError("LLaMA-VID reads one vision feature layer; vision_feature_layer must be an int")
     qformer_config = InstructBlipQFormerConfig(**{**(config.llamavid_qformer or {}), "encoder_hidden_size": vision_hidden})
     return LlamaVidProjector(
         qformer_config, vision_hidden, config.text_config.hidden_size, LlavaMultiModalProjector(config),
-        num_query=config.llamavid_num_query,
+        num_query=config.llamavid_num_query, frame_chunk=config.frame_chunk,
     )
 
 
-def encode_instructions(tokenizer, instructions: list[str], max_length: int = 128) -> dict:
+def encode_instructions(tokenizer, instructions: list[str], max_length: int | None = None) -> dict:
     """The text decoder's inputs for each image's instruction, keeping the end of long ones (the
-    question is at the end of a turn): ``instruction_input_ids`` / ``instruction_attention_mask``."""
+    question is at the end of a turn): ``instruction_input_ids`` / ``instruction_attention_mask``.
+    ``max_length``: the model's (``config.llamavid_instruction_max_length``, the processor's
+    ``instruction_max_length``); None: the tokenizer's own limit."""
     previous = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
     try:
@@ -139,9 +148,6 @@ def load_text_decoder_from_instructblip(projector: LlamaVidProjector, path) -> N
     """Start LLaMA-VID's text decoder from an InstructBLIP checkpoint's Q-Former and queries (as
     LLaMA-VID does). Reads only those tensors from the safetensors files; raises if they do not fit
     (e.g. a vision tower of another width than InstructBLIP's, whose cross-attention could not load)."""
-    import json
-    from pathlib import Path
-
     from safetensors import safe_open
 
     folder = Path(path)
@@ -174,3 +180,120 @@ def load_text_decoder_from_instructblip(projector: LlamaVidProjector, path) -> N
     projector.text_decoder.load_state_dict({k: v for k, v in decoder.items() if k in expected})
     with torch.no_grad():
         projector.query_tokens.copy_(queries)
+
+
+class LlamaVidMethod(ImageProjector):
+    """``mm_projector_type="llamavid"``: 1 context token plus the pooled content tokens per image or frame
+    (images pool with ``llamavid_compress_type``, video frames with ``llamavid_video_compress_type``)."""
+
+    reads_instruction = True
+    pooling_refusal = "LLaMA-VID pools its content tokens with --compress_type / --video_compress_type"
+    train_flags = ("text_decoder_tokenizer", "text_decoder_config", "text_decoder_path", "num_query", "compress_type",
+                   "video_compress_type", "instruction_max_length", "freeze_text_decoder")
+
+    def check_config(self, config) -> None:
+        parse_compress_type(config.llamavid_compress_type)
+        parse_compress_type(config.llamavid_video_compress_type)
+
+    def build(self, config) -> nn.Module:
+        return build_llamavid_projector(config)
+
+    def image_tokens(self, spec, is_frame: bool) -> int:
+        return 1 + content_tokens_per_frame(spec.video_compress_type if is_frame else spec.compress_type, spec.patches)
+
+    def encode(self, model, patches, images, grid):
+        """Per image ``[1 + content, D]``: video frames pool with ``llamavid_video_compress_type``, images with
+        ``llamavid_compress_type`` (docs/design.md §3)."""
+        config = model.config
+        if images.instruction_input_ids is None or images.instruction_attention_mask is None:
+            raise ValueError(
+                "mm_projector_type='llamavid' needs instruction_input_ids / instruction_attention_mask: each image's "
+                "instruction tokenized with the text decoder's tokenizer (the processor gives them)"
+            )
+        tokens: list[torch.Tensor | None] = [None] * len(images)
+        for is_frame, spec in ((False, config.llamavid_compress_type), (True, config.llamavid_video_compress_type)):
+            rows = (images.is_frame == is_frame).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            encoded = model.multi_modal_projector(
+                patches[rows.to(patches.device)], images.instruction_input_ids[rows],
+                images.instruction_attention_mask[rows], compress_type=spec, frame_chunk=config.frame_chunk, grid=grid,
+            )
+            for row, image_tokens in zip(rows.tolist(), encoded):
+                tokens[row] = image_tokens
+        return tokens
+
+    def processor_fields(self, config) -> dict:
+        return {"llamavid_compress_type": config.llamavid_compress_type,
+                "llamavid_video_compress_type": config.llamavid_video_compress_type,
+                "instruction_max_length": config.llamavid_instruction_max_length}
+
+    def config_fields_from_flags(self, model_args, vision_config) -> dict:
+        """The LLaMA-VID fields from its flags; refuses what cannot fit, from configs and tokenizers only.
+        ``vision_config``: the vision tower's, to check an InstructBLIP Q-Former against."""
+        if model_args.text_decoder_tokenizer is None:
+            raise ValueError("--mm_projector_type llamavid needs --text_decoder_tokenizer (a BERT tokenizer directory)")
+        qformer = {}
+        if model_args.text_decoder_path is not None:
+            from transformers import InstructBlipConfig
+
+            try:
+                instructblip = InstructBlipConfig.from_pretrained(model_args.text_decoder_path)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"--text_decoder_path {model_args.text_decoder_path}: {_one_line(error)}") from None
+            if instructblip.num_query_tokens != model_args.num_query:
+                raise ValueError(
+                    f"--text_decoder_path: {model_args.text_decoder_path} has {instructblip.num_query_tokens} "
+                    f"query_tokens, --num_query is {model_args.num_query}"
+                )
+            width = instructblip.qformer_config.encoder_hidden_size
+            if vision_config is not None and width != vision_config.hidden_size:
+                raise ValueError(
+                    f"--text_decoder_path: the Q-Former of {model_args.text_decoder_path} cross-attends to vision "
+                    f"features of width {width}; --vision_tower gives {vision_config.hidden_size}"
+                )
+            if model_args.text_decoder_config is None:
+                qformer = instructblip.qformer_config.to_dict()
+                for key in ("model_type", "encoder_hidden_size", "transformers_version", "architectures"):
+                    qformer.pop(key, None)
+        if model_args.text_decoder_config is not None:
+            try:
+                qformer = json.loads(Path(model_args.text_decoder_config).read_text())
+            except (OSError, ValueError) as error:
+                raise ValueError(f"--text_decoder_config {model_args.text_decoder_config}: {error}") from None
+        try:
+            vocab = len(AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--text_decoder_tokenizer {model_args.text_decoder_tokenizer}: {_one_line(error)}") from None
+        if qformer.get("vocab_size", vocab) < vocab:
+            raise ValueError(f"--text_decoder_config vocab_size {qformer['vocab_size']} < the tokenizer's {vocab}")
+        qformer.setdefault("vocab_size", vocab)
+        return {
+            "llamavid_num_query": model_args.num_query,
+            "llamavid_qformer": qformer,
+            "llamavid_compress_type": model_args.compress_type,
+            "llamavid_video_compress_type": model_args.video_compress_type,
+            "llamavid_instruction_max_length": model_args.instruction_max_length,
+        }
+
+    def init_from_flags(self, module: nn.Module, model_args) -> None:
+        if model_args.text_decoder_path is not None:
+            try:
+                load_text_decoder_from_instructblip(module, model_args.text_decoder_path)
+            except (ValueError, FileNotFoundError) as error:
+                raise ValueError(f"--text_decoder_path: {error}") from None
+
+    def freeze_from_flags(self, module: nn.Module, model_args) -> None:
+        if model_args.freeze_text_decoder:
+            module.text_decoder.requires_grad_(False)
+
+    def prepare_processor(self, processor, model_args) -> None:
+        processor.text_decoder_tokenizer = AutoTokenizer.from_pretrained(model_args.text_decoder_tokenizer)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+__all__ = ["LlamaVidMethod", "LlamaVidProjector", "build_llamavid_projector", "encode_instructions",
+           "load_text_decoder_from_instructblip"]

@@ -1,10 +1,9 @@
-"""The vision-to-language projector, by LLaVA's ``--mm_projector_type`` name.
+"""LLaVA's projectors, by ``--mm_projector_type``: every patch (or, with ``vision_token_pooling``, the pooled
+patches, ``pooled.py``) through a small network.
 
 - ``mlp2x_gelu``: Llava's own ``LlavaMultiModalProjector`` (``linear_1``, GELU, ``linear_2``), so Llava
   checkpoints load unchanged. This is LLaVA-1.5's projector.
 - ``linear``: one linear layer (LLaVA-1's projector), named ``linear_1`` as in Llava.
-- ``llamavid``: LLaMA-VID's context + content tokens (``llama_voco.model.llamavid``), its content
-  projector being Llava's.
 
 LLaVA (the original code) stores its projector as ``model.mm_projector.{0,2}.*`` (mlp2x_gelu) or
 ``model.mm_projector.*`` (linear); ``llava_projector_state_dict`` maps those names to ours.
@@ -18,17 +17,8 @@ import torch
 from torch import nn
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "llamavid")
-
-
-def check_projector_type(projector_type: str) -> None:
-    if projector_type not in PROJECTOR_TYPES:
-        raise ValueError(f"unknown mm_projector_type {projector_type!r}; supported: {', '.join(PROJECTOR_TYPES)}")
-
-
-def projector_input_size(config) -> int:
-    layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
-    return config.vision_config.hidden_size * layers
+from .base import ImageProjector, get_projector, projector_input_size
+from .pooled import content_tokens_per_frame, pool_patches
 
 
 class LinearProjector(nn.Module):
@@ -44,23 +34,47 @@ class LinearProjector(nn.Module):
         return self.linear_1(image_features)
 
 
-def build_projector(config) -> nn.Module:
-    projector_type = getattr(config, "mm_projector_type", "mlp2x_gelu")
-    check_projector_type(projector_type)
-    if projector_type == "linear":
+class PatchProjector(ImageProjector):
+    """Every patch feature (or each pooled one) becomes one token through the projector."""
+
+    accepts_pooling = True
+
+    def image_tokens(self, spec, is_frame: bool) -> int:
+        if spec.vision_token_pooling == "none":
+            return spec.patches
+        return content_tokens_per_frame(spec.vision_token_pooling, spec.patches)
+
+    def encode(self, model, patches, images, grid):
+        pooling = model.config.vision_token_pooling
+        if pooling != "none":
+            patches = pool_patches(patches, pooling, grid)  # [images, n, C]
+        return list(model.multi_modal_projector(patches))
+
+    def processor_fields(self, config) -> dict:
+        return {"vision_token_pooling": config.vision_token_pooling}
+
+
+class MlpGeluProjector(PatchProjector):
+    """``mlp2x_gelu``: Llava's own projector."""
+
+    llava_keys = {r"0\.(weight|bias)": r"linear_1.\1", r"2\.(weight|bias)": r"linear_2.\1"}
+
+    def build(self, config) -> nn.Module:
+        return LlavaMultiModalProjector(config)
+
+    def writes_llava_checkpoint(self, config) -> bool:
+        return config.vision_token_pooling == "none"  # stock Llava would read every patch
+
+
+class LinearPatchProjector(PatchProjector):
+    """``linear``: LLaVA-1's projector (stock Llava has none: such checkpoints stay ``voco_llava``)."""
+
+    llava_keys = {r"(weight|bias)": r"linear_1.\1"}
+
+    def build(self, config) -> nn.Module:
         return LinearProjector(config)
-    if projector_type == "llamavid":
-        from .llamavid import build_llamavid_projector
-
-        return build_llamavid_projector(config)
-    return LlavaMultiModalProjector(config)
 
 
-# LLaVA's names -> ours, relative to the projector module.
-_LLAVA_PROJECTOR_KEYS = {
-    "mlp2x_gelu": {r"0\.(weight|bias)": r"linear_1.\1", r"2\.(weight|bias)": r"linear_2.\1"},
-    "linear": {r"(weight|bias)": r"linear_1.\1"},
-}
 # Prefixes a projector key may carry: LLaVA's, Llava's in memory and on disk, or none.
 _PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
 
@@ -70,8 +84,8 @@ def llava_projector_state_dict(state_dict: dict[str, torch.Tensor], projector_ty
 
     Raises ``ValueError`` naming ``source`` when a key is not a projector key of ``projector_type``.
     """
-    check_projector_type(projector_type)
-    if projector_type not in _LLAVA_PROJECTOR_KEYS:
+    llava_keys = get_projector(projector_type).llava_keys
+    if llava_keys is None:
         raise ValueError(f"{source}: LLaVA projector files hold 'linear' or 'mlp2x_gelu' weights, not {projector_type!r}")
     out = {}
     for key, tensor in state_dict.items():
@@ -80,7 +94,7 @@ def llava_projector_state_dict(state_dict: dict[str, torch.Tensor], projector_ty
             raise ValueError(f"{source}: {key!r} is not a projector weight (expected a key under {' or '.join(_PREFIXES)})")
         rest = key[len(prefix):]
         if "mm_projector" in prefix:
-            for pattern, replacement in _LLAVA_PROJECTOR_KEYS[projector_type].items():
+            for pattern, replacement in llava_keys.items():
                 if re.fullmatch(pattern, rest):
                     rest = re.sub(pattern, replacement, rest)
                     break
@@ -93,4 +107,4 @@ def llava_projector_state_dict(state_dict: dict[str, torch.Tensor], projector_ty
     return out
 
 
-__all__ = ["PROJECTOR_TYPES", "LinearProjector", "build_projector", "check_projector_type", "llava_projector_state_dict"]
+__all__ = ["LinearPatchProjector", "LinearProjector", "MlpGeluProjector", "PatchProjector", "llava_projector_state_dict"]
