@@ -168,7 +168,7 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .model.llava_original import LlavaCheckpointError, is_llava_original, load_llava_original
-    from .model.attention import AttentionBackendUnavailable, attention_backend_names, backend_running, check_requested
+    from .model.attention import AttentionBackendUnavailable, implementations_for
 
     check_model_path(model_path)
     if voco_tokens is not None:
@@ -179,13 +179,10 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
         kwargs.update(quantization_config=quantization, device_map=device or "auto")
         kwargs.setdefault("dtype", torch.float16)
     if attn_implementation:
-        try:
-            check_requested(attn_implementation)  # the backend table's check, before any weight is read
+        try:  # the backend table's: checked before any weight is read, the vision tower on its vision backend
+            kwargs["attn_implementation"] = implementations_for(attn_implementation)
         except AttentionBackendUnavailable as error:
             raise InputError(str(error)) from None
-        backend = backend_running(attn_implementation) if attn_implementation in attention_backend_names() else None
-        vision = backend.vision_implementation if backend is not None else attn_implementation  # the table's
-        kwargs["attn_implementation"] = {"": vision, "text_config": attn_implementation, "vision_config": vision}
     try:
         if is_llava_original(model_path):  # LLaVA's own format: converted on the fly (scripts/convert_llava_checkpoint.py)
             if quantization is not None:

@@ -139,6 +139,17 @@ def check_requested(attn_implementation: str | dict | None) -> None:
             _BACKENDS[name].check()
 
 
+def implementations_for(name: str) -> dict[str, str]:
+    """``from_pretrained``'s ``attn_implementation`` for a language model asked to run ``name``: checked first (a
+    missing package is refused before any weight is read), the vision tower on the table's vision backend
+    (``name`` itself for a backend the table does not know)."""
+    backend = _BACKENDS.get(name)
+    if backend is not None:
+        backend.check()
+    vision = backend.vision_implementation if backend is not None else name
+    return {"": vision, "text_config": name, "vision_config": vision}
+
+
 def _cpu_alternatives(training: bool) -> str:
     names = [b.name for b in _BACKENDS.values()
              if not b.cuda_only and b.package is None and not (training and b.cpu_no_training)]
@@ -171,5 +182,6 @@ __all__ = [
     "backend_running",
     "check_requested",
     "implementation_with_voco",
+    "implementations_for",
     "register_attention_backend",
 ]
