@@ -31,7 +31,7 @@ from ..constants import IMAGE_PLACEHOLDER, VOCO_TOKEN
 from .configuration_voco_llava import VoCoLlavaConfig
 from .modeling_voco_llava import VoCoLlavaForConditionalGeneration
 from .processing_voco_llava import VoCoLlavaProcessor
-from .projector import llava_projector_state_dict
+from .projectors import llava_projector_state_dict
 
 LLAVA_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral"}
 # LLaVA's own config fields (llava_arch.py, train.py): not the language model's
