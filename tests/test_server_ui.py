@@ -48,7 +48,8 @@ class DevTools:
 def test_the_chat_page_streams_an_answer_with_the_cache_it_came_from(voco_dir, tmp_path, digit_images):
     image_file = tmp_path / "digit.png"
     digit_images[9].save(image_file)
-    with running_server(voco_dir, tmp_path) as server:
+    key = "ui-test-key"  # given through the environment here, typed into the page's options below
+    with running_server(voco_dir, tmp_path, env={"LLAVA_VOCO_API_KEY": key}) as server:
         port = free_port()
         browser = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -82,7 +83,8 @@ def test_the_chat_page_streams_an_answer_with_the_cache_it_came_from(voco_dir, t
             while not tools.evaluate("!document.getElementById('preview').hidden"):
                 assert time.monotonic() < deadline, "the picked image was never shown"
                 time.sleep(0.1)
-            tools.evaluate("document.getElementById('question').value = 'What is in the image?'; "
+            tools.evaluate(f"document.getElementById('key').value = '{key}'; "
+                           "document.getElementById('question').value = 'What is in the image?'; "
                            "document.getElementById('maxTokens').value = '8'; "
                            "document.getElementById('ask').click()")
             deadline = time.monotonic() + ANSWER_TIMEOUT_S
@@ -94,7 +96,7 @@ def test_the_chat_page_streams_an_answer_with_the_cache_it_came_from(voco_dir, t
             screenshot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
         (tmp_path / "chat-page.png").write_bytes(screenshot)
 
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=60)
         expected = client.chat.completions.create(
             model=voco_dir.name, max_tokens=8,
             messages=image_message(png_data_url(digit_images[9]), "What is in the image?")).choices[0].message.content
