@@ -208,6 +208,30 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
     return model, processor
 
 
+def add_model_arguments(parser) -> None:
+    """The flags of every entry that loads a model for inference (chat CLI, eval entry), as LLaVA names them;
+    ``load_model_from_args`` reads them."""
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--conv-mode", default=None,
+                        help="conversation template (LLaVA's --version names; default: the one the checkpoint was "
+                             f"trained with, {DEFAULT_TEMPLATE} where it records none)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--attn-implementation", default=None,
+                        help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
+                             "(default: the checkpoint's)")
+    parser.add_argument("--voco-tokens", type=int, default=None,
+                        help="an elastic model's VoCo count per image, one of those it was trained with "
+                             "(default: its largest)")
+    parser.add_argument("--load-4bit", action="store_true", help="quantize the weights with bitsandbytes (NF4)")
+    parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
+
+
+def model_kwargs_from_args(args) -> dict:
+    """``load_model``'s keywords from ``add_model_arguments``' flags."""
+    return {"device": args.device, "attn_implementation": args.attn_implementation, "voco_tokens": args.voco_tokens,
+            "load_4bit": args.load_4bit, "load_8bit": args.load_8bit}
+
+
 def conversation_template_of(processor, conv_mode: str | None = None) -> ConversationTemplate:
     """The template to prompt with: ``conv_mode`` when given, else the ``--version`` the checkpoint was trained
     with (the train entry records it as ``processor.conversation_version``), else ``DEFAULT_TEMPLATE``."""
@@ -536,12 +560,14 @@ __all__ = [
     "GenerationOptions",
     "InferenceEngine",
     "Prompt",
+    "add_model_arguments",
     "check_model_path",
     "check_voco_tokens",
     "conversation_template_of",
     "ids_after_media",
     "load_model",
     "media_instruction",
+    "model_kwargs_from_args",
     "quantization_config",
     "stock_llava_inputs",
 ]

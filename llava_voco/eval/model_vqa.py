@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..conversation import get_template
-from ..engine import GenerationOptions, InferenceEngine
+from ..engine import GenerationOptions, InferenceEngine, add_model_arguments, model_kwargs_from_args
 from ..errors import InputError, one_line_errors
 from ..image_io import ImageReadError, load_image
 from ..inference import count_vision_passes, read_video
@@ -114,14 +114,11 @@ def main(argv=None) -> None:
 
 def _main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True)
+    add_model_arguments(parser)
     parser.add_argument("--model-base", default=None, help="accepted for LLaVA compatibility: must be empty")
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--image-folder", required=True)
     parser.add_argument("--answers-file", required=True)
-    parser.add_argument("--conv-mode", default=None,
-                        help="conversation template (default: the one the checkpoint was trained with, v1 where it "
-                             "records none)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top_p", "--top-p", type=float, default=None)
@@ -129,15 +126,6 @@ def _main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=128)
     parser.add_argument("--num-chunks", type=int, default=1, help="LLaVA's sharding: answer one of N shards")
     parser.add_argument("--chunk-idx", type=int, default=0, help="which shard (0 .. num-chunks - 1)")
-    parser.add_argument("--load-4bit", action="store_true", help="quantize the weights with bitsandbytes (NF4)")
-    parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--attn-implementation", default=None,
-                        help=f"the language model's attention backend: {', '.join(attention_backend_names())} "
-                             "(llava_voco.model.attention's table; default: the checkpoint's)")
-    parser.add_argument("--voco-tokens", type=int, default=None,
-                        help="an elastic model's VoCo count per image, one of those it was trained with "
-                             "(default: its largest)")
     parser.add_argument("--video-folder", default=None, help="where questions' 'video' paths are (default: --image-folder)")
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
@@ -166,9 +154,8 @@ def _main(argv=None) -> None:
         if name and not os.path.exists(path):
             raise InputError(f"{path}: no such {kind} file (question {image_questions[0]['question_id']!r} of "
                              f"{args.question_file})")
-    engine = InferenceEngine.load(args.model_path, conv_mode=args.conv_mode, device=args.device,
-                                  attn_implementation=args.attn_implementation, voco_tokens=args.voco_tokens,
-                                  load_4bit=args.load_4bit, load_8bit=args.load_8bit, memory_cache_size=1)
+    engine = InferenceEngine.load(args.model_path, conv_mode=args.conv_mode, memory_cache_size=1,
+                                  **model_kwargs_from_args(args))
     model, processor = engine.model, engine.processor
     model_id = Path(args.model_path).name
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

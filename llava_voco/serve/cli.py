@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from ..conversation import get_template
-from ..engine import conversation_template_of
+from ..engine import add_model_arguments, conversation_template_of, model_kwargs_from_args
 from ..errors import one_line_errors
 from ..model.attention import attention_backend_names
 from ..inference import (
@@ -35,27 +35,15 @@ from .cache_store import VoCoCacheStore
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat about an image with a VoCo LLaVA model.")
-    parser.add_argument("--model-path", required=True)
+    add_model_arguments(parser)
     parser.add_argument("--image-file", default=None, help="an image; several separated by commas")
     parser.add_argument("--video-file", default=None,
                         help="a video file (PyAV decodes it), a folder of frames, or frame features (.safetensors)")
     parser.add_argument("--video-fps", type=float, default=1.0)
     parser.add_argument("--max-frames", type=int, default=None)
-    parser.add_argument("--conv-mode", default=None,
-                        help="conversation template (LLaVA's --version names; default: the one the checkpoint was "
-                             "trained with, v1 where it records none)")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--cache-dir", default=None, help="VoCo cache store: reuse compressed images across sessions")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--load-4bit", action="store_true", help="quantize the weights with bitsandbytes (NF4)")
-    parser.add_argument("--load-8bit", action="store_true", help="quantize the weights with bitsandbytes (int8)")
-    parser.add_argument("--attn-implementation", default=None,
-                        help=f"the language model's attention backend: {', '.join(attention_backend_names())} "
-                             "(llava_voco.model.attention's table; default: the checkpoint's)")
-    parser.add_argument("--voco-tokens", type=int, default=None,
-                        help="an elastic model's VoCo count per image, one of those it was trained with "
-                             "(default: its largest)")
     return parser.parse_args(argv)
 
 
@@ -77,8 +65,7 @@ def _main(args) -> None:
     if not image_files and not video_files:
         raise SystemExit("give --image-file and/or --video-file")
     images = load_images([path for path in image_files if not is_video(path)])  # before the model: fail fast
-    model, processor = load_model(args.model_path, device=args.device, attn_implementation=args.attn_implementation,
-                                  voco_tokens=args.voco_tokens, load_4bit=args.load_4bit, load_8bit=args.load_8bit)
+    model, processor = load_model(args.model_path, **model_kwargs_from_args(args))
     template = conversation_template_of(processor, args.conv_mode)
     video = None
     if video_files:  # one video per conversation: the last one given
