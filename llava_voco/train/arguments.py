@@ -24,6 +24,8 @@ from llava_voco.model.attention import AttentionBackendUnavailable, attention_ba
 
 from .data import DataArguments
 
+# LLaVA's --mm_projector_type default: the projector of a model built from an LLM and a vision tower.
+NEW_MODEL_PROJECTOR = "linear"
 # LLaVA's --mm_vision_select_feature -> transformers' vision_feature_select_strategy.
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 
@@ -296,11 +298,12 @@ def refuse_other_projectors_flags(model_args: ModelArguments) -> None:
     checkpoint's own method, or ``linear`` for a new model: only flags no method reads by default are refused.)"""
     chosen = model_args.mm_projector_type
     defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments)}
+    read = get_projector(chosen or NEW_MODEL_PROJECTOR).train_flags
     for name in projector_names():
         if name == chosen:
             continue
         for flag in get_projector(name).train_flags:
-            if getattr(model_args, flag) != defaults[flag] and flag not in get_projector(chosen or "linear").train_flags:
+            if getattr(model_args, flag) != defaults[flag] and flag not in read:
                 raise TrainConfigError(f"--{flag} {getattr(model_args, flag)}: it only applies with --mm_projector_type {name}")
     if model_args.vision_token_pooling != defaults["vision_token_pooling"]:
         if chosen is not None and not get_projector(chosen).accepts_pooling:
@@ -378,6 +381,7 @@ def check_attn_implementation(model_args: ModelArguments, training_args: Trainin
 __all__ = [
     "SELECT_FEATURE",
     "ModelArguments",
+    "NEW_MODEL_PROJECTOR",
     "TrainConfigError",
     "TrainingArguments",
     "build_parser",

@@ -48,6 +48,7 @@ from llava_voco.model.projectors import get_projector, llava_projector_state_dic
 from llava_voco.model.attention import attention_backend, backend_running
 
 from .arguments import (
+    NEW_MODEL_PROJECTOR,
     SELECT_FEATURE,
     ModelArguments,
     TrainConfigError,
@@ -183,7 +184,7 @@ def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -
             text_config=config.to_dict(),
             vision_feature_layer=model_args.mm_vision_select_layer if model_args.mm_vision_select_layer is not None else -1,
             vision_feature_select_strategy=SELECT_FEATURE[select_feature],
-            mm_projector_type=model_args.mm_projector_type or "linear",
+            mm_projector_type=model_args.mm_projector_type or NEW_MODEL_PROJECTOR,
             vision_token_pooling=model_args.vision_token_pooling,
             frame_chunk=model_args.frame_chunk,
             **plan.projector_fields,
@@ -302,7 +303,7 @@ def build_from_llm_and_vision_tower(model_args: ModelArguments, training_args: T
         vision_feature_layer=model_args.mm_vision_select_layer if model_args.mm_vision_select_layer is not None else -1,
         vision_feature_select_strategy=strategy,
         tie_word_embeddings=llm.config.tie_word_embeddings,
-        mm_projector_type=model_args.mm_projector_type or "linear",
+        mm_projector_type=model_args.mm_projector_type or NEW_MODEL_PROJECTOR,
         voco_tokens=voco_tokens,
         voco_token_id=tokenizer.convert_tokens_to_ids(VOCO_TOKEN) if voco_tokens else None,
         voco_mask_mode=model_args.voco_mask_mode or "paper",
@@ -358,7 +359,8 @@ def projector_fields(model_args: ModelArguments, vision_config=None) -> dict:
     """The config fields the projector method takes from its flags (set-up (a)), checked from configs and
     tokenizers only (LLaMA-VID: its text decoder's); ``vision_config``: the vision tower's."""
     try:
-        return get_projector(model_args.mm_projector_type or "linear").config_fields_from_flags(model_args, vision_config)
+        method = get_projector(model_args.mm_projector_type or NEW_MODEL_PROJECTOR)
+        return method.config_fields_from_flags(model_args, vision_config)
     except ValueError as error:
         raise TrainConfigError(one_line(str(error))) from None
 
