@@ -34,6 +34,7 @@ import torch
 from .constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .conversation import GPT, HUMAN, ConversationError, ConversationTemplate, get_template
 from .errors import InputError
+from .model.attention import attention_backend_names
 from .model.voco_cache import VoCoCache, model_fingerprint
 
 DEFAULT_TEMPLATE = "v1"  # a checkpoint that records no template (saved before templates were saved, or not by the train entry)
@@ -217,8 +218,8 @@ def add_model_arguments(parser) -> None:
                              f"trained with, {DEFAULT_TEMPLATE} where it records none)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--attn-implementation", default=None,
-                        help="sdpa, eager, flex_attention, varlen_reference, varlen_torch or flash_attention_2 "
-                             "(default: the checkpoint's)")
+                        help=f"the language model's attention backend: {', '.join(attention_backend_names())} "
+                             "(llava_voco.model.attention's table; default: the checkpoint's)")
     parser.add_argument("--voco-tokens", type=int, default=None,
                         help="an elastic model's VoCo count per image, one of those it was trained with "
                              "(default: its largest)")

@@ -34,7 +34,6 @@ from ..errors import InputError, one_line_errors
 from ..image_io import ImageReadError, load_image
 from ..inference import count_vision_passes, read_video
 from ..video import VideoError
-from ..model.attention import attention_backend_names
 
 
 def _lines(path: str, what: str) -> list[str]:

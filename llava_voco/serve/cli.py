@@ -19,7 +19,6 @@ from pathlib import Path
 from ..conversation import get_template
 from ..engine import add_model_arguments, conversation_template_of, model_kwargs_from_args
 from ..errors import one_line_errors
-from ..model.attention import attention_backend_names
 from ..inference import (
     ImageChat,
     count_vision_passes,
