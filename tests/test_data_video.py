@@ -168,17 +168,19 @@ def test_lengths_count_each_videos_own_frames(voco_dir, digit_images, tmp_path):
         folder.mkdir()
         for i in range(count):
             digit_images[i].save(folder / f"{i:03d}.png")
+    write_video(tmp_path / "clip.mp4", frames=24, rate=4)  # 6 s: 6 frames at 1 fps, read from the container
     samples = [{"id": name, "video": name, "conversations": [
         {"from": "human", "value": "<video>\nWhat is the sum?"}, {"from": "gpt", "value": "12"}]}
-        for name in ("short", "long")]
+        for name in ("short", "long", "clip.mp4")]
     per_frame = tokens_per_image(processor, is_frame=True).total
     words = 5  # "<video>", "What", "is", "the", "sum?" ... and the answer
-    for max_frames, frames in ((None, (2, 12)), (4, (2, 4))):
+    for max_frames, frames in ((None, (2, 12, 6)), (4, (2, 4, 4))):
         args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(tmp_path), max_frames=max_frames)
         dataset = make_supervised_data_module(processor, args, version="v1", model_max_length=1024)["train_dataset"]
         assert dataset.lengths == [words + 1 + n * per_frame for n in frames]
-        item = dataset[1]
-        assert item["num_vision_tokens"] + item["num_voco_tokens"] == frames[1] * per_frame  # what loading gives
+        for index in (1, 2):  # what loading gives
+            item = dataset[index]
+            assert item["num_vision_tokens"] + item["num_voco_tokens"] == frames[index] * per_frame
 
 
 @pytest.mark.parametrize("version", ["v1", "llava_llama_2", "chatml_direct", "llama_3"])

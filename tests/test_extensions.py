@@ -95,3 +95,23 @@ def test_a_backend_registered_here_gives_the_logits_of_sdpa(voco_dir, digit_imag
     assert len(KERNEL_CALLS) == 2 * registered.config.text_config.num_hidden_layers  # it ran, every layer
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (unmasked - expected).abs().max() > 1e-3  # the rule reached the kernel through the plan
+
+
+def test_the_registries_refuse_what_would_be_silently_wrong():
+    """A name taken twice, an unknown name (listing what is there), a varlen backend without a kernel."""
+    with pytest.raises(ValueError, match="'avgpool4' is registered already"):
+        register_projector("avgpool4", AveragePoolTo4)
+    from llava_voco import VoCoLlavaConfig
+    from llava_voco.model.attention import attention_backend
+
+    with pytest.raises(ValueError, match=r"unknown mm_projector_type 'avgpool9'; supported: linear, mlp2x_gelu, llamavid"):
+        VoCoLlavaConfig(mm_projector_type="avgpool9")
+    with pytest.raises(ValueError, match="is registered already"):
+        register_attention_backend(AttentionBackend("sdpa", "dense", "again"))
+    with pytest.raises(ValueError, match="needs its kernel"):
+        register_attention_backend(AttentionBackend("kernelless", "varlen", "no kernel"))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        register_attention_backend(AttentionBackend("masked_somehow", "sparse", "?"))
+    with pytest.raises(ValueError, match="supported: sdpa, eager, flex_attention"):
+        attention_backend("magic")
+    assert "kernelless" not in attention_backend_names()
