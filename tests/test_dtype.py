@@ -14,7 +14,7 @@ from transformers import CLIPVisionModel, LlamaForCausalLM
 
 import llava_voco
 from llava_voco.train.arguments import parse_args
-from llava_voco.train.model_setup import build_model_and_processor
+from llava_voco.train.building import build_model_and_processor
 from llava_voco.train.train import main
 
 from test_train import common_args, digit_samples, tiny  # noqa: F401

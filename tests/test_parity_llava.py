@@ -112,7 +112,8 @@ def test_load_model_converts_on_the_fly(tmp_path):
 
 
 def test_train_entry_names_the_conversion(tmp_path):
-    from llava_voco.train.model_setup import TrainConfigError, read_config
+    from llava_voco.train.arguments import TrainConfigError
+    from llava_voco.train.plan import read_config
 
     with pytest.raises(TrainConfigError, match=r"LLaVA's own format .*convert_llava_checkpoint\.py"):
         read_config("--model_name_or_path", str(FIXTURES / "llava_llama"))

@@ -26,8 +26,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionM
 import llava_voco
 from llava_voco.model.projectors import LinearProjector
 from llava_voco.demo.tiny import build_tiny_llava
-from llava_voco.train.arguments import TrainConfigError, build_parser, parse_args, refuse_flags_without_effect
-from llava_voco.train.model_setup import build_model_and_processor
+from llava_voco.train.arguments import TrainConfigError, build_parser, parse_args
+from llava_voco.train.checks import refuse_flags_without_effect
+from llava_voco.train.building import build_model_and_processor
 from llava_voco.train.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -566,7 +567,7 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     assert all(torch.equal(value, saved[name]) for name, value in again.model.multi_modal_projector.state_dict().items())
 
     # --freeze_text_decoder: the Q-Former stays as it is, the queries and projections still train
-    from llava_voco.train.model_setup import set_trainable
+    from llava_voco.train.trainable import set_trainable
 
     model_args, data_args, training_args = parse_args([str(arg) for arg in (
         base + llamavid + ["--freeze_text_decoder", "True"] + common_args(tiny, tmp_path / "frozen", data_path=data))])

@@ -10,7 +10,8 @@ import pytest
 import llava_voco
 from llava_voco.model.builder import use_voco_attention
 from llava_voco.model.attention import attention_backend, attention_backend_names
-from llava_voco.train.arguments import check_attn_implementation, parse_args
+from llava_voco.train.arguments import parse_args
+from llava_voco.train.checks import check_attn_implementation
 from llava_voco.train.train import main
 
 from test_train import common_args, layout_a, tiny  # noqa: F401

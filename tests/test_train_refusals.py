@@ -134,7 +134,7 @@ def test_refused_from_the_shell_in_seconds_as_one_line(tiny, broken, tmp_path):
 
 def test_a_checkpoint_of_mixed_dtypes_is_refused(tiny, tmp_path):
     """Refused with a message after loading too: a model whose parts are in several dtypes."""
-    from llava_voco.train.model_setup import check_one_dtype
+    from llava_voco.train.building import check_one_dtype
 
     model = llava_voco.VoCoLlavaForConditionalGeneration.from_pretrained(tiny.llava, dtype=torch.float32)
     check_one_dtype(model, torch.float32)

@@ -67,6 +67,18 @@ def use_voco_attention(model) -> None:
         text_config._attn_implementation = implementation_with_voco(text_config._attn_implementation)
 
 
+def turn_voco_on(model, tokenizer, voco_tokens: int, voco_mask_mode: str | None = None) -> None:
+    """VoCo on a VoCo-Llava model loaded from a plain Llava checkpoint: ``<voco>`` added to ``tokenizer`` and the
+    model (its rows at the mean of the existing ones), its id and count (and mask mode, when given) in the
+    config, VoCo's attention installed. ``add_voco_to_llava`` and the training entry's VoCo finetune stage
+    both start here."""
+    (model.config.voco_token_id,) = add_special_tokens_with_mean_rows(tokenizer, model, [VOCO_TOKEN])
+    model.config.voco_tokens = voco_tokens
+    if voco_mask_mode is not None:
+        model.config.voco_mask_mode = voco_mask_mode
+    use_voco_attention(model)
+
+
 def add_voco_to_llava(
     llava_path: str | os.PathLike,
     voco_tokens: int = 1,
@@ -88,9 +100,7 @@ def add_voco_to_llava(
     config.architectures = ["VoCoLlavaForConditionalGeneration"]
     model = VoCoLlavaForConditionalGeneration.from_pretrained(llava_path, config=config, **from_pretrained_kwargs)
     tokenizer = processor.tokenizer
-    (model.config.voco_token_id,) = add_special_tokens_with_mean_rows(tokenizer, model, [VOCO_TOKEN])
-    model.config.voco_tokens = voco_tokens
-    use_voco_attention(model)
+    turn_voco_on(model, tokenizer, voco_tokens)
 
     processor = VoCoLlavaProcessor.from_llava_processor(processor, voco_tokens, tokenizer=tokenizer)
     if output_dir is not None:

@@ -1,33 +1,30 @@
-"""The training entry's flags: LLaVA's names, types and meanings (``ModelArguments``, ``TrainingArguments``;
-the data flags are ``llava_voco.train.data.DataArguments``), and the refusal of flags that LLaVA accepts but
-that would have no effect here (``refuse_flags_without_effect``): refused with a message saying why, never
-silently ignored.
+"""The training entry's flags, all three groups: LLaVA's names, types and meanings (``ModelArguments``,
+``DataArguments``, ``TrainingArguments``), parsed by ``parse_args``, and what follows from them alone (the
+training dtype, the vision tower's attention backend). Flags LLaVA accepts that would have no effect here are
+refused by ``llava_voco.train.checks``, never silently ignored.
 
 Defaults that LLaVA sets to values we cannot honour (or that depend on the checkpoint) are None here and
-resolved in ``llava_voco.train.model_setup.build_model_and_processor``.
+resolved by the plan (``llava_voco.train.plan``) and the build (``llava_voco.train.building``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 from transformers import HfArgumentParser
 
-from llava_voco.conversation import UnknownTemplateError, get_template
 from llava_voco.model.configuration_voco_llava import VoCoLlavaConfig
-from llava_voco.model.projectors import CompressTypeError, get_projector, parse_compress_type, projector_names
-from llava_voco.model.attention import AttentionBackendUnavailable, attention_backend, attention_backend_names
+from llava_voco.model.attention import attention_backend
 
-from .data import DataArguments
 
 # LLaVA's --mm_projector_type default: the projector of a model built from an LLM and a vision tower.
 NEW_MODEL_PROJECTOR = "linear"
 # LLaVA's --mm_vision_select_feature -> transformers' vision_feature_select_strategy.
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# --image_aspect_ratio: LLaVA's values that need no LLaVA-NeXT model.
+ASPECT_RATIOS = ("pad", "square")
 
 
 class TrainConfigError(ValueError):
@@ -142,6 +139,78 @@ class ModelArguments:
 
 
 @dataclass
+class DataArguments:
+    """LLaVA's data flags, same names and defaults, plus ``--skip_bad_samples``."""
+
+    data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file, LLaVA format."})
+    lazy_preprocess: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted as LLaVA's scripts pass it: here every sample is decoded and tokenized when drawn "
+            "either way (LLaVA's True); what is checked before training is --check_samples."
+        },
+    )
+    is_multimodal: bool = field(
+        default=False,
+        metadata={
+            "help": "As in LLaVA, whose train.py sets it itself when the model has a vision tower (the train "
+            "entry should too): move a turn's single <image> to its start, followed by a newline. Otherwise "
+            "placeholders stay where the data puts them."
+        },
+    )
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
+    image_aspect_ratio: str = field(
+        default="square",
+        metadata={"help": "'pad': pad to a square with the image processor's mean colour; 'square': as the processor does."},
+    )
+    check_samples: bool = field(
+        default=True,
+        metadata={
+            "help": "Before the first step, check every sample's structure and that each image or video opens "
+            "(file headers only, in a thread pool); bad samples are refused together in one line, or skipped "
+            "with --skip_bad_samples. False: each sample is checked only when drawn (a bad one then stops the "
+            "run there, or is skipped there with --skip_bad_samples)."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "Log, count and skip malformed samples and unreadable images instead of stopping."},
+    )
+    cache_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each built sample (ids, labels, pixel values) in memory after its first use, so later "
+            "epochs skip decoding and tokenizing. For small data sets trained for several epochs: memory grows "
+            "with the data set, and each dataloader worker keeps its own cache (use persistent workers)."
+        },
+    )
+    video_folder: str | None = field(
+        default=None, metadata={"help": "Folder the samples' video paths are relative to (default: --image_folder)."}
+    )
+    video_fps: float = field(default=1.0, metadata={"help": "Frames taken per second of video."})
+    max_frames: int | None = field(
+        default=None, metadata={"help": "At most this many frames per video, sampled uniformly over it."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free packing (docs/design.md §2.6): each batch's samples are laid one after another "
+            "in rows of at most --model_max_length tokens (never split), position ids restarting at each sample, "
+            "so no padding is computed between them; losses and gradients equal the padded batch's."
+        },
+    )
+
+    def __post_init__(self):
+        if self.video_fps <= 0:
+            raise ValueError(f"--video_fps must be positive, got {self.video_fps}")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(
+                f"--image_aspect_ratio {self.image_aspect_ratio!r} is not supported here (LLaVA-NeXT's 'anyres' "
+                f"tiling needs a LLaVA-NeXT model); use one of {ASPECT_RATIOS}"
+            )
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(default=None)
     optim: str = field(default="adamw_torch")
@@ -219,166 +288,9 @@ def vision_attn_implementation(attn_implementation: str) -> str:
     return attention_backend(attn_implementation).vision_implementation
 
 
-def refuse_flags_without_effect(model_args: ModelArguments, data_args, training_args: TrainingArguments) -> None:
-    def refuse(flag: str, why: str):
-        raise TrainConfigError(f"{flag}: {why}")
-
-    if model_args.mm_use_im_start_end:
-        refuse("--mm_use_im_start_end True", "llava_voco lays images out as transformers' Llava does, with no "
-               "<im_start>/<im_end> tokens, so the flag would have no effect; drop it or pass False")
-    if model_args.mm_use_im_patch_token:
-        refuse("--mm_use_im_patch_token True", "it only adds an unused <im_patch> token to the tokenizer in "
-               "LLaVA; llava_voco does not add it, so the flag would have no effect; drop it or pass False")
-    if model_args.mm_patch_merge_type != "flat":
-        refuse(f"--mm_patch_merge_type {model_args.mm_patch_merge_type}", "LLaVA-NeXT's anyres patch merging is "
-               "not implemented here; only 'flat' (LLaVA-1.5)")
-    if model_args.image_grid_pinpoints is not None:
-        refuse("--image_grid_pinpoints", "LLaVA-NeXT's anyres grids are not implemented here")
-    if training_args.bits != 16:
-        refuse(f"--bits {training_args.bits}", "4/8-bit (QLoRA) training needs bitsandbytes on CUDA and is not "
-               "supported; use --bits 16 (with --bf16 True on a GPU)")
-    for flag in ("double_quant", "quant_type"):
-        if getattr(training_args, flag) is not None:
-            refuse(f"--{flag}", "only means something with --bits 4/8, which is not supported")
-    if training_args.mpt_attn_impl is not None:
-        refuse("--mpt_attn_impl", "MPT language models are not supported; Llama-family models use --attn_implementation")
-    if training_args.lora_weight_path:
-        refuse("--lora_weight_path", "LLaVA declares it but never reads it; to continue from a LoRA run, pass its "
-               "merged output directory as --model_name_or_path")
-    if training_args.lora_bias not in ("none", "all", "lora_only"):
-        refuse(f"--lora_bias {training_args.lora_bias}", "must be none, all or lora_only (PEFT's values)")
-    if not training_args.lora_enable and not training_args.lora_merge_on_save:
-        refuse("--lora_merge_on_save False", "only means something with --lora_enable True")
-    if model_args.mm_projector_type is not None and model_args.mm_projector_type not in projector_names():
-        refuse(f"--mm_projector_type {model_args.mm_projector_type}", f"supported: {', '.join(projector_names())}")
-    refuse_other_projectors_flags(model_args)
-    if model_args.mm_vision_select_feature is not None and model_args.mm_vision_select_feature not in SELECT_FEATURE:
-        refuse(f"--mm_vision_select_feature {model_args.mm_vision_select_feature}", "must be patch or cls_patch")
-    if not model_args.voco_mask_in_training and not model_args.voco_tokens:
-        refuse("--voco_mask_in_training False", "only means something with --voco_tokens k > 0")
-    if model_args.voco_tokens is not None and model_args.voco_tokens < 0:
-        refuse(f"--voco_tokens {model_args.voco_tokens}", "must be >= 0")
-    check_voco_training(model_args, training_args)
-    # Contradictory stages: something would not train, or a flag would change nothing.
-    if model_args.tune_mm_mlp_adapter and training_args.freeze_mm_mlp_adapter:
-        refuse("--freeze_mm_mlp_adapter True", "with --tune_mm_mlp_adapter True nothing would train")
-    if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
-        refuse("--lora_enable True", "the pretrain stage (--tune_mm_mlp_adapter True) trains the projector only")
-    if model_args.tune_mm_mlp_adapter and model_args.unfreeze_mm_vision_tower:
-        refuse("--unfreeze_mm_vision_tower True", "the pretrain stage (--tune_mm_mlp_adapter True) trains the projector only")
-    if training_args.lora_enable and model_args.freeze_backbone:
-        refuse("--freeze_backbone True", "with --lora_enable the LLM's own weights are frozen already; LoRA trains adapters")
-    if training_args.mm_projector_lr is not None and training_args.freeze_mm_mlp_adapter:
-        refuse("--mm_projector_lr", "the projector is frozen (--freeze_mm_mlp_adapter True)")
-    if training_args.mm_vision_tower_lr is not None and not model_args.unfreeze_mm_vision_tower:
-        refuse("--mm_vision_tower_lr", "the vision tower is frozen unless --unfreeze_mm_vision_tower True")
-    ds_config = getattr(training_args, "hf_deepspeed_config", None)
-    if ds_config is not None:
-        if "optimizer" in ds_config.config and (training_args.mm_projector_lr or training_args.mm_vision_tower_lr):
-            refuse("--mm_projector_lr", "the DeepSpeed config defines its own optimizer, which would drop the "
-                   "projector's parameter group; remove its \"optimizer\" section")
-        if ds_config.is_zero3() and training_args.lora_enable:
-            refuse("--lora_enable True with ZeRO-3", "merging LoRA on save needs whole weights; use scripts/zero2.json")
-    if model_args.model_name_or_path is None:
-        refuse("--model_name_or_path", "is required")
-    check_attn_implementation(model_args, training_args)
-    if data_args.data_path is None:
-        refuse("--data_path", "is required")
-    if not os.path.isfile(data_args.data_path):
-        refuse(f"--data_path {data_args.data_path}", "no such file")
-    try:
-        get_template(model_args.version)
-    except UnknownTemplateError as error:
-        refuse(f"--version {model_args.version}", str(error))
-
-
-def refuse_other_projectors_flags(model_args: ModelArguments) -> None:
-    """A flag only another projector method reads (``ImageProjector.train_flags``), or pooling a method does not
-    take, would have no effect: refused naming the method it belongs to. (``--mm_projector_type`` left out is a
-    checkpoint's own method, or ``linear`` for a new model: only flags no method reads by default are refused.)"""
-    chosen = model_args.mm_projector_type
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments)}
-    read = get_projector(chosen or NEW_MODEL_PROJECTOR).train_flags
-    for name in projector_names():
-        if name == chosen:
-            continue
-        for flag in get_projector(name).train_flags:
-            if getattr(model_args, flag) != defaults[flag] and flag not in read:
-                raise TrainConfigError(f"--{flag} {getattr(model_args, flag)}: it only applies with --mm_projector_type {name}")
-    if model_args.vision_token_pooling != defaults["vision_token_pooling"]:
-        if chosen is not None and not get_projector(chosen).accepts_pooling:
-            raise TrainConfigError(f"--vision_token_pooling {model_args.vision_token_pooling}: "
-                                   f"{get_projector(chosen).pooling_refusal}")
-        try:
-            parse_compress_type(model_args.vision_token_pooling)
-        except CompressTypeError as error:
-            raise TrainConfigError(f"--vision_token_pooling {model_args.vision_token_pooling}: {error}") from None
-
-
-def parse_voco_train_tokens(value: str) -> list[int]:
-    try:
-        counts = sorted({int(part) for part in value.split(",") if part.strip()})
-    except ValueError:
-        raise TrainConfigError(f"--voco_train_tokens {value}: comma-separated VoCo counts, e.g. 1,2,4,8") from None
-    if not counts or counts[0] < 1:
-        raise TrainConfigError(f"--voco_train_tokens {value}: VoCo counts >= 1, e.g. 1,2,4,8")
-    return counts
-
-
-def check_voco_training(model_args: ModelArguments, training_args: TrainingArguments) -> None:
-    """Elastic k and distillation flags: values that can train, and nothing that would have no effect. What
-    depends on the checkpoint (a saved VoCo count) is checked in ``model_setup.plan_loading``."""
-    if model_args.voco_train_tokens is not None:
-        counts = parse_voco_train_tokens(model_args.voco_train_tokens)
-        if model_args.voco_tokens is not None and counts[-1] != model_args.voco_tokens:
-            raise TrainConfigError(
-                f"--voco_train_tokens {model_args.voco_train_tokens}: its largest count must be --voco_tokens "
-                f"({model_args.voco_tokens}), the number of VoCo tokens the model is built for"
-            )
-        if model_args.voco_tokens == 0:
-            raise TrainConfigError("--voco_train_tokens: only means something with --voco_tokens k > 0")
-    for flag in ("voco_distill_weight", "voco_distill_hidden"):
-        if getattr(model_args, flag) < 0:
-            raise TrainConfigError(f"--{flag} {getattr(model_args, flag)}: must be >= 0")
-    if model_args.voco_distill_temperature <= 0:
-        raise TrainConfigError(f"--voco_distill_temperature {model_args.voco_distill_temperature}: must be > 0")
-    distilling = model_args.voco_distill_weight > 0 or model_args.voco_distill_hidden > 0
-    if not distilling:
-        for flag, default in (("voco_distill_temperature", 1.0), ("voco_teacher", None)):
-            if getattr(model_args, flag) != default:
-                raise TrainConfigError(f"--{flag}: only means something with --voco_distill_weight or --voco_distill_hidden > 0")
-        return
-    if model_args.voco_tokens == 0:
-        raise TrainConfigError("--voco_distill_weight: distils full vision tokens into VoCo tokens; it needs --voco_tokens k > 0")
-    if not model_args.voco_mask_in_training:
-        raise TrainConfigError("--voco_distill_weight with --voco_mask_in_training False: student and teacher would "
-                               "see the same tokens, so every distillation term would be 0")
-    if model_args.tune_mm_mlp_adapter:
-        raise TrainConfigError("--voco_distill_weight: the pretrain stage (--tune_mm_mlp_adapter True) has no VoCo "
-                               "path to distil into (the LLM is frozen)")
-    if model_args.voco_teacher is not None:
-        if not os.path.isfile(os.path.join(model_args.voco_teacher, "config.json")):
-            raise TrainConfigError(f"--voco_teacher {model_args.voco_teacher}: not a checkpoint directory (no config.json)")
-        ds_config = getattr(training_args, "hf_deepspeed_config", None)
-        if ds_config is not None and ds_config.is_zero3():
-            raise TrainConfigError("--voco_teacher with ZeRO-3: a second model would need its own DeepSpeed engine; "
-                                   "use the default teacher (the same weights with the VoCo mask off) or scripts/zero2.json")
-
-
-def check_attn_implementation(model_args: ModelArguments, training_args: TrainingArguments) -> None:
-    """``--attn_implementation``: a backend this entry can train with, available here (checked before any
-    weight is read)."""
-    attn = model_args.attn_implementation
-    if attn not in attention_backend_names():
-        raise TrainConfigError(f"--attn_implementation {attn}: supported: {', '.join(attention_backend_names())}")
-    try:
-        attention_backend(attn).check(on_cpu=training_args.use_cpu or not torch.cuda.is_available(), training=True)
-    except AttentionBackendUnavailable as error:
-        raise TrainConfigError(f"--attn_implementation {attn}: {error}") from None
-
-
-
 __all__ = [
+    "ASPECT_RATIOS",
+    "DataArguments",
     "SELECT_FEATURE",
     "ModelArguments",
     "NEW_MODEL_PROJECTOR",
@@ -386,8 +298,6 @@ __all__ = [
     "TrainingArguments",
     "build_parser",
     "parse_args",
-    "parse_voco_train_tokens",
-    "refuse_flags_without_effect",
     "training_dtype",
     "vision_attn_implementation",
 ]

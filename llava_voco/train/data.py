@@ -54,11 +54,11 @@ from ..image_io import ImageReadError, check_image, load_image, pad_to_square
 from ..model import image_inputs
 from ..model.projectors import projector_for
 from ..video import VideoError, check_video, count_frames, decode_video, is_frame_features, read_frame_features
+from .arguments import DataArguments
 from .collator import DataCollatorForSupervisedDataset, skipped_item
 
 logger = logging.getLogger(__name__)
 
-ASPECT_RATIOS = ("pad", "square")
 # Per-image inputs the processor may give (video frames, LLaMA-VID instructions), collated across the batch.
 PER_IMAGE_KEYS = ("video_frame_mask", "instruction_input_ids", "instruction_attention_mask")
 # Precomputed frames of a video given as a features file, in place of their pixels (VoCoLlavaModel.forward).
@@ -66,78 +66,6 @@ FRAME_FEATURE_KEYS = ("frame_features", "frame_features_mask")
 # The check before training (--check_samples): threads waiting on file headers, each taking samples in chunks.
 CHECK_THREADS = min(32, 4 * (os.cpu_count() or 1))
 CHECK_CHUNK = 256
-
-
-@dataclass
-class DataArguments:
-    """LLaVA's data flags, same names and defaults, plus ``--skip_bad_samples``."""
-
-    data_path: str = field(default=None, metadata={"help": "Training data: a JSON list or JSONL file, LLaVA format."})
-    lazy_preprocess: bool = field(
-        default=False,
-        metadata={
-            "help": "Accepted as LLaVA's scripts pass it: here every sample is decoded and tokenized when drawn "
-            "either way (LLaVA's True); what is checked before training is --check_samples."
-        },
-    )
-    is_multimodal: bool = field(
-        default=False,
-        metadata={
-            "help": "As in LLaVA, whose train.py sets it itself when the model has a vision tower (the train "
-            "entry should too): move a turn's single <image> to its start, followed by a newline. Otherwise "
-            "placeholders stay where the data puts them."
-        },
-    )
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
-    image_aspect_ratio: str = field(
-        default="square",
-        metadata={"help": "'pad': pad to a square with the image processor's mean colour; 'square': as the processor does."},
-    )
-    check_samples: bool = field(
-        default=True,
-        metadata={
-            "help": "Before the first step, check every sample's structure and that each image or video opens "
-            "(file headers only, in a thread pool); bad samples are refused together in one line, or skipped "
-            "with --skip_bad_samples. False: each sample is checked only when drawn (a bad one then stops the "
-            "run there, or is skipped there with --skip_bad_samples)."
-        },
-    )
-    skip_bad_samples: bool = field(
-        default=False,
-        metadata={"help": "Log, count and skip malformed samples and unreadable images instead of stopping."},
-    )
-    cache_samples: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep each built sample (ids, labels, pixel values) in memory after its first use, so later "
-            "epochs skip decoding and tokenizing. For small data sets trained for several epochs: memory grows "
-            "with the data set, and each dataloader worker keeps its own cache (use persistent workers)."
-        },
-    )
-    video_folder: str | None = field(
-        default=None, metadata={"help": "Folder the samples' video paths are relative to (default: --image_folder)."}
-    )
-    video_fps: float = field(default=1.0, metadata={"help": "Frames taken per second of video."})
-    max_frames: int | None = field(
-        default=None, metadata={"help": "At most this many frames per video, sampled uniformly over it."}
-    )
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Padding-free packing (docs/design.md §2.6): each batch's samples are laid one after another "
-            "in rows of at most --model_max_length tokens (never split), position ids restarting at each sample, "
-            "so no padding is computed between them; losses and gradients equal the padded batch's."
-        },
-    )
-
-    def __post_init__(self):
-        if self.video_fps <= 0:
-            raise ValueError(f"--video_fps must be positive, got {self.video_fps}")
-        if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(
-                f"--image_aspect_ratio {self.image_aspect_ratio!r} is not supported here (LLaVA-NeXT's 'anyres' "
-                f"tiling needs a LLaVA-NeXT model); use one of {ASPECT_RATIOS}"
-            )
 
 
 class DataError(ValueError):
@@ -735,7 +663,6 @@ def make_supervised_data_module(
 
 
 __all__ = [
-    "ASPECT_RATIOS",
     "BadSamplesError",
     "DataArguments",
     "DataError",

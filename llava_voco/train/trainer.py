@@ -267,9 +267,9 @@ class VoCoLlavaTrainer(Trainer):
 
     # ---- optimizer ----------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model) -> list[str]:
-        """The Trainer's, less weights of which only some rows train (``model_setup.train_rows_only``): weight
+        """The Trainer's, less weights of which only some rows train (``trainable.train_rows_only``): weight
         decay would move their frozen rows."""
-        from .model_setup import ROWS_ONLY
+        from .trainable import ROWS_ONLY
 
         rows_only = {name for name, param in model.named_parameters() if getattr(param, ROWS_ONLY, None) is not None}
         return [name for name in super().get_decay_parameter_names(model) if name not in rows_only]
