@@ -168,6 +168,7 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
     import llava_voco  # noqa: F401  (registers the Auto classes and the varlen backends)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .model.llamavid_original import LlamaVidCheckpointError, is_llamavid_original, load_llamavid_original
     from .model.llava_original import LlavaCheckpointError, is_llava_original, load_llava_original
     from .model.attention import AttentionBackendUnavailable, implementations_for
 
@@ -191,10 +192,16 @@ def load_model(model_path: str, device: str | None = None, dtype: str | None = N
                                  "convert it with scripts/convert_llava_checkpoint.py to load it quantized")
             model, processor = load_llava_original(model_path, dtype=kwargs.get("dtype"),
                                                    attn_implementation=attn_implementation)
+        elif is_llamavid_original(model_path):  # LLaMA-VID's own (scripts/convert_llamavid_checkpoint.py)
+            if quantization is not None:
+                raise InputError(f"{model_path}: a LLaMA-VID checkpoint is converted in memory, unquantized: "
+                                 "convert it with scripts/convert_llamavid_checkpoint.py to load it quantized")
+            model, processor = load_llamavid_original(model_path, dtype=kwargs.get("dtype"),
+                                                      attn_implementation=attn_implementation)
         else:
             model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).eval()
             processor = AutoProcessor.from_pretrained(model_path)
-    except LlavaCheckpointError as error:
+    except (LlavaCheckpointError, LlamaVidCheckpointError) as error:
         raise InputError(str(error)) from None
     except OSError as error:  # a Hub id that cannot be fetched, a folder with missing files
         first_line = str(error).strip().splitlines()[0]

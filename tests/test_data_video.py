@@ -211,3 +211,21 @@ def test_the_processor_without_instructions_reads_the_turn_training_reads(llava_
         assert bert.batch_decode(direct["instruction_input_ids"], skip_special_tokens=True) == \
             bert.batch_decode(trained, skip_special_tokens=True)
         assert torch.equal(direct["instruction_input_ids"], trained)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_llamavid_instruction_newlines_deleted_as_llamavid_trains(llava_dir, image_folder, tmp_path, keep):
+    """LLaMA-VID's training (``preprocess_imgsp_v1``) deletes a turn's newlines without a space before its text
+    decoder reads it: two words across a line break become one; ``--keep_instruction_newlines`` keeps them."""
+    bert = train_wordpiece_tokenizer()
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(llava_dir, llamavid_compress_type="grid:2")
+    processor.text_decoder_tokenizer = bert
+    samples = [{"id": "q", "image": "digit0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhich digit\nis at the top?"}, {"from": "gpt", "value": "7"}]}]
+    args = DataArguments(data_path=write_data(tmp_path, samples), image_folder=str(image_folder),
+                         keep_instruction_newlines=keep)
+    item = make_supervised_data_module(processor, args, version="v1", model_max_length=512)["train_dataset"][0]
+    expected = "Which digit\nis at the top?" if keep else "Which digitis at the top?"
+    assert torch.equal(item["instruction_input_ids"][0], encode_instructions(bert, [expected])["instruction_input_ids"][0])
+    assert keep or not torch.equal(item["instruction_input_ids"][0],
+                                   encode_instructions(bert, ["Which digit is at the top?"])["instruction_input_ids"][0])

@@ -153,6 +153,25 @@ def test_text_decoder_loads_from_an_instructblip_checkpoint(tmp_path):
         assert torch.equal(projector.text_decoder.state_dict()[name], tensor), name
     assert torch.equal(projector.query_tokens, instructblip.query_tokens)
 
+    # with LLaMA-VID's input LayerNorm (vlm_att_ln), it starts from the vision model's post_layernorm
+    with torch.no_grad():
+        instructblip.vision_model.post_layernorm.weight.normal_()
+        instructblip.vision_model.post_layernorm.bias.normal_()
+    instructblip.save_pretrained(tmp_path / "instructblip")
+    normed = LlamaVidProjector(InstructBlipQFormerConfig(**qformer, encoder_hidden_size=VISION), VISION, TEXT,
+                               LlavaMultiModalProjector(llava), num_query=4, input_norm=True).eval()
+    load_text_decoder_from_instructblip(normed, tmp_path / "instructblip")
+    assert torch.equal(normed.text_decoder_input_norm.weight, instructblip.vision_model.post_layernorm.weight)
+    assert torch.equal(normed.text_decoder_input_norm.bias, instructblip.vision_model.post_layernorm.bias)
+    features = torch.randn(2, PATCHES, VISION)
+    with torch.no_grad():  # the text decoder reads the features through it, as InstructBLIP's Q-Former does
+        queries = normed.text_queries(features, *[t.expand(2, -1) for t in (torch.tensor([[2, 5, 3]]), torch.ones(1, 3, dtype=torch.long))])
+        direct = normed.text_decoder(input_ids=torch.tensor([[2, 5, 3]]).expand(2, -1),
+                                     attention_mask=torch.ones(2, 4 + 3, dtype=torch.long),
+                                     query_embeds=normed.query_tokens.expand(2, -1, -1),
+                                     encoder_hidden_states=instructblip.vision_model.post_layernorm(features)).last_hidden_state
+        torch.testing.assert_close(queries, normed.query_projection(direct[:, :4]))
+
     wider = LlamaVidProjector(InstructBlipQFormerConfig(**qformer, encoder_hidden_size=VISION * 2), VISION * 2, TEXT,
                               LlavaMultiModalProjector(llava), num_query=4)
     with pytest.raises(ValueError, match="does not fit this text decoder"):

@@ -85,7 +85,10 @@ def test_save_load_and_missing_instructions(llava_dir, bert, digit_images, tmp_p
     batch = processor(images=[digit_images[2]], text="USER: <image> What?", return_tensors="pt")
     instructions = encode_instructions(bert, ["describe the picture"])
     with torch.no_grad():
-        assert torch.equal(model(**batch, **instructions).logits, reloaded(**batch, **instructions).logits)
+        # equal but for the last bits (1.8e-7 measured) since the text decoder reads LayerNorm'd features: a weight
+        # lost in saving would move them by far more
+        torch.testing.assert_close(model(**batch, **instructions).logits, reloaded(**batch, **instructions).logits,
+                                   rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="needs instruction_input_ids"):
         model(**batch)
 

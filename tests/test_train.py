@@ -566,7 +566,8 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     saved = model.model.multi_modal_projector.state_dict()
     assert all(torch.equal(value, saved[name]) for name, value in again.model.multi_modal_projector.state_dict().items())
 
-    # --freeze_text_decoder: the Q-Former stays as it is, the queries and projections still train
+    # --freeze_text_decoder (LLaMA-VID's ..._freeze, stage 1): the Q-Former, its input LayerNorm and queries stay as
+    # they are, the projections still train; --freeze_context_token (..._freeze_all): only the content projector
     from llava_voco.train.trainable import set_trainable
 
     model_args, data_args, training_args = parse_args([str(arg) for arg in (
@@ -575,7 +576,13 @@ def test_llamavid_run_on_images_and_videos_learns_and_reloads(tiny, tmp_path):
     model = set_trainable(model, model_args, training_args)
     projector = model.model.multi_modal_projector
     assert not any(p.requires_grad for p in projector.text_decoder.parameters())
-    assert projector.query_tokens.requires_grad and projector.context_projection.weight.requires_grad
+    assert not projector.query_tokens.requires_grad and not projector.text_decoder_input_norm.weight.requires_grad
+    assert projector.query_projection.weight.requires_grad and projector.context_projection.weight.requires_grad
+    model_args, data_args, training_args = parse_args([str(arg) for arg in (
+        base + llamavid + ["--freeze_context_token", "True"] + common_args(tiny, tmp_path / "frozen_all", data_path=data))])
+    model = set_trainable(build_model_and_processor(model_args, training_args)[0], model_args, training_args)
+    projector = model.model.multi_modal_projector
+    assert {name.split(".")[0] for name, p in projector.named_parameters() if p.requires_grad} == {"content_projector"}
 
 
 def test_llamavid_flags_need_llamavid(tiny, tmp_path):

@@ -226,7 +226,10 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
     if method.name == "llamavid":
         model += ["--text_decoder_tokenizer", base_dir / "text_decoder_tokenizer",
                   "--text_decoder_config", base_dir / "text_decoder.json", "--num_query", "8",
-                  "--compress_type", "mean", "--video_compress_type", "mean", "--instruction_max_length", "32"]
+                  "--compress_type", "mean", "--video_compress_type", "mean", "--instruction_max_length", "32",
+                  # the DigitGrid figures were measured before LLaMA-VID's input LayerNorm existed (its default
+                  # since issue 27): kept off so that they still reproduce
+                  "--text_decoder_input_norm", "False"]
     command = [
         *model, *method.flags,
         "--version", "v1", "--data_path", data_dir / "train.json", "--image_folder", data_dir,

@@ -11,7 +11,8 @@ from .voco_mask import check_mask_mode
 # What an image becomes: the projector method and its settings (a checkpoint's own, kept when it trains on)
 PROJECTOR_FIELDS = (
     "mm_projector_type", "llamavid_num_query", "llamavid_qformer", "llamavid_compress_type",
-    "llamavid_video_compress_type", "llamavid_instruction_max_length", "frame_chunk", "vision_token_pooling",
+    "llamavid_video_compress_type", "llamavid_instruction_max_length", "llamavid_text_decoder_input_norm",
+    "llamavid_grid_pooling", "frame_chunk", "vision_token_pooling",
 )
 VOCO_FIELDS = ("voco_tokens", "voco_token_id", "voco_mask_mode", "voco_train_tokens", *PROJECTOR_FIELDS)
 
@@ -35,10 +36,15 @@ class VoCoLlavaConfig(LlavaConfig):
         The projector method, by LLaVA's names: ``"mlp2x_gelu"`` (Llava's own projector), ``"linear"``,
         ``"llamavid"``, or one registered with ``llava_voco.model.projectors.register_projector``.
     llamavid_num_query, llamavid_qformer, llamavid_compress_type, llamavid_video_compress_type,
-    llamavid_instruction_max_length:
+    llamavid_instruction_max_length, llamavid_text_decoder_input_norm, llamavid_grid_pooling:
         LLaMA-VID (``mm_projector_type="llamavid"``, docs/design.md §3): learnable queries of the text decoder, its
         ``InstructBlipQFormerConfig`` fields, the content pooling of images and of video frames
-        (``none`` | ``mean`` | ``grid:g``), and the instruction tokens its text decoder reads (kept from the end).
+        (``none`` | ``mean`` | ``grid:g``), the instruction tokens its text decoder reads (kept from the end;
+        256, the released code's), the LayerNorm on the features the text decoder reads (LLaMA-VID's
+        ``vlm_att_ln``, on in every released model), and how ``grid:g`` pools (``"avg_pool"``, the released
+        code's kernel ``side // g``, or ``"adaptive"``, exactly ``g x g``). The LayerNorm and pooling defaults
+        are the released code's (a LLaMA-VID checkpoint saved before they existed loads with
+        ``llamavid_text_decoder_input_norm=False, llamavid_grid_pooling="adaptive"``).
         These are LLaMA-VID's defaults everywhere: the train flags and the processor take theirs from here.
     frame_chunk (`int`, defaults to 64):
         Images or frames through the vision tower and the projector at once.
@@ -58,7 +64,9 @@ class VoCoLlavaConfig(LlavaConfig):
     llamavid_qformer: dict | None = None
     llamavid_compress_type: str = "grid:2"
     llamavid_video_compress_type: str = "mean"
-    llamavid_instruction_max_length: int = 128
+    llamavid_instruction_max_length: int = 256
+    llamavid_text_decoder_input_norm: bool = True
+    llamavid_grid_pooling: str = "avg_pool"
     frame_chunk: int = 64
     vision_token_pooling: str = "none"
 

@@ -33,6 +33,7 @@ class ImageTokenSpec:
     vision_token_pooling: str = VoCoLlavaConfig.vision_token_pooling  # linear / mlp2x_gelu
     compress_type: str = VoCoLlavaConfig.llamavid_compress_type  # LLaMA-VID, images
     video_compress_type: str = VoCoLlavaConfig.llamavid_video_compress_type  # LLaMA-VID, video frames
+    grid_pooling: str = VoCoLlavaConfig.llamavid_grid_pooling  # LLaMA-VID, how grid:g pools
     voco_tokens: int = 0
 
     @property
@@ -59,6 +60,7 @@ class ImageTokenSpec:
             vision_token_pooling=getattr(config, "vision_token_pooling", cls.vision_token_pooling),
             compress_type=getattr(config, "llamavid_compress_type", cls.compress_type),
             video_compress_type=getattr(config, "llamavid_video_compress_type", cls.video_compress_type),
+            grid_pooling=getattr(config, "llamavid_grid_pooling", cls.grid_pooling),
             voco_tokens=getattr(config, "voco_tokens", 0),
         )
 
@@ -78,6 +80,7 @@ class ImageTokenSpec:
             vision_token_pooling=getattr(processor, "vision_token_pooling", None) or cls.vision_token_pooling,
             compress_type=getattr(processor, "llamavid_compress_type", None) or cls.compress_type,
             video_compress_type=getattr(processor, "llamavid_video_compress_type", None) or cls.video_compress_type,
+            grid_pooling=getattr(processor, "llamavid_grid_pooling", None) or cls.grid_pooling,
             voco_tokens=getattr(processor, "voco_tokens", 0),
         )
 

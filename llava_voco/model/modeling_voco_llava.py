@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
+from transformers import AutoModel, InstructBlipVisionConfig, InstructBlipVisionModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -28,6 +28,11 @@ from .varlen import PLAN_KWARG, build_varlen_plan
 from .voco_cache import VoCoCache
 from .voco_generation import VoCoGenerationMixin
 from .voco_mask import VoCoLayout, packed_sample_index
+
+# EVA-ViT-G, LLaMA-VID's vision tower, is transformers' InstructBlipVisionModel, which AutoModel does not map
+# (llamavid_original.py converts LLaMA-VID's tower into it); registered so that the vision tower is built from
+# the config as any other
+AutoModel.register(InstructBlipVisionConfig, InstructBlipVisionModel, exist_ok=True)
 
 
 class VoCoLlavaModel(LlavaModel):

@@ -58,6 +58,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
         llamavid_compress_type: str | None = None,
         llamavid_video_compress_type: str | None = None,
         instruction_max_length: int | None = None,
+        llamavid_grid_pooling: str | None = None,
         vision_token_pooling: str = VoCoLlavaConfig.vision_token_pooling,
         mm_projector_type: str | None = None,
         voco_separator: str = "",
@@ -87,6 +88,8 @@ class VoCoLlavaProcessor(LlavaProcessor):
         self.llamavid_video_compress_type = (llamavid_video_compress_type or VoCoLlavaConfig.llamavid_video_compress_type
                                              if reads_instruction else None)
         self.instruction_max_length = instruction_max_length or VoCoLlavaConfig.llamavid_instruction_max_length
+        self.llamavid_grid_pooling = (llamavid_grid_pooling or VoCoLlavaConfig.llamavid_grid_pooling
+                                      if reads_instruction else None)
         # Average pooling before a linear / mlp2x_gelu projector (VoCoLlavaConfig.vision_token_pooling)
         self.vision_token_pooling = vision_token_pooling
         # the --version template the model was trained with (the train entry records it with its chat template)
@@ -137,6 +140,7 @@ class VoCoLlavaProcessor(LlavaProcessor):
             llamavid_compress_type=getattr(processor, "llamavid_compress_type", None),
             llamavid_video_compress_type=getattr(processor, "llamavid_video_compress_type", None),
             instruction_max_length=getattr(processor, "instruction_max_length", None),
+            llamavid_grid_pooling=getattr(processor, "llamavid_grid_pooling", None),
             vision_token_pooling=getattr(processor, "vision_token_pooling", VoCoLlavaConfig.vision_token_pooling),
             mm_projector_type=getattr(processor, "mm_projector_type", None),
             voco_separator=getattr(processor, "voco_separator", ""),

@@ -127,7 +127,17 @@ class ModelArguments:
         default=VoCoLlavaConfig.llamavid_instruction_max_length,
         metadata={"help": "LLaMA-VID: instruction tokens kept (from the end)."},
     )
-    freeze_text_decoder: bool = field(default=False, metadata={"help": "LLaMA-VID: keep the text decoder (Q-Former) frozen."})
+    freeze_text_decoder: bool = field(default=False, metadata={
+        "help": "LLaMA-VID: keep the text decoder (Q-Former), its input LayerNorm and queries frozen (LLaMA-VID's "
+        "bert_type ..._freeze: stage 1, with --tune_mm_mlp_adapter)."})
+    freeze_context_token: bool = field(default=False, metadata={
+        "help": "LLaMA-VID: keep every module of the context token frozen (text decoder, input LayerNorm, queries, "
+        "query/key/context projections); the content projector trains (LLaMA-VID's ..._freeze_all: stage 3)."})
+    text_decoder_input_norm: bool = field(default=VoCoLlavaConfig.llamavid_text_decoder_input_norm, metadata={
+        "help": "LLaMA-VID: a LayerNorm on the features the text decoder reads (LLaMA-VID's vlm_att_ln; "
+        "--text_decoder_path loads it from InstructBLIP's vision post_layernorm)."})
+    grid_pooling: str = field(default=VoCoLlavaConfig.llamavid_grid_pooling, metadata={
+        "help": "LLaMA-VID: how grid:g pools: avg_pool (LLaMA-VID's, kernel side // g) or adaptive (exactly g x g)."})
     frame_chunk: int = field(
         default=VoCoLlavaConfig.frame_chunk, metadata={"help": "Images or frames through the vision tower at once."}
     )
@@ -170,6 +180,13 @@ class DataArguments:
             "(file headers only, in a thread pool); bad samples are refused together in one line, or skipped "
             "with --skip_bad_samples. False: each sample is checked only when drawn (a bad one then stops the "
             "run there, or is skipped there with --skip_bad_samples)."
+        },
+    )
+    keep_instruction_newlines: bool = field(
+        default=False,
+        metadata={
+            "help": "LLaMA-VID: keep the newlines in the instruction each image's text decoder reads. By default they "
+            "are deleted (without a space), as LLaMA-VID's training does (its inference passes the question as is)."
         },
     )
     skip_bad_samples: bool = field(

@@ -449,13 +449,15 @@ class LazySupervisedDataset(Dataset):
             raise self._error(position, sample_id, f"{path}: {error}") from None
 
     def _instructions(self, turns: list) -> list[str] | None:
-        """LLaMA-VID reads, for each image or video, the human turn that shows it (placeholders removed)."""
+        """LLaMA-VID reads, for each image or video, the human turn that shows it (placeholders removed; newlines
+        deleted without a space unless ``--keep_instruction_newlines``, as LLaMA-VID's ``preprocess_imgsp_v1``)."""
         if not projector_for(self.processor).reads_instruction:
             return None
         placeholder = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
         instructions = []
         for role, value in turns:
-            text = placeholder.sub("", value).strip()
+            text = placeholder.sub("", value)
+            text = (text if self.data_args.keep_instruction_newlines else text.replace("\n", "")).strip()
             instructions.extend([text] * len(placeholder.findall(value)))
         return instructions
 

@@ -83,12 +83,18 @@ def plan_loading(model_args: ModelArguments, training_args: TrainingArguments) -
 
 def read_config(flag: str, path: str, cache_dir: str | None = None):
     """The config of a model directory (no weight is read); a directory without one is a TrainConfigError."""
+    from llava_voco.model.llamavid_original import is_llamavid_original
     from llava_voco.model.llava_original import is_llava_original
 
     if is_llava_original(path):
         raise TrainConfigError(
             f"{flag} {path}: a checkpoint in LLaVA's own format (llava_llama / llava_mistral); convert it first: "
             f"python scripts/convert_llava_checkpoint.py {path} OUTPUT_DIR [--vision-tower CLIP_DIR]"
+        )
+    if is_llamavid_original(path):
+        raise TrainConfigError(
+            f"{flag} {path}: a checkpoint in LLaMA-VID's own format (bert_type, vlm_att_*); convert it first: python "
+            f"scripts/convert_llamavid_checkpoint.py {path} OUTPUT_DIR --bert-tokenizer BERT_DIR [--vision-tower eva_vit_g.pth]"
         )
     try:
         return AutoConfig.from_pretrained(path, cache_dir=cache_dir)
