@@ -229,3 +229,26 @@ def test_llamavid_instruction_newlines_deleted_as_llamavid_trains(llava_dir, ima
     assert torch.equal(item["instruction_input_ids"][0], encode_instructions(bert, [expected])["instruction_input_ids"][0])
     assert keep or not torch.equal(item["instruction_input_ids"][0],
                                    encode_instructions(bert, ["Which digit is at the top?"])["instruction_input_ids"][0])
+
+
+def test_llamavid_image_per_turn_as_imgsp_v1(llava_dir, image_folder, tmp_path):
+    """``--image_per_turn`` (LLaMA-VID's ``imgsp_v1``): the image again in every later human turn, each copy's
+    context token guided by its own turn."""
+    bert = train_wordpiece_tokenizer()
+    processor = llava_voco.VoCoLlavaProcessor.from_pretrained(llava_dir, llamavid_compress_type="grid:2")
+    processor.text_decoder_tokenizer = bert
+    turns = ["What is the sum of the digits?", "Which digit is at the top left?", "And at the bottom right?"]
+    samples = [{"id": "q", "image": "digit0.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + turns[0]}, {"from": "gpt", "value": "7"},
+        {"from": "human", "value": turns[1]}, {"from": "gpt", "value": "3"},
+        {"from": "human", "value": turns[2]}, {"from": "gpt", "value": "1"}]}]
+    data_path = write_data(tmp_path, samples)
+    for per_turn, copies in ((False, 1), (True, 3)):
+        args = DataArguments(data_path=data_path, image_folder=str(image_folder), image_per_turn=per_turn)
+        item = make_supervised_data_module(processor, args, version="v1", model_max_length=1024)["train_dataset"][0]
+        assert item["pixel_values"].shape[0] == copies
+        assert int((item["input_ids"] == processor.image_token_id).sum()) == copies * (1 + 4)
+        assert bert.batch_decode(item["instruction_input_ids"], skip_special_tokens=True) == \
+            [turn.lower() for turn in turns[:copies]]
+        labelled = item["input_ids"][item["labels"] != IGNORE_INDEX]
+        assert processor.tokenizer.decode(labelled).replace(" ", "") == "7</s>3</s>1</s>"

@@ -182,6 +182,13 @@ class DataArguments:
             "run there, or is skipped there with --skip_bad_samples)."
         },
     )
+    image_per_turn: bool = field(
+        default=False,
+        metadata={
+            "help": "LLaMA-VID's imgsp_v1 (its --version for stages 2 and 3): a sample's image is shown again in every "
+            "later human turn, each copy read by the text decoder with its own turn. Samples with one image only."
+        },
+    )
     keep_instruction_newlines: bool = field(
         default=False,
         metadata={

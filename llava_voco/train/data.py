@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import time
 from collections import Counter
@@ -166,6 +167,20 @@ def _word_count(sample) -> int:
     if not isinstance(conversations, list):
         return 0
     return sum(len(str(turn.get("value", "")).split()) for turn in conversations if isinstance(turn, dict))
+
+
+def _image_per_turn(turns: list, position: int) -> list:
+    """LLaMA-VID's ``imgsp_v1``: every human turn after the one that shows the image shows it again, at its start
+    or its end (drawn per sample and turn, fixed across epochs; LLaMA-VID draws anew each time), so that each copy's
+    context token is guided by its own turn's question."""
+    draw = random.Random(position)
+    shown, out = False, []
+    for role, value in turns:
+        if role == HUMAN and shown and IMAGE_PLACEHOLDER not in value:
+            value = IMAGE_PLACEHOLDER + "\n" + value if draw.randint(0, 1) == 0 else value + "\n" + IMAGE_PLACEHOLDER
+        shown = shown or IMAGE_PLACEHOLDER in value
+        out.append((role, value))
+    return out
 
 
 class LazySupervisedDataset(Dataset):
@@ -336,6 +351,9 @@ class LazySupervisedDataset(Dataset):
                 if value.count(IMAGE_PLACEHOLDER) == 1 else (role, value)
                 for role, value in turns
             ]
+        if self.data_args.image_per_turn and len(image_files) == 1 and video_file is None:
+            turns = _image_per_turn(turns, position)
+            image_files = image_files * sum(value.count(IMAGE_PLACEHOLDER) for _, value in turns)
         try:
             rendered = self.template.render(turns, len(image_files))
         except ConversationError as error:
