@@ -20,8 +20,11 @@ from llava_voco.model.llamavid_original import (
 FIXTURE = Path(__file__).parent / "fixtures" / "parity_llamavid"
 BERT = FIXTURE / "bert-base-uncased"
 META = json.loads((FIXTURE / "meta.json").read_text())
-TOKEN_TOLERANCE = 1e-5
-LOGIT_TOLERANCE = 1e-4
+# the bound is 1e-5; measured <= 2.4e-7 (tokens) and 1.8e-7 (logits). Tighter here because the tiny
+# fixture's set-up differences are small: reading CLS-less features in the text decoder moves the context
+# token by 1.1e-5, leaving out the input LayerNorm by 1.5e-4
+TOKEN_TOLERANCE = 1e-6
+LOGIT_TOLERANCE = 1e-5
 # the fixture's tiny towers (its driver's sizes); LLaMA-VID's config.json does not record them
 EVA_HEADS = 2
 CLIP_CONFIG = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, image_size=42,
