@@ -31,12 +31,12 @@ def write_data(data, image):
     """A DigitGrid-shaped data folder with two image questions and one clip question."""
     (data / "images").mkdir(parents=True)
     image.save(data / "images" / "test_0.png")
-    conversation = [{"from": "human", "value": "<image>\nWhat is the sum?"}, {"from": "gpt", "value": "7"}]
+    conversation = [{"from": "human", "value": "<image>\nWhat is the largest digit?"}, {"from": "gpt", "value": "7"}]
     (data / "train.json").write_text(json.dumps([{"id": "a", "image": "images/test_0.png", "conversations": conversation}]))
-    questions = [{"question_id": i, "image": "images/test_0.png", "text": text, "answer": "7", "category": "sum"}
-                 for i, text in enumerate(["What is the sum?", "What is the sum?"])]
+    questions = [{"question_id": i, "image": "images/test_0.png", "text": text, "answer": "7", "category": "largest"}
+                 for i, text in enumerate(["What is the largest digit?", "What is the largest digit?"])]
     (data / "test_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    clip = {"question_id": 0, "video": "clips/test_0", "text": "What is the sum?", "answer": "7", "category": "sum"}
+    clip = {"question_id": 0, "video": "clips/test_0", "text": "What is the largest digit?", "answer": "7", "category": "largest"}
     (data / "test_video_questions.jsonl").write_text(json.dumps(clip) + "\n")
 
 
@@ -66,8 +66,8 @@ def stand_in_for_training(monkeypatch, workdir, wrong_first=lambda task, answers
         return finished
 
     monkeypatch.setattr(runner, "ensure_data", lambda preset, data_dir, fresh: {})
-    monkeypatch.setattr(runner, "ensure_base", lambda preset, data_dir, base_dir, fresh: {
-        "sizes": {}, "stage0": {}, "data": str(data_dir.resolve())})
+    monkeypatch.setattr(runner, "ensure_base", lambda preset, data_dir, base_dir, fresh, base_seed=None: {
+        "sizes": {"seed": base_seed}, "stage0": {}, "data": str(data_dir.resolve())})
     monkeypatch.setattr(runner, "run_tasks", run_tasks)
     monkeypatch.chdir(workdir)
 
@@ -99,38 +99,45 @@ def test_report_paths_are_relative_to_the_report(tmp_path, monkeypatch, voco_dir
     collect(json.loads(written))
     assert str(tmp_path) not in written and not any(os.path.isabs(s) for s in strings)
     saved = json.loads(written)
-    assert saved["rows"]["voco1"]["checkpoint"] == "voco1" and saved["chat"]["model"] == "voco1"
+    assert saved["rows"]["voco1"]["per_seed"][0]["checkpoint"] == "voco1" and saved["chat"]["model"] == "voco1"
     assert os.path.normpath(runs / saved["base"]["data"]) == str(data)
 
 
-def test_seeds_and_ablation_rows(tmp_path, monkeypatch, voco_dir, digit_images):
-    """--seeds 0,1 --ablation with stand-ins for training and evaluation (answers: the references, except that
-    the seed-1 VoCo rows get the first question wrong): each row records its seed, the seed table gives each
-    headline row's per-seed accuracies with their mean and spread, the ablation rows come out of the main
-    table and into their own, each against voco1; every command carries its training seed."""
+def test_seeds_second_base_and_ablation_rows(tmp_path, monkeypatch, voco_dir, digit_images):
+    """--seeds 0,1 --second-base 1 --ablation with stand-ins for training and evaluation (answers: the
+    references, except that the seed-1 VoCo rows get the first question wrong): each headline row gives its
+    per-seed scores with their mean and spread in the main table, the other rows one seed, full from the second
+    base build its own rows; the ablation rows come out of the main table and into their own; every command
+    carries its training seed and starts from its own group's full and base."""
     data, runs = tmp_path / "data", tmp_path / "runs"
     write_data(data, digit_images[0])
     shutil.copytree(voco_dir, runs / "voco1")
     commands = {}
     stand_in_for_training(monkeypatch, tmp_path, commands=commands,
-                          wrong_first=lambda task, answers: "seed1" in answers and task.name != "full")
+                          wrong_first=lambda task, answers: "seed1" in answers and "full" not in task.name)
     report = runner.main(["--preset", "quick", "--data-dir", str(data), "--runs-dir", str(runs),
-                          "--only", "full,voco1,voco1+kd", "--seeds", "0,1", "--ablation"])
+                          "--only", "full,voco1,voco1+kd,voco2", "--seeds", "0,1", "--second-base", "1", "--ablation"])
 
-    assert {row["seed"] for name, row in report["rows"].items() if name != "text prior"} == {0}
+    rows = report["rows"]
+    assert report["seeds"] == [0, 1] and report["fresh"] is True
+    assert {name: row["seeds"] for name, row in rows.items() if name != "text prior"} == {
+        "full": [0, 1], "voco1": [0, 1], "voco1+kd": [0, 1], "voco2": [0]}
     assert set(report["ablation_rows"]) == {m.name for m in runner.ABLATIONS}
-    assert not set(report["ablation_rows"]) & set(report["rows"])
-    summary = report["seeds"]["summary"]
-    assert set(summary) == {"full", "voco1", "voco1+kd"}
-    assert summary["full"]["overall"]["per_seed"] == [1.0, 1.0]
-    assert summary["voco1"]["overall"]["per_seed"] == [1.0, 0.5]
-    assert summary["voco1"]["overall"]["mean"] == pytest.approx(0.75)
-    assert summary["voco1"]["overall"]["std"] == pytest.approx(0.5 ** 0.5 / 2)
-    assert summary["voco1+kd"]["raw_retention"]["per_seed"] == [1.0, 0.5]
-    assert all(row["seed"] == 1 for row in report["seeds"]["per_seed_rows"]["1"].values())
-    assert "Training seeds 0, 1: mean +- standard deviation" in report["table"]
-    assert "Ablation against voco1" in report["table"] and "kd-hidden" in report["table"]
+    assert not set(report["ablation_rows"]) & set(rows)
+    assert [run["overall"] for run in rows["full"]["per_seed"]] == [1.0, 1.0] and rows["full"]["std"]["overall"] == 0
+    assert [run["overall"] for run in rows["voco1"]["per_seed"]] == [1.0, 0.5]
+    assert rows["voco1"]["overall"] == pytest.approx(0.75)
+    assert rows["voco1"]["std"]["overall"] == pytest.approx(0.5 ** 0.5 / 2)
+    assert rows["voco1+kd"]["raw_retention_by_seed"]["per_seed"] == [1.0, 0.5]
+    assert rows["voco2"]["std"]["overall"] is None and rows["voco2"]["overall"] == 1.0
+    assert "75.0 +- 35.4" in report["table"] and "Ablation against voco1" in report["table"]
+    second = report["second_base"]["rows"]["full"]
+    assert second["seeds"] == [0, 1] and [run["checkpoint"] for run in second["per_seed"]] == [
+        "base1/seed0/full", "base1/seed1/full"]
+    assert "full, base 1" in report["table"]
     for output_dir, command in commands.items():
         assert command[command.index("--seed") + 1] == ("1" if "seed1" in output_dir else "0"), output_dir
     seed1_voco = commands[str(runs / "seed1" / "voco1")]
     assert seed1_voco[seed1_voco.index("--model_name_or_path") + 1] == str(runs / "seed1" / "full")
+    second_full = commands[str(runs / "base1" / "seed1" / "full")]
+    assert second_full[second_full.index("--model_name_or_path") + 1] == str(runs / "base1" / "base" / "llm")

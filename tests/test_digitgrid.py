@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +10,41 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
-from llava_voco.demo.digitgrid import CELL, POSITIONS, build, digit_cell
+from llava_voco.demo.digitgrid import CELL, CLIP_KINDS, IMAGE_KINDS, POSITIONS, build, digit_cell
 from llava_voco.image_io import load_image
 from llava_voco.train.data import load_samples
 
 
+# Each DigitGrid question: its category, its text as a pattern, and its answer from the digits (reading order /
+# frame order), written here independently of the builder.
+QUESTIONS = (
+    ("presence", r"Is there a (\d) in the clip\?", lambda digits, d: "yes" if int(d) in digits else "no"),
+    ("which frame", r"In which frame is the (\d)\?", lambda digits, d: str(digits.index(int(d)) + 1)),
+    ("frame", r"Which digit is in frame (\d)\?", lambda digits, i: str(digits[int(i) - 1])),
+    ("presence", r"Is there a (\d)\?", lambda digits, d: "yes" if int(d) in digits else "no"),
+    ("count", r"How many (\d)s are there\?", lambda digits, d: str(digits.count(int(d)))),
+    ("largest", r"What is the largest digit\?", lambda digits: str(max(digits))),
+    ("where", r"Where is the (\d)\?", lambda digits, d: POSITIONS[digits.index(int(d))]),
+    ("position", r"Which digit is at the (top left|top right|bottom left|bottom right)\?",
+     lambda digits, p: str(digits[POSITIONS.index(p)])),
+)
+
+
+def expected_answer(text: str, digits: list[int]) -> tuple[str, str]:
+    """(category, answer) of a DigitGrid question, worked out here from the digits' scikit-learn labels."""
+    for category, pattern, answer in QUESTIONS:
+        match = re.fullmatch(pattern, text)
+        if match:
+            return category, answer(digits, *match.groups())
+    raise AssertionError(f"not a DigitGrid question: {text!r}")
+
+
+def category_of(text: str) -> str:
+    return next(category for category, pattern, _ in QUESTIONS if re.fullmatch(pattern, text))
+
+
 def test_build(tmp_path):
-    summary = build(tmp_path, train_images=40, test_images=12, train_clips=10, test_clips=4, frames=3, seed=3)
+    summary = build(tmp_path, train_images=60, test_images=30, train_clips=15, test_clips=9, frames=3, seed=3, turns=3)
     train, test = set(summary["train_digit_indices"]), set(summary["test_digit_indices"])
     assert not train & test and len(train | test) == 1797
     digits = load_digits()
@@ -24,44 +53,62 @@ def test_build(tmp_path):
         assert abs(np.isin(of_label, list(test)).mean() - 0.25) < 0.01
     labels = json.loads((tmp_path / "labels.json").read_text())
 
+    seen = {"image": set(), "clip": set()}
     for split, pool in (("train", train), ("test", test)):
         samples = json.loads((tmp_path / f"{split}.json").read_text())
         assert len(samples) == summary[f"{split}_samples"]
         for sample in samples:
             media = sample.get("image") or sample.get("video")
-            label = labels[media]
-            assert set(label["sources"]) <= pool  # test items use test digits only
-            assert [int(digits.target[i]) for i in label["sources"]] == label["digits"]
+            sources = labels[media]["sources"]
+            assert set(sources) <= pool  # test items use test digits only
+            values = [int(digits.target[i]) for i in sources]  # the truth, from scikit-learn's labels
             turns = sample["conversations"]
             assert turns[0]["value"].startswith("<image>\n" if "image" in sample else "<video>\n")
+            assert len(turns) == 2 if split == "test" else 2 <= len(turns) <= 6
             for question, answer in zip(turns[0::2], turns[1::2]):
-                text, value, values = question["value"].split("\n")[-1], answer["value"], label["digits"]
-                if text.startswith("Which digit is at the "):
-                    expected = values[POSITIONS.index(text[len("Which digit is at the "):-1])]
-                elif text.startswith("Which digit is in frame "):
-                    expected = values[int(text[len("Which digit is in frame "):-1]) - 1]
-                elif text.startswith("What is the sum"):
-                    expected = sum(values)
-                elif text.startswith("How many times does the digit "):
-                    expected = values.count(int(text.split()[-2]))
-                else:
-                    assert text == "What is the largest digit?"
-                    expected = max(values)
-                assert value == str(expected), (sample["id"], text)
+                text = question["value"].split("\n", 1)[-1]
+                category, expected = expected_answer(text, values)
+                assert answer["value"] == expected, (sample["id"], text, answer)
+                seen["image" if "image" in sample else "clip"].add(category)
             if "image" in sample:  # the cell at each position is that source digit, upscaled
                 pixels = np.asarray(load_image(tmp_path / media))[:, :, 0]
-                for cell, source in enumerate(label["sources"]):
+                for cell, source in enumerate(sources):
                     row, col = divmod(cell, 2)
                     crop = pixels[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL]
                     assert np.array_equal(crop, digit_cell(digits.images[source]))
-            else:
+            else:  # frame i is source i, upscaled 4x
                 frames = sorted((tmp_path / media).iterdir())
                 assert len(frames) == 3
+                for frame, source in zip(frames, sources):
+                    pixels = np.asarray(load_image(frame))[:, :, 0]
+                    assert np.array_equal(pixels[::2, ::2], digit_cell(digits.images[source]))
+    assert seen == {"image": set(IMAGE_KINDS), "clip": set(CLIP_KINDS)}
 
-    questions = [json.loads(line) for line in (tmp_path / "test_questions.jsonl").read_text().splitlines()]
-    assert len(questions) == 12 * 3 and {"question_id", "image", "text", "answer", "category"} <= set(questions[0])
+    for name, media_key, count in (("test_questions.jsonl", "image", 30), ("test_video_questions.jsonl", "video", 9)):
+        questions = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        assert len(questions) == count
+        for question in questions:  # the eval files carry the same answers, category included
+            values = [int(digits.target[i]) for i in labels[question[media_key]]["sources"]]
+            assert (question["category"], question["answer"]) == expected_answer(question["text"], values)
     # the data loads with the training pipeline's reader
-    assert len(load_samples(str(tmp_path / "train.json"))) == 50
+    assert len(load_samples(str(tmp_path / "train.json"))) == 75
+
+
+def test_answers_are_balanced_so_the_text_prior_stays_low(tmp_path):
+    """Answers stay near balanced over every turn of the train samples: presence yes about half the time,
+    count 0, 1 or 2 each a sizeable share, and no corner, frame or digit dominating."""
+    build(tmp_path, train_images=500, test_images=5, train_clips=150, test_clips=3, frames=4, seed=0, turns=5)
+    answers = {}
+    for sample in json.loads((tmp_path / "train.json").read_text()):  # every turn, not only the first
+        turns = sample["conversations"]
+        for question, answer in zip(turns[0::2], turns[1::2]):
+            kind = ("clip " if "video" in sample else "") + category_of(question["value"].split("\n", 1)[-1])
+            answers.setdefault(kind, []).append(answer["value"])
+    shares = {kind: {a: v.count(a) / len(v) for a in set(v)} for kind, v in answers.items()}
+    assert abs(shares["presence"]["yes"] - 0.5) < 0.06 and abs(shares["clip presence"]["yes"] - 0.5) < 0.1
+    assert all(0.12 < shares["count"][c] < 0.5 for c in "012") and set(shares["count"]) == set("012"), shares["count"]
+    assert max(shares["where"].values()) < 0.33 and max(shares["clip which frame"].values()) < 0.4
+    assert max(shares["position"].values()) < 0.15 and max(shares["clip frame"].values()) < 0.2
 
 
 def test_build_command_is_deterministic(tmp_path):

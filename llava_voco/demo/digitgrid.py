@@ -1,16 +1,17 @@
 """DigitGrid: LLaVA-format data made from scikit-learn's bundled handwritten digits (docs/design.md §5).
 
     python -m llava_voco.demo.digitgrid build --out playground/data/digitgrid [--train-images 4000]
-        [--test-images 400] [--train-clips 1000] [--test-clips 100] [--frames 4] [--seed 0]
+        [--test-images 400] [--train-clips 1000] [--test-clips 100] [--frames 4] [--seed 0] [--turns 1]
 
 Writes, under ``--out``:
     split.json                 which of the 1,797 digit images are train and which are test (disjoint,
                                stratified by digit, seeded), and the settings used
     images/{train,test}_NNNNN.png   2 x 2 grids of digits, each 8 x 8 digit upscaled to a 16 x 16 cell (32 px)
     clips/{train,test}_NNNNN/FFF.png  clips: one digit per 32 x 32 frame
-    train.json, test.json      LLaVA-format samples, multi-turn: the digit at a position, the sum, how many
-                               times a digit appears, the largest digit (images); the digit in frame i and
-                               the sum (clips, ``"video"`` samples with a ``<video>`` placeholder)
+    train.json, test.json      LLaVA-format samples: each image (clip) drawn for one question of its kind
+                               (``IMAGE_KINDS``: is there a d, how many d, the largest digit, where is d, which
+                               digit is at a corner; ``CLIP_KINDS``: is there a d, the digit in frame i, which
+                               frame shows d), answers balanced; train samples ask ``--turns`` kinds about it
     test_questions.jsonl       LLaVA eval questions for the test split (``question_id``, ``image``, ``text``,
                                plus ``answer`` and ``category`` for scoring); test_video_questions.jsonl too
     labels.json                for every image and clip, the digits and source digit indices it was made of
@@ -65,37 +66,118 @@ def frame_image(cell: np.ndarray) -> Image.Image:
     return Image.fromarray(np.stack([gray] * 3, axis=-1))
 
 
-def image_questions(digits: list[int], rng: np.random.Generator, turns: int) -> list[tuple[str, str, str]]:
-    """(category, question, answer) about a 2 x 2 grid with ``digits`` in reading order."""
-    pool = []
-    for position, digit in zip(POSITIONS, digits):
-        pool.append(("position", f"Which digit is at the {position}?", str(digit)))
-    pool.append(("sum", "What is the sum of the digits?", str(sum(digits))))
-    asked = int(rng.choice(digits)) if rng.random() < 0.5 else int(rng.integers(10))
-    pool.append(("count", f"How many times does the digit {asked} appear?", str(digits.count(asked))))
-    pool.append(("largest", "What is the largest digit?", str(max(digits))))
-    order = rng.permutation(len(pool))[:turns]
-    return [pool[i] for i in order]
+IMAGE_KINDS = ("presence", "count", "largest", "where", "position")
+CLIP_KINDS = ("presence", "frame", "which frame")
 
 
-def clip_questions(digits: list[int], rng: np.random.Generator, turns: int) -> list[tuple[str, str, str]]:
-    pool = [("frame", f"Which digit is in frame {i + 1}?", str(d)) for i, d in enumerate(digits)]
-    pool.append(("sum", "What is the sum of the digits in the clip?", str(sum(digits))))
-    order = rng.permutation(len(pool))[:turns]
-    return [pool[i] for i in order]
+def grid_question(kind: str, rng: np.random.Generator) -> tuple[list[int], str, str]:
+    """(the four digits in reading order, question, answer) of one ``kind`` about a 2 x 2 grid. The grid is
+    drawn for its question so that the answers are balanced: what answering without the image gets (the
+    text prior) stays low and differs by kind, and every answer needs the grid."""
+    digits = [int(d) for d in rng.integers(10, size=4)]
+    if kind == "presence":  # yes half the time: the digit in one or more cells, else in none
+        asked = int(rng.integers(10))
+        others = [d for d in range(10) if d != asked]
+        digits = [int(rng.choice(others)) for _ in range(4)]
+        if rng.random() < 0.5:
+            digits[int(rng.integers(4))] = asked
+        return digits, f"Is there a {asked}?", "yes" if asked in digits else "no"
+    if kind == "count":  # 0, 1 or 2 cells hold the digit, a third each
+        asked, times = int(rng.integers(10)), int(rng.integers(3))
+        others = [d for d in range(10) if d != asked]
+        digits = [int(rng.choice(others)) for _ in range(4)]
+        for cell in rng.choice(4, size=times, replace=False):
+            digits[int(cell)] = asked
+        return digits, f"How many {asked}s are there?", str(times)
+    if kind == "largest":
+        return digits, "What is the largest digit?", str(max(digits))
+    if kind == "where":  # a digit that is in exactly one cell
+        digits = [int(d) for d in rng.choice(10, size=4, replace=False)]
+        cell = int(rng.integers(4))
+        return digits, f"Where is the {digits[cell]}?", POSITIONS[cell]
+    if kind == "position":
+        cell = int(rng.integers(4))
+        return digits, f"Which digit is at the {POSITIONS[cell]}?", str(digits[cell])
+    raise ValueError(f"unknown image question kind {kind!r}; choose from {IMAGE_KINDS}")
 
 
-def conversation(placeholder: str, questions: list[tuple[str, str, str]]) -> list[dict]:
+def clip_question(kind: str, frames: int, rng: np.random.Generator) -> tuple[list[int], str, str]:
+    """(the digit of each frame, question, answer) of one ``kind`` about a clip, balanced as ``grid_question``."""
+    digits = [int(d) for d in rng.integers(10, size=frames)]
+    if kind == "presence":
+        asked = int(rng.integers(10))
+        digits = [int(rng.choice([d for d in range(10) if d != asked])) for _ in range(frames)]
+        if rng.random() < 0.5:
+            digits[int(rng.integers(frames))] = asked
+        return digits, f"Is there a {asked} in the clip?", "yes" if asked in digits else "no"
+    if kind == "frame":
+        frame = int(rng.integers(frames))
+        return digits, f"Which digit is in frame {frame + 1}?", str(digits[frame])
+    if kind == "which frame":  # a digit shown in exactly one frame
+        digits = [int(d) for d in rng.choice(10, size=frames, replace=False)]
+        frame = int(rng.integers(frames))
+        return digits, f"In which frame is the {digits[frame]}?", str(frame + 1)
+    raise ValueError(f"unknown clip question kind {kind!r}; choose from {CLIP_KINDS}")
+
+
+def question_about(kind: str, digits: list[int], rng: np.random.Generator, clip: bool = False) -> tuple[str, str] | None:
+    """(question, answer) of ``kind`` about a grid (or clip) already drawn, with the asked digit chosen to keep
+    the answers near balanced (yes half the time, counts 0-2); None where the kind cannot be asked (no digit
+    shown exactly once, for 'where' and 'which frame')."""
+    once = [d for d in digits if digits.count(d) == 1]
+    if kind == "presence":
+        absent = [d for d in range(10) if d not in digits]
+        asked = int(rng.choice(digits)) if rng.random() < 0.5 or not absent else int(rng.choice(absent))
+        return f"Is there a {asked}{' in the clip' if clip else ''}?", "yes" if asked in digits else "no"
+    if kind == "count":
+        by_count = {c: [d for d in range(10) if digits.count(d) == c] for c in range(3)}
+        counts = [c for c in range(3) if by_count[c]]
+        times = int(rng.choice(counts))
+        return f"How many {int(rng.choice(by_count[times]))}s are there?", str(times)
+    if kind == "largest":
+        return "What is the largest digit?", str(max(digits))
+    if kind in ("where", "which frame"):
+        if not once:
+            return None
+        asked = int(rng.choice(once))
+        where = digits.index(asked)
+        if kind == "where":
+            return f"Where is the {asked}?", POSITIONS[where]
+        return f"In which frame is the {asked}?", str(where + 1)
+    if kind == "position":
+        cell = int(rng.integers(4))
+        return f"Which digit is at the {POSITIONS[cell]}?", str(digits[cell])
+    if kind == "frame":
+        frame = int(rng.integers(len(digits)))
+        return f"Which digit is in frame {frame + 1}?", str(digits[frame])
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def conversation(placeholder: str, questions: list[tuple[str, str]]) -> list[dict]:
     turns = []
-    for index, (_, question, answer) in enumerate(questions):
-        turns.append({"from": "human", "value": (placeholder + "\n" if index == 0 else "") + question})
+    for index, (question, answer) in enumerate(questions):
+        turns.append({"from": "human", "value": (f"{placeholder}\n" if index == 0 else "") + question})
         turns.append({"from": "gpt", "value": answer})
     return turns
 
 
+def training_questions(kinds: tuple[str, ...], primary: str, digits: list[int], first: tuple[str, str],
+                       turns: int, rng: np.random.Generator, clip: bool = False) -> list[tuple[str, str]]:
+    """The question the grid was drawn for, then ``turns - 1`` of the other kinds about the same grid (in a
+    random order): more answers per training step for little more text."""
+    questions = [first]
+    for kind in rng.permutation([k for k in kinds if k != primary])[:turns - 1]:
+        asked = question_about(str(kind), digits, rng, clip)
+        if asked is not None:
+            questions.append(asked)
+    return questions
+
+
 def build(out: str | os.PathLike, train_images: int = 4000, test_images: int = 400, train_clips: int = 1000,
-          test_clips: int = 100, frames: int = 4, turns: int = 3, seed: int = 0) -> dict:
-    """Write the data set under ``out``; returns its summary (also in ``split.json``)."""
+          test_clips: int = 100, frames: int = 4, seed: int = 0, turns: int = 1) -> dict:
+    """Write the data set under ``out``; returns its summary (also in ``split.json``). Each image (or clip) is
+    drawn for one question, the kinds taking turns so that each is an equal share; that question is the test
+    question, and in training the first of ``turns`` questions about it."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "clips").mkdir(parents=True, exist_ok=True)
@@ -103,36 +185,40 @@ def build(out: str | os.PathLike, train_images: int = 4000, test_images: int = 4
     rng = np.random.default_rng(seed + 1)
     labels: dict[str, dict] = {}
     summary = {"seed": seed, "train_digit_indices": train_pool, "test_digit_indices": test_pool,
-               "cell_pixels": CELL, "image_pixels": GRID_SIZE, "frames_per_clip": frames}
+               "cell_pixels": CELL, "image_pixels": GRID_SIZE, "frames_per_clip": frames,
+               "image_kinds": list(IMAGE_KINDS), "clip_kinds": list(CLIP_KINDS), "train_turns": turns}
     for split, pool, n_images, n_clips in (("train", train_pool, train_images, train_clips),
                                            ("test", test_pool, test_images, test_clips)):
+        by_label = [[i for i in pool if targets[i] == label] for label in range(10)]
         samples, eval_questions, eval_video_questions = [], [], []
         for index in range(n_images):
-            sources = [int(i) for i in rng.choice(pool, size=4)]
-            digits = [int(targets[i]) for i in sources]
+            kind = IMAGE_KINDS[index % len(IMAGE_KINDS)]
+            digits, question, answer = grid_question(kind, rng)
+            sources = [int(rng.choice(by_label[d])) for d in digits]
             name = f"images/{split}_{index:05d}.png"
             grid_image([digit_cell(pixels[i]) for i in sources]).save(out / name)
             labels[name] = {"digits": digits, "sources": sources}
-            questions = image_questions(digits, rng, turns)
+            asked = training_questions(IMAGE_KINDS, kind, digits, (question, answer), turns, rng) \
+                if split == "train" else [(question, answer)]
             samples.append({"id": f"{split}_image_{index:05d}", "image": name,
-                            "conversations": conversation("<image>", questions)})
-            for q_index, (category, question, answer) in enumerate(questions):
-                eval_questions.append({"question_id": f"{split}_image_{index:05d}_{q_index}", "image": name,
-                                       "text": question, "answer": answer, "category": category})
+                            "conversations": conversation("<image>", asked)})
+            eval_questions.append({"question_id": f"{split}_image_{index:05d}", "image": name, "text": question,
+                                   "answer": answer, "category": kind})
         for index in range(n_clips):
-            sources = [int(i) for i in rng.choice(pool, size=frames)]
-            digits = [int(targets[i]) for i in sources]
+            kind = CLIP_KINDS[index % len(CLIP_KINDS)]
+            digits, question, answer = clip_question(kind, frames, rng)
+            sources = [int(rng.choice(by_label[d])) for d in digits]
             folder = f"clips/{split}_{index:05d}"
             (out / folder).mkdir(exist_ok=True)
             for frame, source in enumerate(sources):
                 frame_image(digit_cell(pixels[source])).save(out / folder / f"{frame:03d}.png")
             labels[folder] = {"digits": digits, "sources": sources}
-            questions = clip_questions(digits, rng, turns)
+            asked = training_questions(CLIP_KINDS, kind, digits, (question, answer), turns, rng, clip=True) \
+                if split == "train" else [(question, answer)]
             samples.append({"id": f"{split}_clip_{index:05d}", "video": folder,
-                            "conversations": conversation("<video>", questions)})
-            for q_index, (category, question, answer) in enumerate(questions):
-                eval_video_questions.append({"question_id": f"{split}_clip_{index:05d}_{q_index}", "video": folder,
-                                             "text": question, "answer": answer, "category": category})
+                            "conversations": conversation("<video>", asked)})
+            eval_video_questions.append({"question_id": f"{split}_clip_{index:05d}", "video": folder,
+                                         "text": question, "answer": answer, "category": kind})
         (out / f"{split}.json").write_text(json.dumps(samples, indent=1))
         if split == "test":
             (out / "test_questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in eval_questions))
@@ -154,11 +240,11 @@ def main(argv=None) -> None:
     builder.add_argument("--train-clips", type=int, default=1000)
     builder.add_argument("--test-clips", type=int, default=100)
     builder.add_argument("--frames", type=int, default=4)
-    builder.add_argument("--turns", type=int, default=3)
     builder.add_argument("--seed", type=int, default=0)
+    builder.add_argument("--turns", type=int, default=1, help="questions per train sample (test samples: one)")
     args = parser.parse_args(argv)
     summary = build(args.out, args.train_images, args.test_images, args.train_clips, args.test_clips, args.frames,
-                    args.turns, args.seed)
+                    args.seed, args.turns)
     print(f"wrote {args.out}: {summary['train_samples']} train and {summary['test_samples']} test samples "
           f"from {len(summary['train_digit_indices'])} / {len(summary['test_digit_indices'])} digit images")
 

@@ -2,28 +2,29 @@
 
     python -m llava_voco.demo [--preset default|quick] [--data-dir playground/data/digitgrid]
         [--runs-dir playground/runs/digitgrid] [--only full,voco1] [--fresh] [--jobs 2]
-        [--seeds 0,1,2] [--ablation]
+        [--seeds 0,1,2] [--second-base 1] [--ablation]
 
 Read top to bottom, the run is:
   1. the data (``llava_voco.demo.digitgrid``) and the base models (``llava_voco.demo.models``: a SentencePiece
      tokenizer and a Llama from configs, a CLIP vision tower pretrained for seconds), built if absent;
-  2. one training run per method through the train entry (``python -m llava_voco.train``, LLaVA's flags;
-     each command is printed and saved in ``<runs-dir>/<method>/command.txt``, its output in ``train.log``),
-     two at a time on two cores, checkpoints kept in ``<runs-dir>/<method>/``:
-       full      all 64 vision tokens (the upper bound), vision tower fine-tuned too
-       pool1     the 64 patches averaged into 1 token (the paper's pooling baseline), trained the same way
+  2. one training run per method and training seed through the train entry (``python -m llava_voco.train``,
+     LLaVA's flags; each command is printed and saved in ``<runs-dir>/<method>/command.txt``, its output in
+     ``train.log``), one single-threaded process per core, checkpoints kept in ``<runs-dir>/<method>/``:
+       full      all 16 vision tokens (the upper bound)
+       pool1     the 16 patches averaged into 1 token (the paper's pooling baseline), trained the same way
        llamavid  LLaMA-VID: a context token + 1 mean content token
        voco1/2/4 VoCo with k tokens, fine-tuned from ``full`` as the paper does
        voco1+kd  voco1 plus distillation against full vision tokens (``--voco_distill_weight 1 --voco_distill_temperature 2``)
        elastic   one model trained with k drawn from 1, 2, 4, 8 (``--voco_train_tokens``), evaluated at each k
        lower     VoCo k=1 fine-tuned from ``full`` *without* the VoCo mask, evaluated with it (the lower bound)
-     ``--ablation`` adds one lever at a time against voco1 (``ABLATIONS``); ``--seeds`` trains the headline
-     rows (``HEADLINE``) again with other training seeds (same data, same base models) under ``seed<s>/``;
+     The headline rows (``HEADLINE``) are trained with every training seed of the preset (``--seeds``; the
+     others with the first), under ``seed<s>/``; ``--second-base`` trains ``full`` with each seed from a second
+     base build; ``--ablation`` adds one lever at a time against voco1 (``ABLATIONS``);
   3. every checkpoint answers the test questions through the eval entry (``llava_voco.eval.model_vqa``),
-     scored by exact match (``llava_voco.eval.exact_match``); the clip questions (video rows) for full,
-     llamavid and voco1;
-  4. the table (and the seed and ablation tables), ``report.json`` (each row with its training seed) and
-     ``accuracy_vs_tokens.png`` in ``<runs-dir>``;
+     scored by exact match (``llava_voco.eval.exact_match``); the clip questions for the video rows;
+  4. the table (mean +- standard deviation across seeds), ``report.json`` (each row's seeds and per-seed
+     scores, whether every row was trained by this invocation, the time, the CPU) and
+     ``accuracy_vs_tokens.png`` (error bars) in ``<runs-dir>``;
   5. one test question answered through the chat path from a VoCo cache.
 A method whose checkpoint was made by the same command (and whose answers are complete) is reused;
 ``--fresh`` retrains everything. What the run needs beyond the package (the ``demo`` and ``train`` extras)
@@ -48,7 +49,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import digitgrid
-from .models import BaseSizes, build_base
+from .models import CONV_MODE, BaseSizes, build_base
 
 
 @dataclass(frozen=True)
@@ -72,23 +73,23 @@ class Preset:
     vision_tower_lr: float | None = None
     weight_decay: float = 0.1
     frames: int = 4
-    seed: int = 0
+    turns: int = 5  # questions per train sample (every kind about its image: 5 answers a step for ~2x the text)
+    seed: int = 0  # data, base models
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of the headline rows (the first: every row)
 
 
 PRESETS = {
-    # Training dominates the run time, which depends on the CPU (README). With 4,000 train grids (each seen ~10
-    # times) and no weight decay, full learned which digits a grid holds but read positions on one machine
-    # (91.8%) and not on another (34-38%): it fit the train grids instead. 40,000 grids (each seen about once)
-    # and weight decay 0.1 read 91.0% there in a side run (benchmarks/digitgrid_levers.py) and 55.3% in the
-    # default run of the same day: a matter of where it starts, its base models and its training seed (README).
-    "default": Preset("default", train_images=40000, test_images=400, train_clips=250, test_clips=100,
-                      vision_pretrain_steps=400, batch_size=32, full_steps=1200, voco_steps=800, lower_steps=120),
-    # ~4 minutes, for the tests: every row, real training and evaluation; too short to learn to read the grid
-    # It keeps the earlier recipe (tower tuned, no weight decay): with the default's, its 250-step full fell below
-    # the text prior (13.3% against 22.0% overall, 2026-12-03), where the tests' plumbing check sits.
-    "quick": Preset("quick", train_images=800, test_images=50, train_clips=100, test_clips=10,
-                    vision_pretrain_steps=150, batch_size=16, full_steps=250, voco_steps=20, lower_steps=20,
-                    vision_tower_lr=2e-5, weight_decay=0.0),
+    # Meant for 30 minutes of a quiet 2-core machine with every row and three seeds of the headline rows; by the
+    # CPU time measured on 2026-12-06 it needs ~40-45, and its full (400 steps of 32, five questions per train
+    # grid, 16 vision tokens, no system prompt) had only begun to leave the text prior (33.3 +- 2.0% overall
+    # against 28.7%): docs/experiments/digitgrid-2026-12-06.md. 15,000 train grids: each seen about once.
+    "default": Preset("default", train_images=15000, test_images=400, train_clips=3000, test_clips=240,
+                      vision_pretrain_steps=300, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
+    # A few minutes on a quiet machine, for the tests: every row, one seed, real training and evaluation; long
+    # enough for full to answer each kind in its form, far too short to read the images
+    "quick": Preset("quick", train_images=1000, test_images=100, train_clips=200, test_clips=30,
+                    vision_pretrain_steps=100, batch_size=16, full_steps=120, voco_steps=20, lower_steps=10,
+                    seeds=(0,)),
 }
 
 
@@ -112,7 +113,7 @@ class Method:
 
 
 METHODS = (
-    Method("full", "all vision tokens (upper bound)", 64, "base", ("--mm_projector_type", "mlp2x_gelu"), video=True),
+    Method("full", "all vision tokens (upper bound)", 16, "base", ("--mm_projector_type", "mlp2x_gelu"), video=True),
     Method("pool1", "mean pooling to 1 token", 1, "base",
            ("--mm_projector_type", "mlp2x_gelu", "--vision_token_pooling", "mean")),
     Method("llamavid", "LLaMA-VID: context + 1 content token", 2, "base", ("--mm_projector_type", "llamavid"), video=True),
@@ -170,7 +171,7 @@ def relative(path: str | Path, root: Path) -> str:
 def ensure_data(preset: Preset, data_dir: Path, fresh: bool) -> dict:
     settings = {"train_images": preset.train_images, "test_images": preset.test_images,
                 "train_clips": preset.train_clips, "test_clips": preset.test_clips, "frames": preset.frames,
-                "seed": preset.seed}
+                "seed": preset.seed, "turns": preset.turns}
     marker = data_dir / "settings.json"
     if not fresh and marker.exists() and json.loads(marker.read_text()) == settings:
         print(f"data: reusing {data_dir}")
@@ -183,14 +184,16 @@ def ensure_data(preset: Preset, data_dir: Path, fresh: bool) -> dict:
     return settings
 
 
-def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool) -> dict:
-    sizes = replace(BaseSizes(), vision_pretrain_steps=preset.vision_pretrain_steps, seed=preset.seed)
+def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool, base_seed: int | None = None) -> dict:
+    """The base models under ``base_dir``, built unless the same sizes and data made them (then ``reused``)."""
+    sizes = replace(BaseSizes(), vision_pretrain_steps=preset.vision_pretrain_steps,
+                    seed=preset.seed if base_seed is None else base_seed)
     marker = base_dir / "base.json"
     if not fresh and marker.exists():
         saved = json.loads(marker.read_text())
         if saved["sizes"] == asdict(sizes) and saved.get("data") == str(data_dir.resolve()):
             print(f"base models: reusing {base_dir}")
-            return saved
+            return {**saved, "reused": True}
     if base_dir.exists():
         shutil.rmtree(base_dir)
     summary = build_base(data_dir, base_dir, sizes)
@@ -227,16 +230,20 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
         model += ["--text_decoder_tokenizer", base_dir / "text_decoder_tokenizer",
                   "--text_decoder_config", base_dir / "text_decoder.json", "--num_query", "8",
                   "--compress_type", "mean", "--video_compress_type", "mean", "--instruction_max_length", "32",
-                  # the DigitGrid figures were measured before LLaMA-VID's input LayerNorm existed (its default
-                  # since issue 27): kept off so that they still reproduce
+                  # LLaMA-VID's input LayerNorm (its default since issue 27) off, as in every DigitGrid
+                  # llamavid figure so far (the 2026-12-06 design has not measured llamavid yet)
                   "--text_decoder_input_norm", "False"]
     command = [
         *model, *method.flags,
-        "--version", "v1", "--data_path", data_dir / "train.json", "--image_folder", data_dir,
+        "--version", CONV_MODE, "--data_path", data_dir / "train.json", "--image_folder", data_dir,
         "--output_dir", runs_dir / method.name, "--max_steps", training_steps(method, preset),
         "--per_device_train_batch_size", preset.batch_size, "--learning_rate", learning_rate,
         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", preset.weight_decay,
-        "--model_max_length", "512", "--group_by_modality_length", "True", "--cache_samples", "True",
+        "--model_max_length", "512", "--cache_samples", "True",
+        # Random batches. Grouped by modality and length, a batch of one-question samples holds one kind of
+        # question (each kind's text has its own length): full then learned to answer each batch's kind,
+        # whatever was asked (400 steps: "bottom" to "Is there a 1?", the text prior on every kind, 2026-12-06).
+        "--group_by_modality_length", "False",
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
         "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed if seed is None else seed,
     ]
@@ -250,7 +257,7 @@ def eval_command(model_dir: Path, question_file: Path, data_dir: Path, answers_f
     k = ("--voco-tokens", voco_tokens) if voco_tokens is not None else ()
     return [str(part) for part in (
         "--model-path", model_dir, "--question-file", question_file, "--image-folder", data_dir,
-        "--answers-file", answers_file, "--conv-mode", "v1", "--max-new-tokens", "4", "--batch-size", "16", *k)]
+        "--answers-file", answers_file, "--conv-mode", CONV_MODE, "--max-new-tokens", "6", "--batch-size", "16", *k)]
 
 
 def answers_name(kind: str, voco_tokens: int | None = None) -> str:
@@ -291,6 +298,29 @@ class Task:
         return self.module == "llava_voco.train"
 
 
+def answered(evaluation: Task) -> bool:
+    """An evaluation of a reused checkpoint whose answers file already answers every question (then kept)."""
+    answers = Path(evaluation.command[evaluation.command.index("--answers-file") + 1])
+    if not answers.exists():
+        return False
+    done = sum(1 for line in answers.read_text().splitlines() if line.strip()) == evaluation.total
+    if done:
+        print(f"[{evaluation.name}] reusing its answers")
+    return done
+
+
+def finished_with_cpu_seconds(process: subprocess.Popen) -> float | None:
+    """None while ``process`` runs; once it has ended, the CPU seconds (user + system) it used, which unlike
+    its wall time do not depend on what else the machine runs (``returncode`` is set as ``poll`` sets it)."""
+    if process.returncode is not None:
+        return 0.0
+    pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return round(usage.ru_utime + usage.ru_stime, 1)
+
+
 STEP_PATTERN = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "12/800 [" in a train or eval log
 
 
@@ -310,8 +340,9 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
         output_dir = task.log.parent
         if task.is_training and not fresh and reusable(output_dir, task.command):
             print(f"[{task.name}] reusing the checkpoint in {output_dir}")
-            summaries[task.name] = json.loads((output_dir / "train_summary.json").read_text())
-            pending[pending.index(task):pending.index(task) + 1] = list(task.evaluations)
+            summaries[task.name] = {**json.loads((output_dir / "train_summary.json").read_text()), "reused": True}
+            pending[pending.index(task):pending.index(task) + 1] = [
+                evaluation for evaluation in task.evaluations if not answered(evaluation)]
     while pending or running:
         for task in list(pending):
             # after a training finished here, or one that is not part of this run (its checkpoint is on disk)
@@ -340,7 +371,8 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
             if found:
                 entry["bar"].n = int(found[-1][0])
                 entry["bar"].refresh()
-            if process.poll() is None:
+            finished = finished_with_cpu_seconds(process)
+            if finished is None:
                 continue
             entry["log"].close()
             entry["bar"].close()
@@ -352,10 +384,10 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
                 what = "training" if task.is_training else "evaluation"
                 raise SystemExit(f"[{name}] {what} failed (exit {process.returncode}); the end of {task.log}:\n{tail}")
             if not task.is_training:
-                summaries[name] = {"seconds": round(seconds, 1)}
+                summaries[name] = {"seconds": round(seconds, 1), "cpu_seconds": finished}
                 continue
             output_dir = task.log.parent
-            summary = training_summary(output_dir, seconds)
+            summary = {**training_summary(output_dir, seconds), "cpu_seconds": finished}
             (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
             (output_dir / "command.txt").write_text(printed_command(task.command) + "\n")  # last: a run cut short is redone
             summaries[name] = summary
@@ -365,8 +397,19 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
     return summaries
 
 
+@dataclass(frozen=True)
+class Group:
+    """Methods trained with one training seed from one base build, under ``runs_dir`` (task names get ``prefix``)."""
+
+    prefix: str  # "" for the main run, "seed1/" for another training seed, "base1/seed0/" for another base build
+    runs_dir: Path
+    base_dir: Path
+    seed: int
+    methods: tuple[Method, ...]
+
+
 def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path, base_dir: Path | None = None,
-                 seed: int | None = None) -> Task:
+                 seed: int | None = None, prefix: str = "") -> Task:
     """``method``'s training, with its evaluations on the test images (and clips, for the video rows; an
     elastic model at each of its k). ``runs_dir``: where its checkpoint and the one it starts from are."""
     output_dir = runs_dir / method.name
@@ -377,43 +420,80 @@ def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path,
                 continue
             answers = answers_name(kind, k)
             count = sum(1 for line in (data_dir / questions).read_text().splitlines() if line.strip())
-            evaluations.append(Task(f"{method.name}: {answers}", "llava_voco.eval.model_vqa",
+            evaluations.append(Task(f"{prefix}{method.name}: {answers}", "llava_voco.eval.model_vqa",
                                     eval_command(output_dir, data_dir / questions, data_dir, output_dir / answers, k),
                                     output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
     steps = training_steps(method, preset)
     base_dir = base_dir if base_dir is not None else runs_dir / "base"
-    return Task(method.name, "llava_voco.train", train_command(method, preset, data_dir, base_dir, runs_dir, seed),
-                output_dir / "train.log", steps, after=None if method.start == "base" else method.start,
-                evaluations=tuple(evaluations))
+    return Task(prefix + method.name, "llava_voco.train",
+                train_command(method, preset, data_dir, base_dir, runs_dir, seed), output_dir / "train.log", steps,
+                after=None if method.start == "base" else prefix + method.start, evaluations=tuple(evaluations))
 
 
 def score(method: Method, runs_dir: Path, data_dir: Path, kind: str, questions: str, seed: int,
-          voco_tokens: int | None = None) -> dict:
+          voco_tokens: int | None = None, report_dir: Path | None = None) -> dict:
     from ..eval import exact_match
 
     output_dir = runs_dir / method.name
-    description = method.description + (f", evaluated at k={voco_tokens}" if voco_tokens is not None else "")
-    return {"tokens_per_image": voco_tokens or method.tokens_per_image, "description": description,
-            "checkpoint": relative(output_dir, runs_dir), "seed": seed,
+    return {"checkpoint": relative(output_dir, report_dir or runs_dir), "seed": seed,
             **exact_match.score(str(data_dir / questions), str(output_dir / answers_name(kind, voco_tokens)))}
 
 
-def run_methods(methods: list[Method], preset: Preset, data_dir: Path, runs_dir: Path, base_dir: Path, jobs: int,
-                fresh: bool, seed: int) -> tuple[dict, dict, dict, dict]:
-    """Trains and evaluates ``methods`` with training seed ``seed``; (image rows, clip rows, training
-    summaries, evaluation seconds)."""
-    tasks = [method_tasks(m, preset, data_dir, runs_dir, base_dir, seed) for m in methods]
-    finished = run_tasks(tasks, jobs, fresh)
-    rows, video_rows = {}, {}
+def run_groups(groups: list[Group], preset: Preset, data_dir: Path, report_dir: Path, jobs: int, fresh: bool):
+    """Trains and evaluates every group's methods in one queue (every ``full`` first: the VoCo rows start from
+    it); returns per group prefix (image rows, clip rows) of single-seed scores, the training summaries and
+    the evaluation seconds, by task name."""
+    tasks = [(group, method, method_tasks(method, preset, data_dir, group.runs_dir, group.base_dir, group.seed,
+                                          group.prefix))
+             for group in groups for method in group.methods]
+    order = {"full": 0, "base": 2}
+    tasks.sort(key=lambda entry: order.get(entry[1].name, order["base"] if entry[1].start == "base" else 1))
+    finished = run_tasks([task for _, _, task in tasks], jobs, fresh)
+    scores: dict[str, tuple[dict, dict]] = {group.prefix: ({}, {}) for group in groups}
+    for group, method, _ in tasks:
+        rows, video_rows = scores[group.prefix]
+        for k in method.eval_voco_tokens or (None,):
+            name = f"{method.name}@{k}" if k is not None else method.name
+            rows[name] = score(method, group.runs_dir, data_dir, "test", "test_questions.jsonl", group.seed, k,
+                               report_dir)
+            if method.video and preset.test_clips:
+                video_rows[name] = score(method, group.runs_dir, data_dir, "test_video", "test_video_questions.jsonl",
+                                         group.seed, k, report_dir)
+    training = {task.name: finished[task.name] for _, _, task in tasks}
+    evaluations = {name: summary for name, summary in finished.items() if ":" in name}
+    return scores, training, evaluations
+
+
+def combine_seeds(methods: list[Method], per_seed: list[dict[str, dict]]) -> dict[str, dict]:
+    """One row per method from its single-seed scores (a list of ``{row name: score}``, one per training seed):
+    the mean accuracy per category and overall, the sample standard deviation across seeds (None with one
+    seed), and each seed's score."""
+    import statistics
+
+    rows = {}
     for method in methods:
         for k in method.eval_voco_tokens or (None,):
             name = f"{method.name}@{k}" if k is not None else method.name
-            rows[name] = score(method, runs_dir, data_dir, "test", "test_questions.jsonl", seed, k)
-            if method.video and preset.test_clips:
-                video_rows[name] = score(method, runs_dir, data_dir, "test_video", "test_video_questions.jsonl", seed, k)
-    training = {m.name: finished[m.name] for m in methods}
-    evaluations = {name: summary["seconds"] for name, summary in finished.items() if ":" in name}
-    return rows, video_rows, training, evaluations
+            runs = [scores[name] for scores in per_seed if name in scores]
+            if not runs:
+                continue
+
+            def spread(values):
+                return statistics.stdev(values) if len(values) > 1 else None
+
+            categories = sorted(runs[0]["categories"])
+            description = method.description + (f", evaluated at k={k}" if k is not None else "")
+            rows[name] = {
+                "tokens_per_image": k or method.tokens_per_image, "description": description,
+                "seeds": [run["seed"] for run in runs], "questions": runs[0]["questions"],
+                "counts": runs[0]["counts"],
+                "categories": {c: statistics.fmean(run["categories"][c] for run in runs) for c in categories},
+                "overall": statistics.fmean(run["overall"] for run in runs),
+                "std": {"categories": {c: spread([run["categories"][c] for run in runs]) for c in categories},
+                        "overall": spread([run["overall"] for run in runs])},
+                "per_seed": runs,
+            }
+    return rows
 
 
 def text_prior(data_dir: Path, question_file: Path) -> dict:
@@ -439,29 +519,54 @@ def text_prior(data_dir: Path, question_file: Path) -> dict:
 # 4. Report.
 # ---------------------------------------------------------------------------------------------------
 def retention(rows: dict[str, dict], key: str = "overall") -> None:
-    """Raw retention (accuracy / full's) and normalised retention ((acc - lower) / (full - lower))."""
+    """Raw retention (accuracy / full's) and normalised retention ((acc - lower) / (full - lower)), of the
+    means; and, for a row trained with several seeds, the raw retention of each seed against ``full`` of the
+    same seed, with its mean and spread."""
+    import statistics
+
     full, lower = rows["full"][key], rows.get("lower", {}).get(key)
+    full_by_seed = {run["seed"]: run[key] for run in rows["full"].get("per_seed", [])}
     for name, row in rows.items():
         if name == "text prior":
             continue
         row["raw_retention"] = row[key] / full if full else None
         span = (full - lower) if lower is not None else None
         row["normalised_retention"] = (row[key] - lower) / span if span else None
+        paired = [run[key] / full_by_seed[run["seed"]] for run in row.get("per_seed", [])
+                  if full_by_seed.get(run["seed"])]
+        if len(paired) > 1:
+            row["raw_retention_by_seed"] = {"per_seed": paired, "mean": statistics.fmean(paired),
+                                            "std": statistics.stdev(paired)}
+
+
+def percent(value: float | None, spread: float | None = None) -> str:
+    if value is None:
+        return ""
+    return f"{100 * value:.1f}" + (f" +- {100 * spread:.1f}" if spread is not None else "")
 
 
 def format_table(rows: dict[str, dict], categories: list[str], title: str) -> str:
-    header = ["method", "tokens/img", *categories, "overall", "raw ret.", "norm. ret."]
-    lines = [title, " | ".join(f"{h:>10}" for h in header)]
+    """Accuracy per category and overall (mean +- standard deviation across training seeds where a row has
+    several), and retention."""
+    header = ["method", "tok", "seeds", *categories, "overall", "raw ret.", "norm. ret."]
+    table = [header]
     for name, row in rows.items():
-        cells = [name, str(row["tokens_per_image"])]
-        cells += [f"{100 * row['categories'].get(c, float('nan')):.1f}" for c in categories]
-        cells += [f"{100 * row['overall']:.1f}"]
-        cells += ["" if row.get(k) is None else f"{100 * row[k]:.1f}%" for k in ("raw_retention", "normalised_retention")]
-        lines.append(" | ".join(f"{c:>10}" for c in cells))
-    return "\n".join(lines)
+        std = row.get("std") or {"categories": {}, "overall": None}
+        cells = [name, str(row["tokens_per_image"]), ",".join(map(str, row.get("seeds", []))) or "-"]
+        cells += [percent(row["categories"].get(c), std["categories"].get(c)) for c in categories]
+        cells += [percent(row["overall"], std["overall"])]
+        by_seed = row.get("raw_retention_by_seed")
+        cells += [percent(by_seed["mean"], by_seed["std"]) + "%" if by_seed else
+                  ("" if row.get("raw_retention") is None else f"{100 * row['raw_retention']:.1f}%")]
+        cells += ["" if row.get("normalised_retention") is None else f"{100 * row['normalised_retention']:.1f}%"]
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = [" | ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
+    return "\n".join([title, *lines])
 
 
 def plot(rows: dict[str, dict], video_rows: dict[str, dict], path: Path, title: str) -> None:
+    """Overall accuracy against vision tokens per image; error bars: the standard deviation across seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,24 +577,44 @@ def plot(rows: dict[str, dict], video_rows: dict[str, dict], path: Path, title: 
         if name == "text prior":
             axis.axhline(100 * row["overall"], color="gray", linestyle=":", linewidth=1, label="text prior (no image)")
             continue
-        axis.scatter(row["tokens_per_image"], 100 * row["overall"], s=40, zorder=3)
+        spread = (row.get("std") or {}).get("overall")
+        axis.errorbar(row["tokens_per_image"], 100 * row["overall"], yerr=None if spread is None else 100 * spread,
+                      fmt="o", capsize=3, zorder=3)
         axis.annotate(name, (row["tokens_per_image"], 100 * row["overall"]), textcoords="offset points", xytext=(5, 4))
     for name, row in video_rows.items():
         if name == "text prior":
             continue
-        axis.scatter(row["tokens_per_image"], 100 * row["overall"], s=40, marker="s", facecolors="none",
-                     edgecolors="gray", zorder=3)
+        spread = (row.get("std") or {}).get("overall")
+        axis.errorbar(row["tokens_per_image"], 100 * row["overall"], yerr=None if spread is None else 100 * spread,
+                      fmt="s", mfc="none", color="gray", capsize=3, zorder=3)
         axis.annotate(f"{name} (clips)", (row["tokens_per_image"], 100 * row["overall"]), textcoords="offset points",
                       xytext=(5, -10), color="gray")
     axis.legend(loc="lower right", fontsize=8)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("vision tokens per image (or frame) the text reads")
     axis.set_ylabel("exact-match accuracy, test split (%)")
-    axis.set_title(title, fontsize=10)
+    axis.set_title(title + "\n(error bars: standard deviation across training seeds)", fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def machine() -> dict:
+    """The CPU the run used (model name from /proc/cpuinfo), its cores and the load when asked."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": model, "cores": os.cpu_count(), "load_average_1_5_15_min": load}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -503,43 +628,10 @@ def chat_example(model_dir: Path, data_dir: Path) -> dict:
     question = json.loads((data_dir / "test_questions.jsonl").read_text().splitlines()[0])
     model, processor = load_model(str(model_dir))
     image = load_image(data_dir / question["image"])
-    chat = ImageChat(model, processor, get_template("v1"), [image], generation_kwargs={"max_new_tokens": 4})
+    chat = ImageChat(model, processor, get_template(CONV_MODE), [image], generation_kwargs={"max_new_tokens": 4})
     answer = chat.ask(question["text"])
     return {"model": str(model_dir), "image": question["image"], "question": question["text"], "answer": answer,
             "reference": question["answer"], "cache": chat.cache_summary()}
-
-
-def seed_table(by_seed: dict[int, dict[str, dict]], categories: list[str]) -> tuple[dict, str]:
-    """Per headline row: each seed's overall and position accuracy and raw retention, their mean and spread
-    (sample standard deviation)."""
-    import statistics
-
-    seeds = sorted(by_seed)
-    summary = {}
-    for name in HEADLINE:
-        if not all(name in by_seed[seed] for seed in seeds):
-            continue
-        runs = [by_seed[seed][name] for seed in seeds]
-        entry = {"seeds": seeds}
-        for key, values in (("overall", [r["overall"] for r in runs]),
-                            ("position", [r["categories"].get("position") for r in runs]),
-                            ("raw_retention", [r["overall"] / by_seed[seed]["full"]["overall"]
-                                               if by_seed[seed]["full"]["overall"] else None
-                                               for seed, r in zip(seeds, runs)])):
-            if any(value is None for value in values):
-                entry[key] = None
-                continue
-            entry[key] = {"per_seed": values, "mean": statistics.fmean(values),
-                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        summary[name] = entry
-    header = ["method", "overall", "position", "raw ret."]
-    lines = [f"Training seeds {', '.join(map(str, seeds))}: mean +- standard deviation (%)",
-             " | ".join(f"{h:>16}" for h in header)]
-    for name, entry in summary.items():
-        cells = [name] + [f"{100 * entry[k]['mean']:.1f} +- {100 * entry[k]['std']:.1f}" if entry[k] else ""
-                          for k in ("overall", "position", "raw_retention")]
-        lines.append(" | ".join(f"{c:>16}" for c in cells))
-    return summary, "\n".join(lines)
 
 
 def ablation_table(rows: dict[str, dict], reference: str = "voco1") -> str:
@@ -572,23 +664,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs-dir", default=None, help="default: playground/runs/digitgrid (quick: ..._quick)")
     parser.add_argument("--only", default=None, help="comma-separated methods to run (full is needed by the VoCo rows)")
     parser.add_argument("--fresh", action="store_true", help="rebuild data and base models, retrain every method")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="training runs side by side (default: 2, or 1 on a 1-core machine)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="processes side by side, one thread each (default: one per core)")
     parser.add_argument("--seeds", default=None,
-                        help="also train the headline rows (" + ", ".join(HEADLINE) + ") with these training seeds "
-                             "(e.g. 0,1,2; the preset's seed is the main run), under <runs-dir>/seed<s>/: a mean and "
-                             "spread table")
+                        help="training seeds of the headline rows (" + ", ".join(HEADLINE) + "), e.g. 0,1,2 (default: "
+                             "the preset's); the first is the main run, whose other rows use it too")
+    parser.add_argument("--second-base", type=int, default=None, metavar="BASE_SEED",
+                        help="also train full, with each training seed, from a second base build made with this "
+                             "seed (another LLM and tower initialisation and stage-0 batches), under <runs-dir>/base<SEED>/")
     parser.add_argument("--ablation", action="store_true",
                         help="also train one lever at a time against voco1 (" + ", ".join(m.name for m in ABLATIONS) + ")")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    seeds = parse_seeds(args.seeds, parser)
     missing = missing_dependencies()
     if missing:
         raise SystemExit(f"the DigitGrid demo needs {', '.join(missing)}, not installed here: {INSTALL}")
 
     preset = PRESETS[args.preset]
+    seeds = parse_seeds(args.seeds, parser) if args.seeds else list(preset.seeds)
+    if args.second_base is not None and args.second_base == preset.seed:
+        parser.error(f"--second-base {args.second_base}: the main base build already uses seed {preset.seed}")
     suffix = "" if preset.name == "default" else f"_{preset.name}"
     data_dir = Path(args.data_dir or f"playground/data/digitgrid{suffix}")
     runs_dir = Path(args.runs_dir or f"playground/runs/digitgrid{suffix}")
@@ -598,7 +694,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--only: unknown method(s) {sorted(unknown)}; choose from {[m.name for m in METHODS]}")
     ablations = list(ABLATIONS) if args.ablation else []
     os.environ.setdefault("WANDB_DISABLED", "true")
-    started = time.perf_counter()
+    # One thread per process: on a shared machine two-thread processes spend their time waiting for each other
+    # (stage 0 ran at 0.3 steps/s with two threads beside other work, 5 steps/s with one, 2026-12-06).
+    import torch
+
+    torch.set_num_threads(1)
+    started, at_start = time.perf_counter(), machine()
     seconds: dict[str, float] = {}
 
     # 1.
@@ -607,32 +708,35 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["data"] = time.perf_counter() - tick
     tick = time.perf_counter()
     base = ensure_base(preset, data_dir, runs_dir / "base", args.fresh)
+    second_base = None
+    if args.second_base is not None:
+        second_base = ensure_base(preset, data_dir, runs_dir / f"base{args.second_base}" / "base", args.fresh,
+                                  base_seed=args.second_base)
     seconds["base models (stage 0)"] = time.perf_counter() - tick
 
-    # 2-3. The main run (the preset's seed), its ablations, then the other seeds' headline rows.
+    # 2-3. Every run in one queue: the main run (the first seed; all rows and ablations), the headline rows
+    # with the other seeds, and full from the second base build with every seed.
     names = {m.name for m in methods}
     for method in methods + ablations:
         if method.start not in ("base", *names) and not (runs_dir / method.start / "config.json").exists():
             raise SystemExit(f"{method.name} starts from {method.start}, which has not been trained: add it to --only")
+    headline = tuple(m for m in methods if m.name in HEADLINE)
+    groups = [Group("", runs_dir, runs_dir / "base", seeds[0], tuple(methods + ablations))]
+    groups += [Group(f"seed{seed}/", runs_dir / f"seed{seed}", runs_dir / "base", seed, headline) for seed in seeds[1:]]
+    full = tuple(m for m in METHODS if m.name == "full")
+    if args.second_base is not None:
+        second_dir = runs_dir / f"base{args.second_base}"
+        groups += [Group(f"base{args.second_base}/seed{seed}/", second_dir / f"seed{seed}", second_dir / "base", seed, full)
+                   for seed in seeds]
     tick = time.perf_counter()
-    rows, video_rows, training, evaluations = run_methods(methods + ablations, preset, data_dir, runs_dir,
-                                                          runs_dir / "base", args.jobs, args.fresh, preset.seed)
-    ablation_rows = {name: rows.pop(name) for m in ablations for name in m.row_names()}
+    scores, training, evaluations = run_groups(groups, preset, data_dir, runs_dir, args.jobs, args.fresh)
     seconds["training and evaluation"] = time.perf_counter() - tick
-    by_seed = {preset.seed: rows}
-    headline = [m for m in methods if m.name in HEADLINE]
-    for seed in seeds:
-        if seed == preset.seed:
-            continue
-        tick = time.perf_counter()
-        seed_rows, _, seed_training, seed_evaluations = run_methods(
-            headline, preset, data_dir, runs_dir / f"seed{seed}", runs_dir / "base", args.jobs, args.fresh, seed)
-        by_seed[seed] = seed_rows
-        training.update({f"seed{seed}/{name}": summary for name, summary in seed_training.items()})
-        evaluations.update({f"seed{seed}/{name}": value for name, value in seed_evaluations.items()})
-        seconds[f"seed {seed}"] = time.perf_counter() - tick
 
     # 4.
+    main_groups = [group.prefix for group in groups if not group.prefix.startswith("base")]
+    rows = combine_seeds(methods, [scores[prefix][0] for prefix in main_groups])
+    video_rows = combine_seeds(methods, [scores[prefix][1] for prefix in main_groups])
+    ablation_rows = combine_seeds(ablations, [scores[""][0]])
     rows["text prior"] = {"tokens_per_image": 0, "description": "no image: the most frequent train answer",
                           **text_prior(data_dir, data_dir / "test_questions.jsonl")}
     if video_rows:
@@ -642,25 +746,36 @@ def main(argv: list[str] | None = None) -> dict:
         retention(rows)
     if "full" in video_rows:
         retention(video_rows)
-    categories = sorted({c for row in rows.values() for c in row["categories"]})
-    title = f"DigitGrid ({preset.name} preset), images: exact match % on {next(iter(rows.values()))['questions']} test questions"
+    categories = list(digitgrid.IMAGE_KINDS)
+    title = (f"DigitGrid ({preset.name} preset), images: exact match % on {rows['text prior']['questions']} test "
+             f"questions (mean +- standard deviation across training seeds)")
     table = format_table(rows, categories, title)
     if video_rows:
-        video_categories = sorted({c for row in video_rows.values() for c in row["categories"]})
-        table += "\n\n" + format_table(video_rows, video_categories, "Clips (4 frames; tokens per frame):")
-    print("\n" + table + "\n")
-    seeds_summary = None
-    if len(by_seed) > 1 and all("full" in seed_rows for seed_rows in by_seed.values()):
-        seeds_summary, text = seed_table(by_seed, categories)
-        print(text + "\n")
+        table += "\n\n" + format_table(video_rows, list(digitgrid.CLIP_KINDS),
+                                        f"Clips ({preset.frames} frames; tokens per frame), "
+                                        f"{video_rows['text prior']['questions']} test questions:")
+    second = None
+    if args.second_base is not None:
+        prefixes = [group.prefix for group in groups if group.prefix.startswith("base")]
+        second = {"base": second_base,
+                  "rows": combine_seeds(full, [scores[prefix][0] for prefix in prefixes]),
+                  "video_rows": combine_seeds(full, [scores[prefix][1] for prefix in prefixes])}
+        text = format_table({"full": rows["full"], f"full, base {args.second_base}": second["rows"]["full"],
+                             "text prior": rows["text prior"]}, categories,
+                            f"full from the main base build (seed {preset.seed}) and from base build {args.second_base}:")
+        if video_rows:
+            text += "\n" + format_table({"full": video_rows["full"],
+                                         f"full, base {args.second_base}": second["video_rows"]["full"],
+                                         "text prior": video_rows["text prior"]}, list(digitgrid.CLIP_KINDS), "clips:")
         table += "\n\n" + text
     if ablation_rows and "voco1" in rows:
-        text = ablation_table({"voco1": rows["voco1"], **({"voco1+kd": rows["voco1+kd"]} if "voco1+kd" in rows else {}),
+        text = ablation_table({"voco1": scores[""][0]["voco1"] | {"description": rows["voco1"]["description"]},
                                **ablation_rows})
-        print(text + "\n")
         table += "\n\n" + text
+    print("\n" + table + "\n")
     runs_dir.mkdir(parents=True, exist_ok=True)
-    plot(rows, video_rows, runs_dir / "accuracy_vs_tokens.png", f"DigitGrid ({preset.name} preset)")
+    plot(rows, video_rows, runs_dir / "accuracy_vs_tokens.png",
+         f"DigitGrid ({preset.name} preset), training seeds {', '.join(map(str, seeds))} for the headline rows")
 
     # 5.
     chat = None
@@ -673,17 +788,26 @@ def main(argv: list[str] | None = None) -> dict:
               f"   (reference: {chat['reference']})\n  {chat['cache']}")
 
     seconds = {k: round(v, 1) for k, v in seconds.items()}
-    report = {"paths": "relative to this report's folder", "preset": asdict(preset), "base": {**base, "data": relative(data_dir, runs_dir)},
-              "rows": rows, "video_rows": video_rows, "ablation_rows": ablation_rows,
-              "seeds": {"per_seed_rows": {str(seed): seed_rows for seed, seed_rows in by_seed.items()},
-                        "summary": seeds_summary} if seeds_summary else None,
-              "training": training, "evaluation_seconds": evaluations,
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = {"this process (data, stage 0, scoring, plot, chat)": round(own.ru_utime + own.ru_stime, 1),
+                   "trainings": round(sum(t.get("cpu_seconds") or 0 for t in training.values()), 1),
+                   "evaluations": round(sum(e.get("cpu_seconds") or 0 for e in evaluations.values()), 1)}
+    cpu_seconds["total"] = round(sum(cpu_seconds.values()), 1)
+    fresh = not any(summary.get("reused") for summary in [*training.values(), base, second_base or {}])
+    report = {"paths": "relative to this report's folder", "preset": asdict(preset), "seeds": seeds,
+              "fresh": fresh, "machine": {**at_start, "load_average_at_end": machine()["load_average_1_5_15_min"]},
+              "base": {**base, "data": relative(data_dir, runs_dir)},
+              "rows": rows, "video_rows": video_rows, "ablation_rows": ablation_rows, "second_base": second,
+              "training": training, "evaluations": evaluations,
               "chat": chat, "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
+              "cpu_seconds": cpu_seconds,
               "table": table}
     (runs_dir / "report.json").write_text(json.dumps(report, indent=1))
     print(f"report: {runs_dir / 'report.json'}, plot: {runs_dir / 'accuracy_vs_tokens.png'}; "
-          f"{report['total_seconds']:.0f} s in all (longest: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])[:3]) + ")")
+          f"{report['total_seconds']:.0f} s in all ({cpu_seconds['total']:.0f} CPU seconds) on {at_start['cpu']} ({at_start['cores']} cores; load "
+          f"{at_start['load_average_1_5_15_min']} at the start){'' if fresh else '; not fresh: some rows reused'}")
     return report
 
 
