@@ -151,6 +151,8 @@ class VoCoCacheStore:
     def get(self, key: str, model) -> VoCoCache | None:
         """The stored cache, or None. A file that cannot be used (corrupt, other model) is removed."""
         path = self.path(key)
+        if self.is_local and not path.exists():  # a miss, not a bad entry
+            return None
         try:
             if self.is_local:
                 cache = VoCoCache.load(path, model)
