@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from .llava_original import local_config, read_llava_state_dict
+
 # LLaMA-VID's ``llava_llama_vid.LlavaConfig.model_type``: transformers' own Llava uses the same name, so a
 # LLaMA-VID checkpoint is recognised by its fields, not by model_type alone
 LLAMAVID_MODEL_TYPE = "llava"
@@ -60,31 +62,15 @@ class LlamaVidCheckpointError(ValueError):
 
 def is_llamavid_original(path: str | Path) -> bool:
     """Whether ``path`` is a local folder holding a checkpoint written by LLaMA-VID's code."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    config = local_config(path) or {}
     return config.get("model_type") == LLAMAVID_MODEL_TYPE and (
         "bert_type" in config or LLAMAVID_ARCHITECTURE in (config.get("architectures") or [])
     )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All weights of the folder: safetensors (single or sharded), else ``pytorch_model*.bin`` (LLaMA-VID's
-    releases) read with ``weights_only=True`` (tensors only, no code)."""
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    if not files:
-        raise LlamaVidCheckpointError(f"{path}: no model*.safetensors or pytorch_model*.bin weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)) if file.suffix == ".safetensors"
-                     else torch.load(file, map_location="cpu", weights_only=True))
-    return state
+    """All weights of the folder (LLaMA-VID's releases are ``pytorch_model*.bin``), tensors only."""
+    return read_llava_state_dict(path, error=LlamaVidCheckpointError)
 
 
 def _read_tower_file(path: Path) -> dict[str, torch.Tensor]:

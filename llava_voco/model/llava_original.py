@@ -45,27 +45,31 @@ class LlavaCheckpointError(ValueError):
     """A LLaVA-format checkpoint this conversion cannot take; the message names the folder and what is missing."""
 
 
-def is_llava_original(path: str | Path) -> bool:
-    """Whether ``path`` is a local folder holding a checkpoint in LLaVA's own format."""
+def local_config(path: str | Path) -> dict | None:
+    """A local folder's ``config.json``, or None when there is none (a Hub id, another kind of folder)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        return False
+        return None
     try:
-        return json.loads(config_file.read_text()).get("model_type") in LLAVA_MODEL_TYPES
+        return json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return None
 
 
-def read_llava_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All weights of the folder: safetensors (single or sharded), else LLaVA's ``pytorch_model*.bin`` read with
-    ``weights_only=True`` (tensors only, no code)."""
+def is_llava_original(path: str | Path) -> bool:
+    """Whether ``path`` is a local folder holding a checkpoint in LLaVA's own format."""
+    return (local_config(path) or {}).get("model_type") in LLAVA_MODEL_TYPES
+
+
+def read_llava_state_dict(path: Path, error: type[ValueError] = None) -> dict[str, torch.Tensor]:
+    """All weights of the folder (LLaVA's or LLaMA-VID's releases): safetensors (single or sharded), else
+    ``pytorch_model*.bin`` read with ``weights_only=True`` (tensors only, no code). ``error``: raised, naming the
+    folder, when there are no weights (default ``LlavaCheckpointError``)."""
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("model*.safetensors"))
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
-        files = sorted(path.glob("pytorch_model*.bin"))
-    if not files:
-        raise LlavaCheckpointError(f"{path}: no model*.safetensors or pytorch_model*.bin weights")
+        raise (error or LlavaCheckpointError)(f"{path}: no model*.safetensors or pytorch_model*.bin weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
