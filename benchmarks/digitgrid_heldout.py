@@ -52,17 +52,17 @@ def image_question(kind: str, rng: np.random.Generator) -> tuple[list[int], str,
         for corner in rng.permutation(4)[:times]:
             digits[corner] = asked
         if kind == "presence":
-            return digits, f"Is there a {asked}?", "yes" if times else "no"
-        return digits, f"How many {asked}s are there?", str(times)
+            return digits, f"Is there a {asked}?", f"{asked} {'yes' if times else 'no'}"
+        return digits, f"How many {asked}s are there?", f"{asked} {['none', 'once', 'twice'][times]}"
     digits = [int(d) for d in digits]
     if kind == "largest":
         return digits, "What is the largest digit?", str(max(digits))
     if kind == "where":
         digits = [int(d) for d in rng.permutation(10)[:4]]
         corner = int(rng.integers(4))
-        return digits, f"Where is the {digits[corner]}?", CORNERS[corner]
+        return digits, f"Where is the {digits[corner]}?", f"{digits[corner]} {CORNERS[corner]}"
     corner = int(rng.integers(4))
-    return digits, f"Which digit is at the {CORNERS[corner]}?", str(digits[corner])
+    return digits, f"Which digit is at the {CORNERS[corner]}?", f"{CORNERS[corner]} {digits[corner]}"
 
 
 def clip_question(kind: str, frames: int, rng: np.random.Generator) -> tuple[list[int], str, str]:
@@ -71,14 +71,14 @@ def clip_question(kind: str, frames: int, rng: np.random.Generator) -> tuple[lis
         digits = [int(rng.choice([d for d in range(10) if d != asked])) for _ in range(frames)]
         if rng.integers(2):
             digits[int(rng.integers(frames))] = asked
-        return digits, f"Is there a {asked} in the clip?", "yes" if asked in digits else "no"
+        return digits, f"Is there a {asked} in the clip?", f"{asked} {'yes' if asked in digits else 'no'}"
     if kind == "which frame":
         digits = [int(d) for d in rng.permutation(10)[:frames]]
         frame = int(rng.integers(frames))
-        return digits, f"In which frame is the {digits[frame]}?", str(frame + 1)
+        return digits, f"In which frame is the {digits[frame]}?", f"{digits[frame]} frame {frame + 1}"
     digits = [int(d) for d in rng.integers(0, 10, size=frames)]
     frame = int(rng.integers(frames))
-    return digits, f"Which digit is in frame {frame + 1}?", str(digits[frame])
+    return digits, f"Which digit is in frame {frame + 1}?", f"frame {frame + 1} {digits[frame]}"
 
 
 def write_questions(out: Path, test_indices: list[int], images: int, clips: int, frames: int, seed: int):

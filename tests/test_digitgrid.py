@@ -18,15 +18,16 @@ from llava_voco.train.data import load_samples
 # Each DigitGrid question: its category, its text as a pattern, and its answer from the digits (reading order /
 # frame order), written here independently of the builder.
 QUESTIONS = (
-    ("presence", r"Is there a (\d) in the clip\?", lambda digits, d: "yes" if int(d) in digits else "no"),
-    ("which frame", r"In which frame is the (\d)\?", lambda digits, d: str(digits.index(int(d)) + 1)),
-    ("frame", r"Which digit is in frame (\d)\?", lambda digits, i: str(digits[int(i) - 1])),
-    ("presence", r"Is there a (\d)\?", lambda digits, d: "yes" if int(d) in digits else "no"),
-    ("count", r"How many (\d)s are there\?", lambda digits, d: str(digits.count(int(d)))),
+    ("presence", r"Is there a (\d) in the clip\?", lambda digits, d: d + (" yes" if int(d) in digits else " no")),
+    ("which frame", r"In which frame is the (\d)\?", lambda digits, d: f"{d} frame {digits.index(int(d)) + 1}"),
+    ("frame", r"Which digit is in frame (\d)\?", lambda digits, i: f"frame {i} {digits[int(i) - 1]}"),
+    ("presence", r"Is there a (\d)\?", lambda digits, d: d + (" yes" if int(d) in digits else " no")),
+    ("count", r"How many (\d)s are there\?", lambda digits, d: f"{d} " + ["none", "once", "twice"][digits.count(int(d))]),
     ("largest", r"What is the largest digit\?", lambda digits: str(max(digits))),
-    ("where", r"Where is the (\d)\?", lambda digits, d: POSITIONS[digits.index(int(d))]),
+    ("where", r"Where is the (\d)\?", lambda digits, d: f"{d} {POSITIONS[digits.index(int(d))]}"),
     ("position", r"Which digit is at the (top left|top right|bottom left|bottom right)\?",
-     lambda digits, p: str(digits[POSITIONS.index(p)])),
+     lambda digits, p: f"{p} {digits[POSITIONS.index(p)]}"),
+    ("caption", r"What digits are (?:shown|in the clip)\?", lambda digits: " ".join(map(str, digits))),
 )
 
 
@@ -44,7 +45,8 @@ def category_of(text: str) -> str:
 
 
 def test_build(tmp_path):
-    summary = build(tmp_path, train_images=60, test_images=30, train_clips=15, test_clips=9, frames=3, seed=3, turns=3)
+    summary = build(tmp_path, train_images=60, test_images=30, train_clips=15, test_clips=9, frames=3, seed=3, turns=3,
+                    caption=True)
     train, test = set(summary["train_digit_indices"]), set(summary["test_digit_indices"])
     assert not train & test and len(train | test) == 1797
     digits = load_digits()
@@ -64,7 +66,9 @@ def test_build(tmp_path):
             values = [int(digits.target[i]) for i in sources]  # the truth, from scikit-learn's labels
             turns = sample["conversations"]
             assert turns[0]["value"].startswith("<image>\n" if "image" in sample else "<video>\n")
-            assert len(turns) == 2 if split == "test" else 2 <= len(turns) <= 6
+            assert len(turns) == 2 if split == "test" else 4 <= len(turns) <= 8
+            if split == "train":  # the caption turn last: every digit in reading (frame) order
+                assert turns[-1]["value"] == " ".join(map(str, values))
             for question, answer in zip(turns[0::2], turns[1::2]):
                 text = question["value"].split("\n", 1)[-1]
                 category, expected = expected_answer(text, values)
@@ -82,7 +86,7 @@ def test_build(tmp_path):
                 for frame, source in zip(frames, sources):
                     pixels = np.asarray(load_image(frame))[:, :, 0]
                     assert np.array_equal(pixels[::2, ::2], digit_cell(digits.images[source]))
-    assert seen == {"image": set(IMAGE_KINDS), "clip": set(CLIP_KINDS)}
+    assert seen == {"image": {*IMAGE_KINDS, "caption"}, "clip": {*CLIP_KINDS, "caption"}}
 
     for name, media_key, count in (("test_questions.jsonl", "image", 30), ("test_video_questions.jsonl", "video", 9)):
         questions = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
@@ -103,10 +107,12 @@ def test_answers_are_balanced_so_the_text_prior_stays_low(tmp_path):
         turns = sample["conversations"]
         for question, answer in zip(turns[0::2], turns[1::2]):
             kind = ("clip " if "video" in sample else "") + category_of(question["value"].split("\n", 1)[-1])
-            answers.setdefault(kind, []).append(answer["value"])
+            words = answer["value"].split()  # the subject named first ("7 yes", "7 top left"), then the value
+            answers.setdefault(kind, []).append(" ".join(words[1:]) if kind == "where" else words[-1])
     shares = {kind: {a: v.count(a) / len(v) for a in set(v)} for kind, v in answers.items()}
     assert abs(shares["presence"]["yes"] - 0.5) < 0.06 and abs(shares["clip presence"]["yes"] - 0.5) < 0.1
-    assert all(0.12 < shares["count"][c] < 0.5 for c in "012") and set(shares["count"]) == set("012"), shares["count"]
+    counts = ("none", "once", "twice")
+    assert all(0.12 < shares["count"][c] < 0.5 for c in counts) and set(shares["count"]) == set(counts), shares["count"]
     assert max(shares["where"].values()) < 0.33 and max(shares["clip which frame"].values()) < 0.4
     assert max(shares["position"].values()) < 0.15 and max(shares["clip frame"].values()) < 0.2
 

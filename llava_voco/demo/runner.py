@@ -74,6 +74,7 @@ class Preset:
     weight_decay: float = 0.1
     frames: int = 4
     turns: int = 5  # questions per train sample (every kind about its image: 5 answers a step for ~2x the text)
+    caption: bool = True  # train samples start with "What digits are shown?" -> "3 5 0 9" (digitgrid.caption)
     seed: int = 0  # data, base models
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of the headline rows (the first: every row)
 
@@ -171,7 +172,7 @@ def relative(path: str | Path, root: Path) -> str:
 def ensure_data(preset: Preset, data_dir: Path, fresh: bool) -> dict:
     settings = {"train_images": preset.train_images, "test_images": preset.test_images,
                 "train_clips": preset.train_clips, "test_clips": preset.test_clips, "frames": preset.frames,
-                "seed": preset.seed, "turns": preset.turns}
+                "seed": preset.seed, "turns": preset.turns, "caption": preset.caption}
     marker = data_dir / "settings.json"
     if not fresh and marker.exists() and json.loads(marker.read_text()) == settings:
         print(f"data: reusing {data_dir}")
