@@ -137,7 +137,8 @@ def test_base_models_are_the_same_when_built_again_from_the_same_data(tmp_path):
     from llava_voco.demo.models import BaseSizes, build_base
 
     build(tmp_path / "data", train_images=64, test_images=8, train_clips=8, test_clips=4, frames=4)
-    sizes = BaseSizes(vision_pretrain_steps=12, vision_pretrain_images=64, vision_pretrain_batch=16)
+    sizes = BaseSizes(vision_pretrain_steps=12, vision_pretrain_images=64, vision_pretrain_batch=16,
+                      llm_pretrain_steps=6, llm_pretrain_batch=8)
     summaries = [build_base(tmp_path / "data", tmp_path / name, sizes) for name in ("a", "b")]
     assert summaries[0]["stage0"] == summaries[1]["stage0"]
     weights = {part: [load_file(tmp_path / name / part / "model.safetensors") for name in ("a", "b")]
@@ -157,3 +158,38 @@ def test_base_models_are_the_same_when_built_again_from_the_same_data(tmp_path):
     build_base(tmp_path / "other", tmp_path / "c", sizes)
     other, tower = load_file(tmp_path / "c" / "vision_tower" / "model.safetensors"), weights["vision_tower"][0]
     assert not all(torch.equal(other[key], tower[key]) for key in tower)
+
+
+def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
+    """The LLM's text stage (models.pretrain_llm): each sample lays the image out as digit tokens where its
+    patch tokens go (each patch the digit of its quadrant; a clip frame all its own digit), asks questions in
+    the data's template and answer format, and learns only the replies; the answers follow from the digits
+    written in the prompt, worked out here."""
+    from llava_voco.demo.models import BaseSizes, TextGrids, corpus_from_data, quadrant_of_patches, \
+        train_sentencepiece_tokenizer
+
+    build(tmp_path / "data", train_images=40, test_images=4, train_clips=10, test_clips=2, frames=4, turns=5,
+          caption=True)
+    tokenizer = train_sentencepiece_tokenizer(corpus_from_data(tmp_path / "data"), tmp_path / "tok", 512)
+    patches = (BaseSizes.image_size // BaseSizes.patch_size) ** 2
+    grids = TextGrids(tokenizer, patches, frames=4, seed=0)
+    quadrant = quadrant_of_patches(4).tolist()
+    seen = set()
+    for index in range(40):
+        clip = index % 2 == 1
+        ids, labels, kind = grids.sample(clip)
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        start = tokens.index("]") + 1 + (tokens[tokens.index("]") + 1] == "▁")  # "[INST] " then the image
+        shown = tokens[start:start + patches * (4 if clip else 1)]
+        assert all(token.isdigit() for token in shown), tokens
+        digits = [int(shown[f * patches]) for f in range(4)] if clip else \
+            [int(shown[quadrant.index(q)]) for q in range(4)]
+        assert shown == ([str(d) for d in digits for _ in range(patches)] if clip else [str(digits[q]) for q in quadrant])
+        text = tokenizer.decode(ids[start + len(shown):])
+        learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+        for question, answer in re.findall(r"(?:\n|\[INST\] )([^\[\n]+\?) \[/INST\] ([^<]+?) </s>", text):
+            category, expected = expected_answer(question, digits)
+            assert answer == expected and answer in learned, (question, answer, digits)
+            seen.add(("clip " if clip else "") + category)
+        assert "INST" not in learned
+    assert {"presence", "largest", "caption", "clip caption", "clip frame"} <= seen

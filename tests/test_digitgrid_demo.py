@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,20 +66,22 @@ def test_quick_preset_writes_every_row_the_plot_and_the_chat_answer(quick_run):
 
 def test_quick_full_answers_each_kind_in_its_own_form(quick_run):
     """Full's answers to the test questions, read from its answers file: each is a well-formed answer to the
-    question asked (yes/no, a count, a digit, a corner, a frame number). A model that answers every batch's
-    kind whatever is asked (what length-grouped batches of one-question samples taught it, 2026-12-06), or
-    answers out of step with their questions, fails; so does a scorer fed the wrong file."""
+    question asked, its subject first ("7 yes", "7 twice", "top left 3", "frame 2 5"). A model that answers
+    every batch's kind whatever is asked (what length-grouped batches of one-question samples taught it,
+    2026-12-06), or a list of digits (the caption turn's answer) to every question, or answers out of step
+    with their questions, fails; so does a scorer fed the wrong file."""
     root, report, _ = quick_run
-    forms = {"presence": {"yes", "no"}, "count": set("012"), "largest": set("0123456789"),
-             "where": set(POSITIONS), "position": set("0123456789"), "frame": set("0123456789"),
-             "which frame": set("1234")}
+    corner = "(" + "|".join(POSITIONS) + ")"
+    forms = {"presence": r"\d (yes|no)", "count": r"\d (none|once|twice)", "largest": r"\d",
+             "where": r"\d " + corner, "position": corner + r" \d", "frame": r"frame [1-4] \d",
+             "which frame": r"\d frame [1-4]"}
     for kind, questions, answers in (("test", "test_questions.jsonl", "answers_test.jsonl"),
                                      ("test_video", "test_video_questions.jsonl", "answers_test_video.jsonl")):
         asked = {q["question_id"]: q for q in map(json.loads, (root / "data" / questions).read_text().splitlines())}
         given = [json.loads(line) for line in (root / "runs" / "full" / answers).read_text().splitlines()]
         assert {a["question_id"] for a in given} == set(asked)
         wrong_form = [(asked[a["question_id"]]["text"], a["text"]) for a in given
-                      if exact_match.normalise(a["text"]) not in forms[asked[a["question_id"]]["category"]]]
+                      if not re.fullmatch(forms[asked[a["question_id"]]["category"]], exact_match.normalise(a["text"]))]
         assert len(wrong_form) <= 0.05 * len(given), wrong_form[:10]
 
 

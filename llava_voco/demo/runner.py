@@ -62,6 +62,7 @@ class Preset:
     train_clips: int
     test_clips: int
     vision_pretrain_steps: int
+    llm_pretrain_steps: int  # the LLM's text stage (models.pretrain_llm), once per base build
     batch_size: int
     full_steps: int  # full, pool1 and llamavid, from the base models
     voco_steps: int  # voco1/2/4, from full
@@ -85,11 +86,11 @@ PRESETS = {
     # grid, 16 vision tokens, no system prompt) had only begun to leave the text prior (33.3 +- 2.0% overall
     # against 28.7%): docs/experiments/digitgrid-2026-12-06.md. 15,000 train grids: each seen about once.
     "default": Preset("default", train_images=15000, test_images=400, train_clips=3000, test_clips=240,
-                      vision_pretrain_steps=300, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
+                      vision_pretrain_steps=300, llm_pretrain_steps=2000, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
     # A few minutes on a quiet machine, for the tests: every row, one seed, real training and evaluation; long
     # enough for full to answer each kind in its form, far too short to read the images
     "quick": Preset("quick", train_images=1000, test_images=100, train_clips=200, test_clips=30,
-                    vision_pretrain_steps=100, batch_size=16, full_steps=120, voco_steps=20, lower_steps=10,
+                    vision_pretrain_steps=100, llm_pretrain_steps=60, batch_size=16, full_steps=120, voco_steps=20, lower_steps=10,
                     seeds=(0,)),
 }
 
@@ -188,7 +189,7 @@ def ensure_data(preset: Preset, data_dir: Path, fresh: bool) -> dict:
 def ensure_base(preset: Preset, data_dir: Path, base_dir: Path, fresh: bool, base_seed: int | None = None) -> dict:
     """The base models under ``base_dir``, built unless the same sizes and data made them (then ``reused``)."""
     sizes = replace(BaseSizes(), vision_pretrain_steps=preset.vision_pretrain_steps,
-                    seed=preset.seed if base_seed is None else base_seed)
+                    llm_pretrain_steps=preset.llm_pretrain_steps, seed=preset.seed if base_seed is None else base_seed)
     marker = base_dir / "base.json"
     if not fresh and marker.exists():
         saved = json.loads(marker.read_text())
