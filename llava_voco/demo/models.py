@@ -1,13 +1,16 @@
 """The DigitGrid demo's tiny base models, in the layouts the train entry reads (set-up (a)).
 
-    base/llm/            a LlamaForCausalLM (random init) with a SentencePiece tokenizer trained on the data's text
+    base/llm/            a LlamaForCausalLM through its text stage (``pretrain_llm``) with a SentencePiece tokenizer
+                         trained on the data's text
     base/vision_tower/   a CLIPVisionModel pretrained here ("stage 0") and its CLIP image processor
     base/text_decoder_tokenizer/, base/text_decoder.json   LLaMA-VID's BERT WordPiece tokenizer and Q-Former size
 
 Nothing pretrained can be downloaded here, and docs/design.md §5 found that a LLaVA whose vision tower starts from
 random weights stays at chance for a long time. Real LLaVA starts from a pretrained CLIP; so does this
 demo, from a tiny one pretrained for a few seconds on the *train* grids to name the digit of each
-quadrant from the patch tokens (``pretrain_vision_tower``). Test images are never seen.
+quadrant from the patch tokens (``pretrain_vision_tower``). Test images are never seen. Real LLaVA also
+starts from an LLM that already reads; this one is first trained to answer the questions about grids
+written in digit tokens (``pretrain_llm``).
 """
 
 from __future__ import annotations

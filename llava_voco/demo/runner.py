@@ -6,7 +6,8 @@
 
 Read top to bottom, the run is:
   1. the data (``llava_voco.demo.digitgrid``) and the base models (``llava_voco.demo.models``: a SentencePiece
-     tokenizer and a Llama from configs, a CLIP vision tower pretrained for seconds), built if absent;
+     tokenizer, a Llama from configs trained on grids written in digit words (its text stage, minutes), a CLIP
+     vision tower pretrained for seconds), built if absent;
   2. one training run per method and training seed through the train entry (``python -m llava_voco.train``,
      LLaVA's flags; each command is printed and saved in ``<runs-dir>/<method>/command.txt``, its output in
      ``train.log``), one single-threaded process per core, checkpoints kept in ``<runs-dir>/<method>/``:
@@ -81,10 +82,9 @@ class Preset:
 
 
 PRESETS = {
-    # Meant for 30 minutes of a quiet 2-core machine with every row and three seeds of the headline rows; by the
-    # CPU time measured on 2026-12-06 it needs ~40-45, and its full (400 steps of 32, five questions per train
-    # grid, 16 vision tokens, no system prompt) had only begun to leave the text prior (33.3 +- 2.0% overall
-    # against 28.7%): docs/experiments/digitgrid-2026-12-06.md. 15,000 train grids: each seen about once.
+    # Every row, three seeds of the headline rows: 31.2 minutes fresh on a quiet 2-core Intel Xeon (2026-12-06),
+    # 6 of them the base build (mostly the LLM's text stage); full 74.2 +- 6.1% on images against a 28.7% text
+    # prior (docs/experiments/digitgrid-2026-12-06.md). 15,000 train grids: each seen about once.
     "default": Preset("default", train_images=15000, test_images=400, train_clips=3000, test_clips=240,
                       vision_pretrain_steps=300, llm_pretrain_steps=2000, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
     # A few minutes on a quiet machine, for the tests: every row, one seed, real training and evaluation; long
