@@ -172,7 +172,7 @@ def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
           caption=True)
     tokenizer = train_sentencepiece_tokenizer(corpus_from_data(tmp_path / "data"), tmp_path / "tok", 512)
     patches = (BaseSizes.image_size // BaseSizes.patch_size) ** 2
-    grids = TextGrids(tokenizer, patches, frames=4, seed=0)
+    grids = TextGrids(tokenizer, BaseSizes.image_size // BaseSizes.patch_size, frames=4, seed=0)
     quadrant = quadrant_of_patches(4).tolist()
     seen = set()
     for index in range(40):

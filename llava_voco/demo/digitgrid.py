@@ -79,88 +79,94 @@ def caption(digits: list[int], clip: bool = False) -> tuple[str, str]:
     return CAPTION_QUESTIONS[clip], " ".join(str(d) for d in digits)
 
 
+def ask(kind: str, digits: list[int], subject: int | None = None, clip: bool = False) -> tuple[str, str]:
+    """(question, answer) of ``kind`` about ``digits`` (reading or frame order), the one place each kind's
+    wording lives. ``subject``: the asked digit (presence, count, where, which frame), the cell (position) or
+    the frame index (frame). Answers name their subject first, then the value (design §5)."""
+    if kind == "presence":
+        return f"Is there a {subject}{' in the clip' if clip else ''}?", f"{subject} " + ("yes" if subject in digits else "no")
+    if kind == "count":
+        return f"How many {subject}s are there?", f"{subject} {COUNTS[digits.count(subject)]}"
+    if kind == "largest":
+        return "What is the largest digit?", str(max(digits))
+    if kind == "where":
+        return f"Where is the {subject}?", f"{subject} {POSITIONS[digits.index(subject)]}"
+    if kind == "which frame":
+        return f"In which frame is the {subject}?", f"{subject} frame {digits.index(subject) + 1}"
+    if kind == "position":
+        return f"Which digit is at the {POSITIONS[subject]}?", f"{POSITIONS[subject]} {digits[subject]}"
+    if kind == "frame":
+        return f"Which digit is in frame {subject + 1}?", f"frame {subject + 1} {digits[subject]}"
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
 def grid_question(kind: str, rng: np.random.Generator) -> tuple[list[int], str, str]:
     """(the four digits in reading order, question, answer) of one ``kind`` about a 2 x 2 grid. The grid is
     drawn for its question so that the answers are balanced: what answering without the image gets (the
     text prior) stays low and differs by kind, and every answer needs the grid."""
-    digits = [int(d) for d in rng.integers(10, size=4)]
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"unknown image question kind {kind!r}; choose from {IMAGE_KINDS}")
+    digits, subject = [int(d) for d in rng.integers(10, size=4)], None
     if kind == "presence":  # yes half the time: the digit in one or more cells, else in none
-        asked = int(rng.integers(10))
-        others = [d for d in range(10) if d != asked]
+        subject = int(rng.integers(10))
+        others = [d for d in range(10) if d != subject]
         digits = [int(rng.choice(others)) for _ in range(4)]
         if rng.random() < 0.5:
-            digits[int(rng.integers(4))] = asked
-        return digits, f"Is there a {asked}?", f"{asked} " + ("yes" if asked in digits else "no")
-    if kind == "count":  # 0, 1 or 2 cells hold the digit, a third each
-        asked, times = int(rng.integers(10)), int(rng.integers(3))
-        others = [d for d in range(10) if d != asked]
+            digits[int(rng.integers(4))] = subject
+    elif kind == "count":  # 0, 1 or 2 cells hold the digit, a third each
+        subject, times = int(rng.integers(10)), int(rng.integers(3))
+        others = [d for d in range(10) if d != subject]
         digits = [int(rng.choice(others)) for _ in range(4)]
         for cell in rng.choice(4, size=times, replace=False):
-            digits[int(cell)] = asked
-        return digits, f"How many {asked}s are there?", f"{asked} {COUNTS[times]}"
-    if kind == "largest":
-        return digits, "What is the largest digit?", str(max(digits))
-    if kind == "where":  # a digit that is in exactly one cell
+            digits[int(cell)] = subject
+    elif kind == "where":  # a digit that is in exactly one cell
         digits = [int(d) for d in rng.choice(10, size=4, replace=False)]
-        cell = int(rng.integers(4))
-        return digits, f"Where is the {digits[cell]}?", f"{digits[cell]} {POSITIONS[cell]}"
-    if kind == "position":
-        cell = int(rng.integers(4))
-        return digits, f"Which digit is at the {POSITIONS[cell]}?", f"{POSITIONS[cell]} {digits[cell]}"
-    raise ValueError(f"unknown image question kind {kind!r}; choose from {IMAGE_KINDS}")
+        subject = digits[int(rng.integers(4))]
+    elif kind == "position":
+        subject = int(rng.integers(4))
+    return (digits, *ask(kind, digits, subject))
 
 
 def clip_question(kind: str, frames: int, rng: np.random.Generator) -> tuple[list[int], str, str]:
     """(the digit of each frame, question, answer) of one ``kind`` about a clip, balanced as ``grid_question``."""
+    if kind not in CLIP_KINDS:
+        raise ValueError(f"unknown clip question kind {kind!r}; choose from {CLIP_KINDS}")
     digits = [int(d) for d in rng.integers(10, size=frames)]
     if kind == "presence":
-        asked = int(rng.integers(10))
-        digits = [int(rng.choice([d for d in range(10) if d != asked])) for _ in range(frames)]
+        subject = int(rng.integers(10))
+        digits = [int(rng.choice([d for d in range(10) if d != subject])) for _ in range(frames)]
         if rng.random() < 0.5:
-            digits[int(rng.integers(frames))] = asked
-        return digits, f"Is there a {asked} in the clip?", f"{asked} " + ("yes" if asked in digits else "no")
-    if kind == "frame":
-        frame = int(rng.integers(frames))
-        return digits, f"Which digit is in frame {frame + 1}?", f"frame {frame + 1} {digits[frame]}"
-    if kind == "which frame":  # a digit shown in exactly one frame
+            digits[int(rng.integers(frames))] = subject
+    elif kind == "frame":
+        subject = int(rng.integers(frames))
+    else:  # which frame: a digit shown in exactly one frame
         digits = [int(d) for d in rng.choice(10, size=frames, replace=False)]
-        frame = int(rng.integers(frames))
-        return digits, f"In which frame is the {digits[frame]}?", f"{digits[frame]} frame {frame + 1}"
-    raise ValueError(f"unknown clip question kind {kind!r}; choose from {CLIP_KINDS}")
+        subject = digits[int(rng.integers(frames))]
+    return (digits, *ask(kind, digits, subject, clip=True))
 
 
 def question_about(kind: str, digits: list[int], rng: np.random.Generator, clip: bool = False) -> tuple[str, str] | None:
     """(question, answer) of ``kind`` about a grid (or clip) already drawn, with the asked digit chosen to keep
     the answers near balanced (yes half the time, counts 0-2); None where the kind cannot be asked (no digit
     shown exactly once, for 'where' and 'which frame')."""
-    once = [d for d in digits if digits.count(d) == 1]
+    subject = None
     if kind == "presence":
         absent = [d for d in range(10) if d not in digits]
-        asked = int(rng.choice(digits)) if rng.random() < 0.5 or not absent else int(rng.choice(absent))
-        return f"Is there a {asked}{' in the clip' if clip else ''}?", f"{asked} " + ("yes" if asked in digits else "no")
-    if kind == "count":
+        subject = int(rng.choice(digits)) if rng.random() < 0.5 or not absent else int(rng.choice(absent))
+    elif kind == "count":
         by_count = {c: [d for d in range(10) if digits.count(d) == c] for c in range(3)}
-        counts = [c for c in range(3) if by_count[c]]
-        times = int(rng.choice(counts))
-        asked = int(rng.choice(by_count[times]))
-        return f"How many {asked}s are there?", f"{asked} {COUNTS[times]}"
-    if kind == "largest":
-        return "What is the largest digit?", str(max(digits))
-    if kind in ("where", "which frame"):
+        times = int(rng.choice([c for c in range(3) if by_count[c]]))
+        subject = int(rng.choice(by_count[times]))
+    elif kind in ("where", "which frame"):
+        once = [d for d in digits if digits.count(d) == 1]
         if not once:
             return None
-        asked = int(rng.choice(once))
-        where = digits.index(asked)
-        if kind == "where":
-            return f"Where is the {asked}?", f"{asked} {POSITIONS[where]}"
-        return f"In which frame is the {asked}?", f"{asked} frame {where + 1}"
-    if kind == "position":
-        cell = int(rng.integers(4))
-        return f"Which digit is at the {POSITIONS[cell]}?", f"{POSITIONS[cell]} {digits[cell]}"
-    if kind == "frame":
-        frame = int(rng.integers(len(digits)))
-        return f"Which digit is in frame {frame + 1}?", f"frame {frame + 1} {digits[frame]}"
-    raise ValueError(f"unknown question kind {kind!r}")
+        subject = int(rng.choice(once))
+    elif kind == "position":
+        subject = int(rng.integers(4))
+    elif kind == "frame":
+        subject = int(rng.integers(len(digits)))
+    return ask(kind, digits, subject, clip)
 
 
 def conversation(placeholder: str, questions: list[tuple[str, str]]) -> list[dict]:

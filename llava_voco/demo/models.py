@@ -227,14 +227,14 @@ class TextGrids:
     take, in the data's own template and answer format (the kind a grid was drawn for, one more kind, the
     caption). Fresh random digits every sample; no digit image is read."""
 
-    def __init__(self, tokenizer, patches_per_image: int, frames: int, seed: int):
+    def __init__(self, tokenizer, grid: int, frames: int, seed: int):
         self.tokenizer = copy.deepcopy(tokenizer)  # with an <image> piece to render through; the saved one has none
         self.tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self.digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
         if tokenizer.unk_token_id in self.digit_ids:
             raise ValueError("the demo tokenizer has no piece for every digit 0-9 (split_digits must be on)")
-        self.quadrant = quadrant_of_patches(int(round(patches_per_image ** 0.5))).tolist()  # [N]
+        self.quadrant = quadrant_of_patches(grid).tolist()  # [N], N = grid * grid patch tokens
         self.frames, self.template = frames, get_template(CONV_MODE)
         self.rng = np.random.default_rng(seed)
 
@@ -286,8 +286,7 @@ def pretrain_llm(model: LlamaForCausalLM, tokenizer, sizes: BaseSizes, frames: i
     text alone only after ~1,500 steps (docs/experiments/digitgrid-2026-12-06.md), which no row's budget
     allows; every method starts from this one LLM, as every method in the VoCo paper starts from the same
     one. Returns its teacher-forced accuracy per kind on fresh text grids (the first question of each)."""
-    patches = (sizes.image_size // sizes.patch_size) ** 2
-    grids = TextGrids(tokenizer, patches, frames, seed=sizes.seed)
+    grids = TextGrids(tokenizer, sizes.image_size // sizes.patch_size, frames, seed=sizes.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sizes.llm_pretrain_lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=sizes.llm_pretrain_lr,
                                                    total_steps=sizes.llm_pretrain_steps, pct_start=0.05)
