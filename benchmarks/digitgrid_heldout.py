@@ -72,10 +72,12 @@ def clip_question(kind: str, frames: int, rng: np.random.Generator) -> tuple[lis
         if rng.integers(2):
             digits[int(rng.integers(frames))] = asked
         return digits, f"Is there a {asked} in the clip?", f"{asked} {'yes' if asked in digits else 'no'}"
-    if kind == "which frame":
-        digits = [int(d) for d in rng.permutation(10)[:frames]]
-        frame = int(rng.integers(frames))
-        return digits, f"In which frame is the {digits[frame]}?", f"{digits[frame]} frame {frame + 1}"
+    if kind == "count":
+        asked, times = int(rng.integers(10)), int(rng.integers(3))
+        digits = [int(rng.choice([d for d in range(10) if d != asked])) for _ in range(frames)]
+        for frame in rng.permutation(frames)[:times]:
+            digits[frame] = asked
+        return digits, f"How many frames show a {asked}?", f"{asked} {['none', 'once', 'twice'][times]}"
     digits = [int(d) for d in rng.integers(0, 10, size=frames)]
     frame = int(rng.integers(frames))
     return digits, f"Which digit is in frame {frame + 1}?", f"frame {frame + 1} {digits[frame]}"
@@ -100,7 +102,7 @@ def write_questions(out: Path, test_indices: list[int], images: int, clips: int,
         rgb(np.vstack([np.hstack(cells[:2]), np.hstack(cells[2:])])).save(out / name)
         questions.append({"question_id": f"heldout_{index}", "image": name, "text": text, "answer": answer,
                           "category": kind})
-    clip_kinds = ("presence", "frame", "which frame")
+    clip_kinds = ("presence", "frame", "count")
     for index in range(clips):
         kind = clip_kinds[index % len(clip_kinds)]
         digits, text, answer = clip_question(kind, frames, rng)

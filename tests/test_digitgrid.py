@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from llava_voco.train.data import load_samples
 # frame order), written here independently of the builder.
 QUESTIONS = (
     ("presence", r"Is there a (\d) in the clip\?", lambda digits, d: d + (" yes" if int(d) in digits else " no")),
-    ("which frame", r"In which frame is the (\d)\?", lambda digits, d: f"{d} frame {digits.index(int(d)) + 1}"),
+    ("count", r"How many frames show a (\d)\?", lambda digits, d: f"{d} " + ["none", "once", "twice"][digits.count(int(d))]),
     ("frame", r"Which digit is in frame (\d)\?", lambda digits, i: f"frame {i} {digits[int(i) - 1]}"),
     ("presence", r"Is there a (\d)\?", lambda digits, d: d + (" yes" if int(d) in digits else " no")),
     ("count", r"How many (\d)s are there\?", lambda digits, d: f"{d} " + ["none", "once", "twice"][digits.count(int(d))]),
@@ -112,8 +113,9 @@ def test_answers_are_balanced_so_the_text_prior_stays_low(tmp_path):
     shares = {kind: {a: v.count(a) / len(v) for a in set(v)} for kind, v in answers.items()}
     assert abs(shares["presence"]["yes"] - 0.5) < 0.06 and abs(shares["clip presence"]["yes"] - 0.5) < 0.1
     counts = ("none", "once", "twice")
-    assert all(0.12 < shares["count"][c] < 0.5 for c in counts) and set(shares["count"]) == set(counts), shares["count"]
-    assert max(shares["where"].values()) < 0.33 and max(shares["clip which frame"].values()) < 0.4
+    for kind in ("count", "clip count"):
+        assert all(0.12 < shares[kind][c] < 0.5 for c in counts) and set(shares[kind]) == set(counts), shares[kind]
+    assert max(shares["where"].values()) < 0.33
     assert max(shares["position"].values()) < 0.15 and max(shares["clip frame"].values()) < 0.2
 
 
@@ -137,8 +139,7 @@ def test_base_models_are_the_same_when_built_again_from_the_same_data(tmp_path):
     from llava_voco.demo.models import BaseSizes, build_base
 
     build(tmp_path / "data", train_images=64, test_images=8, train_clips=8, test_clips=4, frames=4)
-    sizes = BaseSizes(vision_pretrain_steps=12, vision_pretrain_images=64, vision_pretrain_batch=16,
-                      llm_pretrain_steps=6, llm_pretrain_batch=8)
+    sizes = BaseSizes(vision_pretrain_steps=12, vision_pretrain_batch=16, llm_pretrain_steps=6, llm_pretrain_batch=8)
     summaries = [build_base(tmp_path / "data", tmp_path / name, sizes) for name in ("a", "b")]
     assert summaries[0]["stage0"] == summaries[1]["stage0"]
     weights = {part: [load_file(tmp_path / name / part / "model.safetensors") for name in ("a", "b")]
@@ -150,14 +151,68 @@ def test_base_models_are_the_same_when_built_again_from_the_same_data(tmp_path):
               for p in (spm.SentencePieceProcessor(model_file=str(tmp_path / name / "llm" / "tokenizer.model"))
                         for name in ("a", "b"))]
     assert pieces[0] == pieces[1]
-    # More train grids, the first 64 the same: the train clips, drawn after them, differ, and so does the tower
-    # stage 0 trains on them (the default preset's 40,000 grids against the earlier 4,000)
+    # Stage 0 draws its own pictures from the split's train digits: data with more train grids (the same split)
+    # gives the same tower, another base seed (--second-base) another one
     build(tmp_path / "other", train_images=96, test_images=8, train_clips=8, test_clips=4, frames=4)
     assert load_image(tmp_path / "other" / "images" / "train_00063.png").tobytes() == \
         load_image(tmp_path / "data" / "images" / "train_00063.png").tobytes()
+    tower = weights["vision_tower"][0]
     build_base(tmp_path / "other", tmp_path / "c", sizes)
-    other, tower = load_file(tmp_path / "c" / "vision_tower" / "model.safetensors"), weights["vision_tower"][0]
-    assert not all(torch.equal(other[key], tower[key]) for key in tower)
+    same = load_file(tmp_path / "c" / "vision_tower" / "model.safetensors")
+    assert all(torch.equal(same[key], tower[key]) for key in tower)
+    build_base(tmp_path / "data", tmp_path / "d", replace(sizes, seed=1))
+    other = load_file(tmp_path / "d" / "vision_tower" / "model.safetensors")
+    assert not any(torch.equal(other[key], tower[key]) for key in tower if key.endswith("weight") and other[key].dim() == 2)
+
+
+def test_stage0_pictures_are_the_rendered_grids_and_frames_as_the_image_processor_gives_them(tmp_path):
+    """Stage 0 composes its grids and frames in tensor space (``models.DigitCells``) instead of reading PNGs:
+    without the jitter they are, to float precision, what the tower's CLIP image processor makes of
+    ``digitgrid``'s rendered pictures of the same train digits, and with it each digit moves by at most a pixel."""
+    import numpy as np
+    import torch
+    from transformers import CLIPImageProcessorPil
+
+    from llava_voco.demo import digitgrid
+    from llava_voco.demo.models import DigitCells
+
+    build(tmp_path / "data", train_images=8, test_images=4, train_clips=2, test_clips=2, frames=4)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    cells = DigitCells(tmp_path / "data", processor, "train", seed=0)
+    pixels, target, train_indices, _ = digitgrid.load_digits_split(0)
+    train_cells = [digitgrid.digit_cell(pixels[i]) for i in train_indices]
+    rows = torch.randint(len(train_indices), (3, 4), generator=torch.Generator().manual_seed(0))
+    grids, digits = DigitCells(tmp_path / "data", processor, "train", seed=0).grids(3)
+    assert torch.equal(digits, torch.tensor(target[train_indices])[rows])
+    rendered = processor([digitgrid.grid_image([train_cells[int(i)] for i in row]) for row in rows],
+                         return_tensors="pt")["pixel_values"]
+    assert torch.allclose(grids, rendered, atol=1e-5)
+    frames, frame_digits = cells.frames(2)
+    assert frames.shape == (2, 3, 32, 32) and frame_digits.shape == (2,)
+    jittered, jittered_digits = DigitCells(tmp_path / "data", processor, "train", seed=0).grids(8, jitter=1)
+    plain, plain_digits = DigitCells(tmp_path / "data", processor, "train", seed=0).grids(8)
+    assert torch.equal(plain[:3], grids) and torch.equal(jittered_digits, plain_digits)  # only where they sit moved
+
+    def cell(picture, quadrant):  # [3, 16, 16]
+        row, col = divmod(quadrant, 2)
+        return picture[:, row * 16:(row + 1) * 16, col * 16:(col + 1) * 16]
+
+    background = plain[0, :, :1, :1]  # a blank corner: pixel value 0 normalised
+
+    def shifted(picture, dy, dx):
+        out = background.expand_as(picture).clone()
+        out[:, max(dy, 0):16 + min(dy, 0), max(dx, 0):16 + min(dx, 0)] = \
+            picture[:, max(-dy, 0):16 + min(-dy, 0), max(-dx, 0):16 + min(-dx, 0)]
+        return out
+
+    moves = []
+    for picture, moved in zip(plain, jittered):
+        for quadrant in range(4):
+            found = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                     if torch.allclose(shifted(cell(picture, quadrant), dy, dx), cell(moved, quadrant), atol=1e-5)]
+            assert found, "a jittered cell is its digit moved by at most one pixel"
+            moves.append(found[0])
+    assert len(set(moves)) > 1
 
 
 def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
@@ -177,7 +232,7 @@ def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
     seen = set()
     for index in range(40):
         clip = index % 2 == 1
-        ids, labels, kind = grids.sample(clip)
+        ids, labels, places, kind = grids.sample(clip)
         tokens = tokenizer.convert_ids_to_tokens(ids)
         start = tokens.index("]") + 1 + (tokens[tokens.index("]") + 1] == "▁")  # "[INST] " then the image
         shown = tokens[start:start + patches * (4 if clip else 1)]
@@ -185,6 +240,10 @@ def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
         digits = [int(shown[f * patches]) for f in range(4)] if clip else \
             [int(shown[quadrant.index(q)]) for q in range(4)]
         assert shown == ([str(d) for d in digits for _ in range(patches)] if clip else [str(digits[q]) for q in quadrant])
+        # a grid's tokens carry their quadrant (added as its words' embeddings); a clip's frames and the text none
+        image_places = places[start:start + len(shown)]
+        assert image_places == ([-1] * len(shown) if clip else quadrant)
+        assert set(places[:start] + places[start + len(shown):]) == {-1}
         text = tokenizer.decode(ids[start + len(shown):])
         learned = tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
         for question, answer in re.findall(r"(?:\n|\[INST\] )([^\[\n]+\?) \[/INST\] ([^<]+?) </s>", text):

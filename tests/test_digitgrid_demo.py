@@ -73,8 +73,7 @@ def test_quick_full_answers_each_kind_in_its_own_form(quick_run):
     root, report, _ = quick_run
     corner = "(" + "|".join(POSITIONS) + ")"
     forms = {"presence": r"\d (yes|no)", "count": r"\d (none|once|twice)", "largest": r"\d",
-             "where": r"\d " + corner, "position": corner + r" \d", "frame": r"frame [1-4] \d",
-             "which frame": r"\d frame [1-4]"}
+             "where": r"\d " + corner, "position": corner + r" \d", "frame": r"frame [1-4] \d"}
     for kind, questions, answers in (("test", "test_questions.jsonl", "answers_test.jsonl"),
                                      ("test_video", "test_video_questions.jsonl", "answers_test_video.jsonl")):
         asked = {q["question_id"]: q for q in map(json.loads, (root / "data" / questions).read_text().splitlines())}

@@ -10,8 +10,8 @@ Writes, under ``--out``:
     clips/{train,test}_NNNNN/FFF.png  clips: one digit per 32 x 32 frame
     train.json, test.json      LLaVA-format samples: each image (clip) drawn for one question of its kind
                                (``IMAGE_KINDS``: is there a d, how many d, the largest digit, where is d, which
-                               digit is at a corner; ``CLIP_KINDS``: is there a d, the digit in frame i, which
-                               frame shows d), answers balanced; train samples ask ``--turns`` kinds about it
+                               digit is at a corner; ``CLIP_KINDS``: is there a d, the digit in frame i, in
+                               how many frames is d), answers balanced; train samples ask ``--turns`` kinds about it
     test_questions.jsonl       LLaVA eval questions for the test split (``question_id``, ``image``, ``text``,
                                plus ``answer`` and ``category`` for scoring); test_video_questions.jsonl too
     labels.json                for every image and clip, the digits and source digit indices it was made of
@@ -67,7 +67,7 @@ def frame_image(cell: np.ndarray) -> Image.Image:
 
 
 IMAGE_KINDS = ("presence", "count", "largest", "where", "position")
-CLIP_KINDS = ("presence", "frame", "which frame")
+CLIP_KINDS = ("presence", "frame", "count")
 COUNTS = ("none", "once", "twice")  # how many times the asked digit is shown (count answers)
 CAPTION_QUESTIONS = {False: "What digits are shown?", True: "What digits are in the clip?"}
 
@@ -81,23 +81,32 @@ def caption(digits: list[int], clip: bool = False) -> tuple[str, str]:
 
 def ask(kind: str, digits: list[int], subject: int | None = None, clip: bool = False) -> tuple[str, str]:
     """(question, answer) of ``kind`` about ``digits`` (reading or frame order), the one place each kind's
-    wording lives. ``subject``: the asked digit (presence, count, where, which frame), the cell (position) or
+    wording lives. ``subject``: the asked digit (presence, count, where), the cell (position) or
     the frame index (frame). Answers name their subject first, then the value (design §5)."""
     if kind == "presence":
         return f"Is there a {subject}{' in the clip' if clip else ''}?", f"{subject} " + ("yes" if subject in digits else "no")
     if kind == "count":
-        return f"How many {subject}s are there?", f"{subject} {COUNTS[digits.count(subject)]}"
+        question = f"How many frames show a {subject}?" if clip else f"How many {subject}s are there?"
+        return question, f"{subject} {COUNTS[digits.count(subject)]}"
     if kind == "largest":
         return "What is the largest digit?", str(max(digits))
     if kind == "where":
         return f"Where is the {subject}?", f"{subject} {POSITIONS[digits.index(subject)]}"
-    if kind == "which frame":
-        return f"In which frame is the {subject}?", f"{subject} frame {digits.index(subject) + 1}"
     if kind == "position":
         return f"Which digit is at the {POSITIONS[subject]}?", f"{POSITIONS[subject]} {digits[subject]}"
     if kind == "frame":
         return f"Which digit is in frame {subject + 1}?", f"frame {subject + 1} {digits[subject]}"
     raise ValueError(f"unknown question kind {kind!r}")
+
+
+def counted_digits(places: int, rng: np.random.Generator) -> tuple[list[int], int]:
+    """(digits, the asked digit) for a count question: 0, 1 or 2 of the ``places`` hold it, a third each."""
+    subject, times = int(rng.integers(10)), int(rng.integers(3))
+    others = [d for d in range(10) if d != subject]
+    digits = [int(rng.choice(others)) for _ in range(places)]
+    for place in rng.choice(places, size=times, replace=False):
+        digits[int(place)] = subject
+    return digits, subject
 
 
 def grid_question(kind: str, rng: np.random.Generator) -> tuple[list[int], str, str]:
@@ -113,12 +122,8 @@ def grid_question(kind: str, rng: np.random.Generator) -> tuple[list[int], str, 
         digits = [int(rng.choice(others)) for _ in range(4)]
         if rng.random() < 0.5:
             digits[int(rng.integers(4))] = subject
-    elif kind == "count":  # 0, 1 or 2 cells hold the digit, a third each
-        subject, times = int(rng.integers(10)), int(rng.integers(3))
-        others = [d for d in range(10) if d != subject]
-        digits = [int(rng.choice(others)) for _ in range(4)]
-        for cell in rng.choice(4, size=times, replace=False):
-            digits[int(cell)] = subject
+    elif kind == "count":
+        digits, subject = counted_digits(4, rng)
     elif kind == "where":  # a digit that is in exactly one cell
         digits = [int(d) for d in rng.choice(10, size=4, replace=False)]
         subject = digits[int(rng.integers(4))]
@@ -139,16 +144,15 @@ def clip_question(kind: str, frames: int, rng: np.random.Generator) -> tuple[lis
             digits[int(rng.integers(frames))] = subject
     elif kind == "frame":
         subject = int(rng.integers(frames))
-    else:  # which frame: a digit shown in exactly one frame
-        digits = [int(d) for d in rng.choice(10, size=frames, replace=False)]
-        subject = digits[int(rng.integers(frames))]
+    else:
+        digits, subject = counted_digits(frames, rng)
     return (digits, *ask(kind, digits, subject, clip=True))
 
 
 def question_about(kind: str, digits: list[int], rng: np.random.Generator, clip: bool = False) -> tuple[str, str] | None:
     """(question, answer) of ``kind`` about a grid (or clip) already drawn, with the asked digit chosen to keep
     the answers near balanced (yes half the time, counts 0-2); None where the kind cannot be asked (no digit
-    shown exactly once, for 'where' and 'which frame')."""
+    shown exactly once, for 'where')."""
     subject = None
     if kind == "presence":
         absent = [d for d in range(10) if d not in digits]
@@ -157,7 +161,7 @@ def question_about(kind: str, digits: list[int], rng: np.random.Generator, clip:
         by_count = {c: [d for d in range(10) if digits.count(d) == c] for c in range(3)}
         times = int(rng.choice([c for c in range(3) if by_count[c]]))
         subject = int(rng.choice(by_count[times]))
-    elif kind in ("where", "which frame"):
+    elif kind == "where":
         once = [d for d in digits if digits.count(d) == 1]
         if not once:
             return None
