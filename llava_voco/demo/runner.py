@@ -85,7 +85,7 @@ PRESETS = {
     # Every row, three seeds of the headline rows: 31.2 minutes fresh on a quiet 2-core Intel Xeon (2026-12-06),
     # 6 of them the base build (mostly the LLM's text stage); full 74.2 +- 6.1% on images against a 28.7% text
     # prior (docs/experiments/digitgrid-2026-12-06.md). 15,000 train grids: each seen about once.
-    "default": Preset("default", train_images=15000, test_images=400, train_clips=3000, test_clips=240,
+    "default": Preset("default", train_images=12000, test_images=400, train_clips=6000, test_clips=240,
                       vision_pretrain_steps=3000, llm_pretrain_steps=1200, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
     # A few minutes on a quiet machine, for the tests: every row, one seed, real training and evaluation; long
     # enough for full to answer each kind in its form, far too short to read the images
