@@ -38,7 +38,6 @@ from transformers import (
 from ..conversation import get_template
 from . import digitgrid
 from .tiny import LLAVA_V1_CHAT_TEMPLATE, train_wordpiece_tokenizer
-from ..image_io import load_image
 
 
 @dataclass
@@ -59,7 +58,7 @@ class BaseSizes:
     vision_pretrain_steps: int = 3000  # 94% of test digits read at 300 steps, 98.7% at 3,000 (with the jitter)
     vision_pretrain_batch: int = 64  # grids drawn afresh each step, and a quarter as many clip frames
     vision_pretrain_jitter: int = 1  # pixels a digit may move in its 16 x 16 cell in stage 0's pictures
-    llm_pretrain_steps: int = 2000  # the LLM's text stage (``pretrain_llm``)
+    llm_pretrain_steps: int = 1200  # the LLM's text stage (``pretrain_llm``): 100% on every kind of text grid by then
     llm_pretrain_batch: int = 32
     llm_pretrain_lr: float = 1e-3
     # The LLM's initial weights' std. Llama's 0.02 suits 4,096-wide layers; at 128 wide it leaves q.k near zero,
@@ -340,9 +339,10 @@ def pretrain_llm(model: LlamaForCausalLM, tokenizer, sizes: BaseSizes, frames: i
     this one is trained, before any image is seen, to answer every DigitGrid question about grids written
     in words (``TextGrids``). What ``full`` then has to learn is to see: to turn each patch into the digit
     and the place it shows. Without this stage the demo's 4-layer LLM, learning the questions and the images
-    at once, stayed at the text prior on presence, count and where for 1,200 steps; on text alone the look-ups
-    by digit (presence, count, where, which frame) are learned in a jump after ~1,500 steps
-    (docs/experiments/), which no row's budget allows. Every method starts from this one LLM, as every
+    at once, stayed at the text prior on presence, count and where for 1,200 steps, which no row's budget
+    can change. On text alone the look-ups by digit (presence, count, where) are learned in a jump: after
+    ~1,500 steps from Llama's initial scale, by step 500-1,000 from ``llm_init_std``
+    (docs/experiments/digitgrid-2026-12-07.md). Every method starts from this one LLM, as every
     method in the VoCo paper starts from the same one. Returns its teacher-forced accuracy per kind on fresh
     text grids (the first question of each)."""
     grids = TextGrids(tokenizer, sizes.image_size // sizes.patch_size, frames, seed=sizes.seed,
