@@ -230,3 +230,33 @@ def test_default_preset_fine_tunes_the_voco_rows_longer_than_the_lower_bound(tmp
             assert command[command.index("--model_name_or_path") + 1] == str(tmp_path / "runs" / "full")
             assert "--voco_mask_in_training" in command if kind == "lower" else "--voco_mask_in_training" not in command
     assert preset.voco_steps > preset.lower_steps
+
+
+def test_a_checkpoint_is_not_reused_once_what_it_started_from_was_made_again(tmp_path):
+    """The same command line names a base build (or a full checkpoint, or data) that may have been made
+    again since: --second-base then reused three fulls trained on an older base1/ build (2026-12-07, 7%)."""
+    import time
+
+    from llava_voco.demo.runner import METHODS, PRESETS, printed_command, reusable, train_command
+
+    data, base, runs = tmp_path / "data", tmp_path / "base", tmp_path / "runs"
+    for folder in (data, base / "llm", runs / "full", runs / "voco1"):
+        folder.mkdir(parents=True)
+    (data / "settings.json").write_text("{}")
+    (base / "base.json").write_text("{}")
+    methods = {method.name: method for method in METHODS}
+    commands = {name: train_command(methods[name], PRESETS["quick"], data, base, runs) for name in ("full", "voco1")}
+    time.sleep(0.05)
+    for name, command in commands.items():
+        (runs / name / "config.json").write_text("{}")
+        (runs / name / "command.txt").write_text(printed_command(command) + "\n")
+        time.sleep(0.05)
+    assert reusable(runs / "full", commands["full"]) and reusable(runs / "voco1", commands["voco1"])
+    assert not reusable(runs / "full", commands["voco1"])  # another command
+    (base / "base.json").write_text("{}")  # the base built again
+    assert not reusable(runs / "full", commands["full"])
+    (runs / "full" / "command.txt").write_text(printed_command(commands["full"]) + "\n")  # full retrained
+    assert reusable(runs / "full", commands["full"]) and not reusable(runs / "voco1", commands["voco1"])
+    (runs / "voco1" / "command.txt").write_text(printed_command(commands["voco1"]) + "\n")
+    (data / "settings.json").write_text("{}")  # the data made again
+    assert not reusable(runs / "voco1", commands["voco1"]) and not reusable(runs / "full", commands["full"])

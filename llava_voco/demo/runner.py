@@ -82,9 +82,10 @@ class Preset:
 
 
 PRESETS = {
-    # Every row, three seeds of the headline rows: 31.2 minutes fresh on a quiet 2-core Intel Xeon (2026-12-06),
-    # 6 of them the base build (mostly the LLM's text stage); full 74.2 +- 6.1% on images against a 28.7% text
-    # prior (docs/experiments/digitgrid-2026-12-06.md). 15,000 train grids: each seen about once.
+    # Every row, three seeds of the headline rows: 29.6 minutes fresh on a quiet 2-core Intel Xeon (2026-12-07),
+    # 5.7 of them the base build (the LLM's text stage, then stage 0); full 94.7 +- 1.4% on images and 91.1 +- 2.1%
+    # on clips against text priors of 28.7% and 30.4% (docs/experiments/digitgrid-2026-12-07.md). 12,000 train
+    # grids and 6,000 clips (a third of the samples: with a sixth, full's clip kinds stopped at 60-85%).
     "default": Preset("default", train_images=12000, test_images=400, train_clips=6000, test_clips=240,
                       vision_pretrain_steps=3000, llm_pretrain_steps=1200, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
     # A few minutes on a quiet machine, for the tests: every row, one seed, real training and evaluation; long
@@ -271,9 +272,24 @@ def printed_command(command: list[str], module: str = "llava_voco.train") -> str
     return f"python -m {module} " + shlex.join(command)
 
 
+def started_from(command: list[str]) -> list[Path]:
+    """The records of what a training reads, each rewritten when that input is remade: the data's
+    ``settings.json``, and the ``base.json`` of the base build or the ``command.txt`` of the checkpoint it starts
+    from."""
+    data = Path(command[command.index("--data_path") + 1]).parent / "settings.json"
+    start = Path(command[command.index("--model_name_or_path") + 1])
+    return [data, start / "command.txt" if (start / "command.txt").exists() else start.parent / "base.json"]
+
+
 def reusable(output_dir: Path, command: list[str]) -> bool:
+    """Made by the same command, after its data and what it starts from were last made: the same command line
+    can name a base build made again since (2026-12-07: --second-base reused three fulls trained on an older
+    build of base1/, and scored 7%)."""
     record = output_dir / "command.txt"
-    return record.exists() and record.read_text().strip() == printed_command(command) and (output_dir / "config.json").exists()
+    if not (record.exists() and record.read_text().strip() == printed_command(command) and (output_dir / "config.json").exists()):
+        return False
+    made = record.stat().st_mtime
+    return all(not source.exists() or source.stat().st_mtime <= made for source in started_from(command))
 
 
 def training_summary(output_dir: Path, seconds: float) -> dict:
