@@ -102,7 +102,11 @@ def test_the_text_prior_row_is_what_the_train_answers_give(quick_run):
         total[question["category"]] += 1
     prior = report["rows"]["text prior"]["categories"]
     assert prior == pytest.approx({category: right[category] / total[category] for category in total})
-    assert prior["presence"] < 0.7 and prior["position"] < 0.3
+    # Low, as balanced answers make it. The quick preset asks 20 presence questions, each yes or no at random
+    # (17 no and 3 yes on 2026-12-07), so answering from the text can reach the larger share but not beyond
+    presence = Counter(q["answer"].split()[-1] for q in map(json.loads, (root / "data" / "test_questions.jsonl")
+                                                             .read_text().splitlines()) if q["category"] == "presence")
+    assert prior["presence"] <= max(0.7, max(presence.values()) / sum(presence.values())) and prior["position"] < 0.3
 
 
 def test_a_checkpoint_re_evaluated_with_the_eval_entry_gives_the_reported_accuracy(quick_run, tmp_path):
