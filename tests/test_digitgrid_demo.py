@@ -199,7 +199,8 @@ def test_a_failed_evaluation_names_the_method_and_the_question_file(tmp_path):
 
 
 def test_only_a_voco_row_retrains_it_from_the_full_checkpoint_on_disk(quick_run, tmp_path):
-    """``--only voco1`` with ``full`` trained by an earlier run: voco1 starts from that checkpoint."""
+    """``--only voco1`` with ``full`` trained by an earlier run: voco1 starts from that checkpoint, for as many
+    steps as ``--voco-steps`` asks, and the report says so."""
     import shutil
 
     root, _, _ = quick_run
@@ -210,11 +211,14 @@ def test_only_a_voco_row_retrains_it_from_the_full_checkpoint_on_disk(quick_run,
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DISABLED": "true"}
     result = subprocess.run(
         [sys.executable, "-m", "llava_voco.demo", "--preset", "quick", "--data-dir", str(root / "data"),
-         "--runs-dir", str(runs), "--only", "voco1"],
+         "--runs-dir", str(runs), "--only", "voco1", "--voco-steps", str(PRESETS["quick"].voco_steps + 5)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    assert f"[voco1] trained: {PRESETS['quick'].voco_steps} steps" in result.stdout + result.stderr
+    steps = PRESETS["quick"].voco_steps + 5
+    assert f"[voco1] trained: {steps} steps" in result.stdout + result.stderr
+    report = json.loads((runs / "report.json").read_text())
+    assert report["preset"]["voco_steps"] == steps and report["training"]["voco1"]["steps"] == steps
     assert ("--model_name_or_path " + str(runs / "full")) in (runs / "voco1" / "command.txt").read_text()
 
 
