@@ -593,6 +593,8 @@ def plot(rows: dict[str, dict], video_rows: dict[str, dict], path: Path, title: 
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    labels: list[tuple[str, int, float, dict]] = []  # (text, tokens, accuracy, style), written once all are known
+
     for name, row in rows.items():
         if name == "text prior":
             axis.axhline(100 * row["overall"], color="gray", linestyle=":", linewidth=1, label="text prior (no image)")
@@ -600,15 +602,25 @@ def plot(rows: dict[str, dict], video_rows: dict[str, dict], path: Path, title: 
         spread = (row.get("std") or {}).get("overall")
         axis.errorbar(row["tokens_per_image"], 100 * row["overall"], yerr=None if spread is None else 100 * spread,
                       fmt="o", capsize=3, zorder=3)
-        axis.annotate(name, (row["tokens_per_image"], 100 * row["overall"]), textcoords="offset points", xytext=(5, 4))
+        labels.append((name, row["tokens_per_image"], 100 * row["overall"], {}))
     for name, row in video_rows.items():
         if name == "text prior":
             continue
         spread = (row.get("std") or {}).get("overall")
         axis.errorbar(row["tokens_per_image"], 100 * row["overall"], yerr=None if spread is None else 100 * spread,
                       fmt="s", mfc="none", color="gray", capsize=3, zorder=3)
-        axis.annotate(f"{name} (clips)", (row["tokens_per_image"], 100 * row["overall"]), textcoords="offset points",
-                      xytext=(5, -10), color="gray")
+        labels.append((f"{name} (clips)", row["tokens_per_image"], 100 * row["overall"], {"color": "gray"}))
+    # At one token count, rows within a few points of each other (voco1 and voco1+kd, llamavid and voco2) would
+    # have their names printed over each other: each name goes at least a line's height under the one above it.
+    low, high = axis.get_ylim()
+    line = 0.05 * (high - low)
+    for tokens in sorted({tokens for _, tokens, _, _ in labels}):
+        above = None
+        at_tokens = sorted((entry for entry in labels if entry[1] == tokens), key=lambda entry: -entry[2])
+        for text, _, accuracy, style in at_tokens:
+            at = accuracy if above is None else min(accuracy, above - line)
+            axis.annotate(text, (tokens, accuracy), xytext=(tokens * 1.07, at - line / 4), fontsize=9, **style)
+            above = at
     axis.legend(loc="lower right", fontsize=8)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("vision tokens per image (or frame) the text reads")
