@@ -82,7 +82,7 @@ class Preset:
 
 
 PRESETS = {
-    # Every row, three seeds of the headline rows: 29.6 minutes fresh on a quiet 2-core Intel Xeon (2026-12-07),
+    # Every row, three seeds of the headline rows: 29.6 and 30.7 minutes in two fresh runs on a quiet 2-core Intel Xeon (2026-12-07),
     # 5.7 of them the base build (the LLM's text stage, then stage 0); full 94.7 +- 1.4% on images and 91.1 +- 2.1%
     # on clips against text priors of 28.7% and 30.4% (docs/experiments/digitgrid-2026-12-07.md). 12,000 train
     # grids and 6,000 clips (a third of the samples: with a sixth, full's clip kinds stopped at 60-85%).
