@@ -23,6 +23,9 @@ from .constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 HUMAN, GPT = "human", "gpt"
 
 
+LLAMA_2_MARKERS = ("[INST]", "[/INST]")  # a llama_2 round: "[INST] question [/INST] answer </s>"
+
+
 class ConversationError(ValueError):
     """The turns cannot be rendered with this template (order of roles, empty reply, ...)."""
 
@@ -120,6 +123,19 @@ class ConversationTemplate:
     sep2: str = ""
     # text the processor writes between an image's tokens and its VoCo tokens (VoCoLlavaProcessor.voco_separator)
     voco_separator: str = ""
+
+    def turn_markers(self) -> tuple[str, ...]:
+        """The strings this template writes to open or close a turn (role tags, ``[INST]``, end-of-turn
+        separators): what a tokenizer trained for it can keep as single pieces (the DigitGrid demo does)."""
+        if self.style in ("two", "voco_official"):
+            return tuple(f"{role}:" for role in self.roles)
+        if self.style == "llama_2":
+            return LLAMA_2_MARKERS
+        if self.style == "mpt":
+            return (*self.roles, self.sep)
+        if self.style == "llama_3":
+            return ("<|end_header_id|>", self.sep)
+        return ()
 
     def lay_out_voco(self, processor) -> None:
         """Have ``processor`` lay VoCo runs out as this template does (``voco_official``: ``<image>\\n<voco><voco>``,
@@ -269,7 +285,8 @@ class ConversationTemplate:
             if index == 0 and self.system:
                 question = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n{question}"
             # LLaVA strips the leading separator of the first round.
-            out.add(("" if index == 0 else self.sep) + f"[INST] {question} [/INST]")
+            opening, closing = LLAMA_2_MARKERS
+            out.add(("" if index == 0 else self.sep) + f"{opening} {question} {closing}")
             if index + 1 == len(turns):
                 break
             out.add(f" {turns[index + 1][1]} {self.sep2}", learned=True)  # the space learned, as in _render_two
@@ -362,16 +379,7 @@ TEMPLATES.update({alias: TEMPLATES[target] for alias, target in _ALIASES.items()
 def _turn_markers() -> re.Pattern:
     """Every template's strings that open or close a turn (role tags, the end of a system block, end-of-turn
     separators), longest first."""
-    markers: set[str] = set()
-    for template in _DEFINITIONS:
-        if template.style in ("two", "voco_official"):
-            markers.update(f"{role}:" for role in template.roles)
-        elif template.style == "llama_2":
-            markers.update(("[INST]", "[/INST]", "<</SYS>>"))
-        elif template.style == "mpt":
-            markers.update((*template.roles, template.sep))
-        elif template.style == "llama_3":
-            markers.update(("<|end_header_id|>", template.sep))
+    markers = {marker for template in _DEFINITIONS for marker in template.turn_markers()} | {"<</SYS>>"}
     return re.compile("|".join(re.escape(marker) for marker in sorted(markers, key=len, reverse=True)))
 
 

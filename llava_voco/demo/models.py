@@ -78,19 +78,22 @@ def corpus_from_data(data_dir: Path) -> list[str]:
     """Every line of text the model will read: the conversations of train.json in the demo's template."""
     samples = json.loads((data_dir / "train.json").read_text())
     template = get_template(CONV_MODE)
+    opening, closing = template.turn_markers()
     lines = [template.system] if template.system else []
     for sample in samples:
         turns = sample["conversations"]
         for question, answer in zip(turns[0::2], turns[1::2]):
             text = question["value"].replace("<image>", "").replace("<video>", "").strip()
-            lines.append(f"[INST] {text} [/INST] {answer['value']}")
+            lines.append(f"{opening} {text} {closing} {answer['value']}")
     return lines
 
 
 def train_sentencepiece_tokenizer(corpus: list[str], folder: Path, vocab_size: int) -> LlamaTokenizer:
     """A LLaMA-style SentencePiece BPE tokenizer trained on ``corpus``: digits split and byte fallback, as
     LLaMA's. Without byte fallback "\n" (after each image) has no piece and is dropped, and the character
-    offsets of the tokens after it shift by one, which would unlabel the first answer's digit."""
+    offsets of the tokens after it shift by one, which would unlabel the first answer's digit. The template's
+    turn markers are single pieces, as in Mistral's later tokenizers: split, "[INST]" and "[/INST]" were
+    three pieces each, a third of a sample's text tokens."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,7 @@ def train_sentencepiece_tokenizer(corpus: list[str], folder: Path, vocab_size: i
         model_type="bpe", split_digits=True, byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        user_defined_symbols=list(get_template(CONV_MODE).turn_markers()),
     )
     (folder / "tokenizer.vocab").unlink()
     tokenizer = LlamaTokenizer.from_pretrained(folder)  # reads tokenizer.model
