@@ -91,15 +91,27 @@ def train_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 320) -
 
 
 def train_wordpiece_tokenizer(corpus: list[str] = DEFAULT_CORPUS, vocab_size: int = 200) -> BertTokenizerFast:
-    """A BERT-style WordPiece tokenizer trained in memory: LLaMA-VID's text decoder reads BERT tokens."""
+    """A BERT-style WordPiece tokenizer for ``corpus``: LLaMA-VID's text decoder reads BERT tokens. The
+    vocabulary is made here, not by ``tokenizers``' ``WordPieceTrainer``, whose ties between equally frequent
+    merges fall out differently from one process to the next (27 of 133 entries differed between two base
+    builds, and LLaMA-VID's DigitGrid rows with them): every character, alone and as a continuation, then the
+    corpus's whole words by frequency, ties alphabetically, up to ``vocab_size``."""
+    from collections import Counter
+
     from tokenizers import normalizers
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for line in corpus
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    characters = sorted({character for word in words for character in word})
+    vocab = specials + characters + [f"##{character}" for character in characters]
+    whole_words = sorted((word for word in words if len(word) > 1), key=lambda word: (-words[word], word))
+    vocab += whole_words[: max(0, vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({piece: index for index, piece in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
