@@ -164,6 +164,25 @@ def _main(argv=None) -> None:
     with count_vision_passes(model) as vision, open(args.answers_file, "a", encoding="utf-8") as out, tqdm(
         total=len(pending), desc="answering", unit="q"
     ) as progress:
+        batch: list[tuple[dict, object]] = []  # (question, prompt): --batch-size questions, across images
+
+        def answer_batch():
+            for (question, prompt), answer in zip(batch, engine.answer([prompt for _, prompt in batch], options)):
+                record = {
+                    "question_id": question["question_id"],
+                    "prompt": prompt.text,
+                    "text": answer.text,
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": model_id,
+                    "metadata": metadata,
+                }
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            progress.update(len(batch))
+            batch.clear()
+
+        # An image's questions are consecutive, so each image is read and compressed once (the engine keeps
+        # the last compression); a batch may hold several images' questions, as one row each.
         for (kind, name), image_questions in by_image.items():
             path = os.path.join((args.video_folder or args.image_folder) if kind == "video" else args.image_folder, name)
             try:  # a file that does not open names the question that needs it
@@ -175,22 +194,13 @@ def _main(argv=None) -> None:
             except (ImageReadError, VideoError) as error:
                 raise InputError(f"{error} (question {image_questions[0]['question_id']!r} of "
                                  f"{args.question_file})") from None
-            for start in range(0, len(image_questions), args.batch_size):
-                batch = image_questions[start : start + args.batch_size]
-                prompts = [engine.render([{"role": "user", "content": [*media, {"type": "text", "text": q["text"]}]}])
-                           for q in batch]
-                for question, prompt, answer in zip(batch, prompts, engine.answer(prompts, options)):
-                    record = {
-                        "question_id": question["question_id"],
-                        "prompt": prompt.text,
-                        "text": answer.text,
-                        "answer_id": uuid.uuid4().hex,
-                        "model_id": model_id,
-                        "metadata": metadata,
-                    }
-                    out.write(json.dumps(record) + "\n")
-                out.flush()
-                progress.update(len(batch))
+            for question in image_questions:
+                batch.append((question, engine.render(
+                    [{"role": "user", "content": [*media, {"type": "text", "text": question["text"]}]}])))
+                if len(batch) == args.batch_size:
+                    answer_batch()
+        if batch:
+            answer_batch()
     print(
         f"answered {len(pending)} question(s) ({len(done)} already in {args.answers_file}); "
         f"{len(by_image)} distinct image(s)/video(s), {vision['passes']} vision tower pass(es)"
