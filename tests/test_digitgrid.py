@@ -256,3 +256,21 @@ def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
             seen.add(("clip " if clip else "") + category)
         assert "INST" not in learned
     assert {"presence", "largest", "caption", "clip caption", "clip frame"} <= seen
+
+
+def test_the_text_decoder_vocabulary_is_the_same_in_every_process(tmp_path):
+    """LLaMA-VID's rows read questions through the base build's WordPiece tokenizer: a vocabulary that depended
+    on the process (``WordPieceTrainer``'s ties fell out by string hashing) made two fresh runs' rows differ.
+    Built in processes with different hash seeds, it is the same, and keeps the corpus's words whole."""
+    build(tmp_path / "data", train_images=40, test_images=4, train_clips=10, test_clips=2, frames=4, turns=5,
+          caption=True)
+    script = ("import json, sys; from pathlib import Path; from llava_voco.demo.models import corpus_from_data; "
+              "from llava_voco.demo.tiny import train_wordpiece_tokenizer; "
+              "print(json.dumps(train_wordpiece_tokenizer(corpus_from_data(Path(sys.argv[1])), vocab_size=200).get_vocab()))")
+    vocabularies = [json.loads(subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "data")], check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": str(Path(__file__).parents[1])}).stdout)
+        for hash_seed in (1, 2, 3)]
+    assert vocabularies[0] == vocabularies[1] == vocabularies[2]
+    for word in ("which", "digit", "frame", "there"):
+        assert word in vocabularies[0], word
