@@ -82,9 +82,10 @@ class Preset:
 
 
 PRESETS = {
-    # Every row, three seeds of the headline rows: 29.6 and 30.7 minutes in two fresh runs on a quiet 2-core Intel Xeon (2026-12-07),
-    # 5.7 of them the base build (the LLM's text stage, then stage 0); full 94.7 +- 1.4% on images and 91.1 +- 2.1%
-    # on clips against text priors of 28.7% and 30.4% (docs/experiments/digitgrid-2026-12-07.md). 12,000 train
+    # Every row, three seeds of the headline rows: 29.3 minutes in a fresh run on a quiet 2-core Intel Xeon
+    # (2026-12-07; 29.6 and 30.7 before evaluation batched across images), 5.8 of them the base build (the LLM's
+    # text stage, then stage 0); full 94.7 +- 1.4% on images and 91.1 +- 2.1% on clips against text priors of
+    # 28.7% and 30.4% (docs/experiments/digitgrid-2026-12-07.md). 12,000 train
     # grids and 6,000 clips (a third of the samples: with a sixth, full's clip kinds stopped at 60-85%).
     "default": Preset("default", train_images=12000, test_images=400, train_clips=6000, test_clips=240,
                       vision_pretrain_steps=3000, llm_pretrain_steps=1200, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
@@ -246,6 +247,8 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
         # Random batches. Grouped by modality and length, a batch of one-question samples holds one kind of
         # question (each kind's text has its own length): full then learned to answer each batch's kind,
         # whatever was asked (400 steps: "bottom" to "Is there a 1?", the text prior on every kind, 2026-12-06).
+        # With today's five-question samples grouping only sorts by length: steps were 20% faster, but full's
+        # where fell to 59% and 58% (seeds 0, 2; 500 steps), against 97.5% and 93.8% at random (2026-12-07).
         "--group_by_modality_length", "False",
         "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
         "--use_cpu", "True", "--dataloader_num_workers", "0", "--seed", preset.seed if seed is None else seed,
