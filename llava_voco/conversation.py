@@ -126,7 +126,8 @@ class ConversationTemplate:
 
     def turn_markers(self) -> tuple[str, ...]:
         """The strings this template writes to open or close a turn (role tags, ``[INST]``, end-of-turn
-        separators): what a tokenizer trained for it can keep as single pieces (the DigitGrid demo does)."""
+        separators): the roles' marks that chat turns are split at, and that the DigitGrid demo writes into its
+        tokenizer's corpus."""
         if self.style in ("two", "voco_official"):
             return tuple(f"{role}:" for role in self.roles)
         if self.style == "llama_2":
