@@ -113,7 +113,11 @@ def test_eval_names_the_question_of_a_bad_image(voco_dir, bad_images, tmp_path, 
         good = json.dumps({"question_id": "q1", "image": "good.png", "text": "Sum?"}) + "\n"
         bad = json.dumps({"question_id": "q7", "image": name, "text": "Sum?"}) + "\n"
         argv, questions = eval_args(voco_dir, tmp_path, good + bad, bad_images)
+        (tmp_path / "answers.jsonl").unlink(missing_ok=True)
         one_line_failure(capsys, model_vqa.main, argv, str(bad_images / name), problem, f"question 'q7' of {questions}")
+        # the good image's question, batched with nothing yet, is answered and kept: a rerun resumes after it
+        answered = [json.loads(line)["question_id"] for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+        assert answered == ["q1"]
 
 
 def test_eval_refuses_an_empty_question_file(voco_dir, bad_images, tmp_path, capsys):

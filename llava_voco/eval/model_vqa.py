@@ -192,6 +192,8 @@ def _main(argv=None) -> None:
                 else:
                     media = [{"type": "image", "image": load_image(path)}] if name else []
             except (ImageReadError, VideoError) as error:
+                if batch:  # the earlier images' questions are answered and kept, so a rerun resumes after them
+                    answer_batch()
                 raise InputError(f"{error} (question {image_questions[0]['question_id']!r} of "
                                  f"{args.question_file})") from None
             for question in image_questions:
