@@ -220,12 +220,16 @@ def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
     patch tokens go (each patch the digit of its quadrant; a clip frame all its own digit), asks questions in
     the data's template and answer format, and learns only the replies; the answers follow from the digits
     written in the prompt, worked out here."""
-    from llava_voco.demo.models import BaseSizes, TextGrids, corpus_from_data, quadrant_of_patches, \
+    from llava_voco.conversation import get_template
+    from llava_voco.demo.models import CONV_MODE, BaseSizes, TextGrids, corpus_from_data, quadrant_of_patches, \
         train_sentencepiece_tokenizer
 
     build(tmp_path / "data", train_images=40, test_images=4, train_clips=10, test_clips=2, frames=4, turns=5,
           caption=True)
     tokenizer = train_sentencepiece_tokenizer(corpus_from_data(tmp_path / "data"), tmp_path / "tok", 512)
+    opening, closing = get_template(CONV_MODE).turn_markers()
+    assert tokenizer.tokenize(f"{opening} Is there a 7? {closing} 7 yes") == \
+        [opening, "▁Is", "▁there", "▁a", "▁", "7", "?", "▁", closing, "▁", "7", "▁yes"]  # the markers: one piece each
     patches = (BaseSizes.image_size // BaseSizes.patch_size) ** 2
     grids = TextGrids(tokenizer, BaseSizes.image_size // BaseSizes.patch_size, frames=4, seed=0)
     quadrant = quadrant_of_patches(4).tolist()
@@ -234,7 +238,7 @@ def test_the_llm_text_stage_reads_grids_written_as_digit_tokens(tmp_path):
         clip = index % 2 == 1
         ids, labels, places, kind = grids.sample(clip)
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        start = tokens.index("]") + 1 + (tokens[tokens.index("]") + 1] == "▁")  # "[INST] " then the image
+        start = tokens.index(opening) + 1 + (tokens[tokens.index(opening) + 1] == "▁")  # "[INST] " then the image
         shown = tokens[start:start + patches * (4 if clip else 1)]
         assert all(token.isdigit() for token in shown), tokens
         digits = [int(shown[f * patches]) for f in range(4)] if clip else \

@@ -64,6 +64,35 @@ def test_quick_preset_writes_every_row_the_plot_and_the_chat_answer(quick_run):
         assert ("--model_name_or_path " + str(root / "runs" / "full")) in command or method == "full"
 
 
+def test_rows_from_the_base_models_start_from_their_own_stage_one(quick_run):
+    """LLaVA's two stages: full, pool1 and llamavid each pretrain their own projector with the LLM and tower
+    frozen (``--tune_mm_mlp_adapter``), and their stage 2 loads it (``--pretrain_mm_mlp_adapter``); every
+    training seed's stage 2 reads the same stage 1."""
+    import torch
+    from safetensors.torch import load_file
+
+    root, report, _ = quick_run
+    runs = root / "runs"
+    base_llm = load_file(runs / "base" / "llm" / "model.safetensors")
+    projectors = {}
+    for name in ("full", "pool1", "llamavid"):
+        stage_one = runs / "pretrain" / name
+        assert report["training"][f"pretrain/{name}"]["steps"] == PRESETS["quick"].projector_pretrain_steps
+        assert (stage_one / "command.txt").read_text().startswith("python -m llava_voco.train --tune_mm_mlp_adapter True ")
+        adapter = stage_one / "mm_projector.safetensors"
+        assert f"--pretrain_mm_mlp_adapter {adapter} " in (runs / name / "command.txt").read_text()
+        assert f"loaded the projector from {adapter}" in (runs / name / "train.log").read_text()
+        projectors[name] = load_file(adapter)
+        # the LLM frozen in stage 1: its weights are the base LLM's, bit for bit
+        weights = load_file(stage_one / "model.safetensors")
+        for key, value in base_llm.items():
+            if key.startswith("model.layers."):
+                assert torch.equal(weights["language_model." + key], value), (name, key)
+    assert set(projectors["full"]) != set(projectors["llamavid"])  # each row's own projector
+    assert not torch.equal(projectors["full"][next(iter(projectors["full"]))],
+                           projectors["pool1"][next(iter(projectors["pool1"]))])
+
+
 def test_quick_full_answers_each_kind_in_its_own_form(quick_run):
     """Full's answers to the test questions, read from its answers file: each is a well-formed answer to the
     question asked, its subject first ("7 yes", "7 twice", "top left 3", "frame 2 5"). A model that answers
@@ -168,6 +197,10 @@ def test_every_answer_is_labelled_with_the_demo_tokenizer(quick_run):
     )
     samples = json.loads((root / "data" / "train.json").read_text())
     tokenizer = processor.tokenizer
+    from llava_voco.conversation import get_template
+
+    for marker in get_template(CONV_MODE).turn_markers():  # one piece each, as saved and loaded by the entries
+        assert tokenizer.tokenize(marker) == [marker], tokenizer.tokenize(marker)
     for index in range(0, len(samples), max(1, len(samples) // 40)):
         item = data["train_dataset"][index]
         labelled = item["labels"][item["labels"] != IGNORE_INDEX].tolist()

@@ -91,10 +91,10 @@ def corpus_from_data(data_dir: Path) -> list[str]:
 def train_sentencepiece_tokenizer(corpus: list[str], folder: Path, vocab_size: int) -> LlamaTokenizer:
     """A LLaMA-style SentencePiece BPE tokenizer trained on ``corpus``: digits split and byte fallback, as
     LLaMA's. Without byte fallback "\n" (after each image) has no piece and is dropped, and the character
-    offsets of the tokens after it shift by one, which would unlabel the first answer's digit. The turn
-    markers stay split ("[INST]" is three pieces): made single pieces (``user_defined_symbols``), a step was a
-    tenth shorter but ``full`` confused the bottom row's left and right cells on 2 training seeds of 3
-    (docs/experiments/digitgrid-2026-12-07.md)."""
+    offsets of the tokens after it shift by one, which would unlabel the first answer's digit. The template's
+    turn markers are single pieces, as in Mistral's later tokenizers: split, "[INST]" and "[/INST]" were three
+    pieces each, a quarter of a train sample's tokens (before each row's stage 1, the shorter samples cost
+    ``full`` its bottom row's left and right on 2 training seeds of 3: docs/experiments/digitgrid-2026-12-07.md)."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +103,7 @@ def train_sentencepiece_tokenizer(corpus: list[str], folder: Path, vocab_size: i
         model_type="bpe", split_digits=True, byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        user_defined_symbols=list(get_template(CONV_MODE).turn_markers()),
     )
     (folder / "tokenizer.vocab").unlink()
     tokenizer = LlamaTokenizer.from_pretrained(folder)  # reads tokenizer.model
@@ -196,6 +197,8 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
 
     batch = sizes.vision_pretrain_batch
     model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # as the text stage: 42 steps/s on 2 cores against 28 on one
     for _ in tqdm(range(sizes.vision_pretrain_steps), desc="stage 0: vision tower", unit="step"):
         pixels, digits = train.grids(batch, jitter=sizes.vision_pretrain_jitter)
         what, where = grid_logits(pixels)
@@ -208,6 +211,7 @@ def pretrain_vision_tower(model: CLIPVisionModel, processor, data_dir: Path, siz
         loss.backward()
         optimizer.step()
         schedule.step()
+    torch.set_num_threads(threads)
     model.eval()
     test_pixels, test_digits = test.grids(1000)
     test_frames, test_frame_digits = test.frames(1000)

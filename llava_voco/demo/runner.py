@@ -65,9 +65,13 @@ class Preset:
     vision_pretrain_steps: int
     llm_pretrain_steps: int  # the LLM's text stage (models.pretrain_llm), once per base build
     batch_size: int
-    full_steps: int  # full, pool1 and llamavid, from the base models
+    full_steps: int  # full, pool1 and llamavid, from the base models (after their stage 1)
     voco_steps: int  # voco1/2/4, from full
     lower_steps: int  # lower, from full: without the mask its VoCo tokens learn nothing to keep, however long it trains
+    # LLaVA's stage 1 (--tune_mm_mlp_adapter) of each row trained from the base models: its projector alone, on the
+    # train conversations, the LLM and tower frozen; stage 2 starts from it (--pretrain_mm_mlp_adapter). 0: none
+    projector_pretrain_steps: int = 0
+    projector_pretrain_lr: float = 1e-2
     learning_rate: float = 2e-3
     voco_learning_rate: float = 1e-3
     # None: the vision tower frozen, as LLaVA's stage 2 keeps it; a float tunes it at that learning rate (2e-4
@@ -88,11 +92,13 @@ PRESETS = {
     # 28.7% and 30.4% (docs/experiments/digitgrid-2026-12-07.md). 12,000 train
     # grids and 6,000 clips (a third of the samples: with a sixth, full's clip kinds stopped at 60-85%).
     "default": Preset("default", train_images=12000, test_images=400, train_clips=6000, test_clips=240,
-                      vision_pretrain_steps=3000, llm_pretrain_steps=1200, batch_size=32, full_steps=400, voco_steps=150, lower_steps=50),
+                      vision_pretrain_steps=3000, llm_pretrain_steps=1200, batch_size=32, projector_pretrain_steps=300,
+                      full_steps=400, voco_steps=150, lower_steps=50),
     # A few minutes on a quiet machine, for the tests: every row, one seed, real training and evaluation; long
     # enough for full to answer each kind in its form, far too short to read the images
     "quick": Preset("quick", train_images=1000, test_images=100, train_clips=200, test_clips=30,
-                    vision_pretrain_steps=100, llm_pretrain_steps=60, batch_size=16, full_steps=120, voco_steps=20, lower_steps=10,
+                    vision_pretrain_steps=100, llm_pretrain_steps=60, batch_size=16, projector_pretrain_steps=20,
+                    full_steps=120, voco_steps=20, lower_steps=10,
                     seeds=(0,)),
 }
 
@@ -218,6 +224,29 @@ def training_steps(method: Method, preset: Preset) -> int:
     return preset.lower_steps if method.name == "lower" else preset.voco_steps
 
 
+def pretrain_dir(method: Method, base_dir: Path) -> Path:
+    """Where ``method``'s stage 1 is, beside the base build it starts from (shared by every training seed, as
+    LLaVA users share a pretrained projector)."""
+    return base_dir.parent / "pretrain" / method.name
+
+
+def pretrain_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path) -> list[str]:
+    """The train entry's command line for ``method``'s stage 1: LLaVA's pretrain stage, the projector (LLaMA-VID's:
+    with its text decoder and queries) alone, the LLM and vision tower frozen, at a projector's learning rate and
+    no weight decay, as LLaVA's pretrain script. On the train conversations rather than captions alone: with
+    captions ("What digits are shown?") only, full's where fell to 52.5% (seed 2) against 98.8% (2026-12-07)."""
+    command = train_command(method, preset, data_dir, base_dir, base_dir.parent)
+    command[command.index("--output_dir") + 1] = str(pretrain_dir(method, base_dir))
+    command[command.index("--max_steps") + 1] = str(preset.projector_pretrain_steps)
+    command[command.index("--learning_rate") + 1] = str(preset.projector_pretrain_lr)
+    command[command.index("--weight_decay") + 1] = "0.0"
+    command[command.index("--seed") + 1] = str(preset.seed)
+    if "--pretrain_mm_mlp_adapter" in command:
+        at = command.index("--pretrain_mm_mlp_adapter")
+        del command[at:at + 2]
+    return ["--tune_mm_mlp_adapter", "True", *command]
+
+
 def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path,
                   seed: int | None = None) -> list[str]:
     """The train entry's command line for ``method`` (what a user would type)."""
@@ -226,6 +255,8 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
                  "--mm_vision_select_layer", "-1"]
         if preset.vision_tower_lr is not None:
             model += ["--unfreeze_mm_vision_tower", "True", "--mm_vision_tower_lr", preset.vision_tower_lr]
+        if preset.projector_pretrain_steps:
+            model += ["--pretrain_mm_mlp_adapter", pretrain_dir(method, base_dir) / "mm_projector.safetensors"]
         learning_rate = preset.learning_rate
     else:
         model = ["--model_name_or_path", runs_dir / method.start]
@@ -281,7 +312,10 @@ def started_from(command: list[str]) -> list[Path]:
     from."""
     data = Path(command[command.index("--data_path") + 1]).parent / "settings.json"
     start = Path(command[command.index("--model_name_or_path") + 1])
-    return [data, start / "command.txt" if (start / "command.txt").exists() else start.parent / "base.json"]
+    records = [data, start / "command.txt" if (start / "command.txt").exists() else start.parent / "base.json"]
+    if "--pretrain_mm_mlp_adapter" in command:
+        records.append(Path(command[command.index("--pretrain_mm_mlp_adapter") + 1]).parent / "command.txt")
+    return records
 
 
 def reusable(output_dir: Path, command: list[str]) -> bool:
@@ -427,10 +461,18 @@ class Group:
     base_dir: Path
     seed: int
     methods: tuple[Method, ...]
+    base_prefix: str = ""  # the prefix of the base build's own tasks (stage 1): "" for the main one, "base1/"
+
+
+def pretrain_task(method: Method, preset: Preset, data_dir: Path, base_dir: Path, base_prefix: str = "") -> Task:
+    """``method``'s stage 1 from the base build in ``base_dir`` (no evaluation: no row reads it)."""
+    return Task(f"{base_prefix}pretrain/{method.name}", "llava_voco.train",
+                pretrain_command(method, preset, data_dir, base_dir), pretrain_dir(method, base_dir) / "train.log",
+                preset.projector_pretrain_steps)
 
 
 def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path, base_dir: Path | None = None,
-                 seed: int | None = None, prefix: str = "") -> Task:
+                 seed: int | None = None, prefix: str = "", base_prefix: str = "") -> Task:
     """``method``'s training, with its evaluations on the test images (and clips, for the video rows; an
     elastic model at each of its k). ``runs_dir``: where its checkpoint and the one it starts from are."""
     output_dir = runs_dir / method.name
@@ -446,9 +488,13 @@ def method_tasks(method: Method, preset: Preset, data_dir: Path, runs_dir: Path,
                                     output_dir / answers.replace("answers_", "eval_").replace(".jsonl", ".log"), count))
     steps = training_steps(method, preset)
     base_dir = base_dir if base_dir is not None else runs_dir / "base"
+    if method.start != "base":
+        after = prefix + method.start
+    else:
+        after = f"{base_prefix}pretrain/{method.name}" if preset.projector_pretrain_steps else None
     return Task(prefix + method.name, "llava_voco.train",
                 train_command(method, preset, data_dir, base_dir, runs_dir, seed), output_dir / "train.log", steps,
-                after=None if method.start == "base" else prefix + method.start, evaluations=tuple(evaluations))
+                after=after, evaluations=tuple(evaluations))
 
 
 def score(method: Method, runs_dir: Path, data_dir: Path, kind: str, questions: str, seed: int,
@@ -461,17 +507,24 @@ def score(method: Method, runs_dir: Path, data_dir: Path, kind: str, questions: 
 
 
 def run_groups(groups: list[Group], preset: Preset, data_dir: Path, report_dir: Path, jobs: int, fresh: bool):
-    """Trains and evaluates every group's methods in one queue: every ``full`` first (the VoCo rows start from
-    it), then the other rows trained from the base models (400 steps), then the VoCo rows (150): the longest
+    """Trains and evaluates every group's methods in one queue: each base build's stage 1 of each row trained from
+    it, every ``full`` (the VoCo rows start from it), then the other rows trained from the base models (400
+    steps), then the VoCo rows (150): the longest
     first, so that the run ends on short tasks instead of one long training beside an idle core (the
     2026-12-07 fresh run: 1,836 s before, 1,777 s after, the same CPU seconds). Returns per group prefix (image rows, clip rows) of single-seed scores,
     the training summaries and the evaluation seconds, by task name."""
     tasks = [(group, method, method_tasks(method, preset, data_dir, group.runs_dir, group.base_dir, group.seed,
-                                          group.prefix))
+                                          group.prefix, group.base_prefix))
              for group in groups for method in group.methods]
     order = {"full": 0, "base": 1}
     tasks.sort(key=lambda entry: order.get(entry[1].name, order["base"] if entry[1].start == "base" else 2))
-    finished = run_tasks([task for _, _, task in tasks], jobs, fresh)
+    stage_one = {}  # each base build's stage 1 of each row trained from it, first in the queue
+    if preset.projector_pretrain_steps:
+        for group, method, _ in tasks:
+            if method.start == "base":
+                task = pretrain_task(method, preset, data_dir, group.base_dir, group.base_prefix)
+                stage_one.setdefault(task.name, task)
+    finished = run_tasks([*stage_one.values(), *(task for _, _, task in tasks)], jobs, fresh)
     scores: dict[str, tuple[dict, dict]] = {group.prefix: ({}, {}) for group in groups}
     for group, method, _ in tasks:
         rows, video_rows = scores[group.prefix]
@@ -482,7 +535,7 @@ def run_groups(groups: list[Group], preset: Preset, data_dir: Path, report_dir: 
             if method.video and preset.test_clips:
                 video_rows[name] = score(method, group.runs_dir, data_dir, "test_video", "test_video_questions.jsonl",
                                          group.seed, k, report_dir)
-    training = {task.name: finished[task.name] for _, _, task in tasks}
+    training = {name: finished[name] for name in stage_one} | {task.name: finished[task.name] for _, _, task in tasks}
     evaluations = {name: summary for name, summary in finished.items() if ":" in name}
     return scores, training, evaluations
 
@@ -768,8 +821,8 @@ def main(argv: list[str] | None = None) -> dict:
     full = tuple(m for m in METHODS if m.name == "full")
     if args.second_base is not None:
         second_dir = runs_dir / f"base{args.second_base}"
-        groups += [Group(f"base{args.second_base}/seed{seed}/", second_dir / f"seed{seed}", second_dir / "base", seed, full)
-                   for seed in seeds]
+        groups += [Group(f"base{args.second_base}/seed{seed}/", second_dir / f"seed{seed}", second_dir / "base", seed, full,
+                         base_prefix=f"base{args.second_base}/") for seed in seeds]
     tick = time.perf_counter()
     scores, training, evaluations = run_groups(groups, preset, data_dir, runs_dir, args.jobs, args.fresh)
     seconds["training and evaluation"] = time.perf_counter() - tick

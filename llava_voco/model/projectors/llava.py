@@ -82,11 +82,11 @@ _PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projecto
 def llava_projector_state_dict(state_dict: dict[str, torch.Tensor], projector_type: str, source: str = "") -> dict:
     """A projector state dict (LLaVA's ``mm_projector.bin`` names, or ours) keyed relative to our projector.
 
-    Raises ``ValueError`` naming ``source`` when a key is not a projector key of ``projector_type``.
+    Our names (``multi_modal_projector.``, what our pretrain stage writes) are any projector's, LLaMA-VID's
+    included; LLaVA's (``mm_projector.``) are renamed, and only a linear or MLP projector has them. Raises
+    ``ValueError`` naming ``source`` when a key is not a projector key of ``projector_type``.
     """
     llava_keys = get_projector(projector_type).llava_keys
-    if llava_keys is None:
-        raise ValueError(f"{source}: LLaVA projector files hold 'linear' or 'mlp2x_gelu' weights, not {projector_type!r}")
     out = {}
     for key, tensor in state_dict.items():
         prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
@@ -94,6 +94,9 @@ def llava_projector_state_dict(state_dict: dict[str, torch.Tensor], projector_ty
             raise ValueError(f"{source}: {key!r} is not a projector weight (expected a key under {' or '.join(_PREFIXES)})")
         rest = key[len(prefix):]
         if "mm_projector" in prefix:
+            if llava_keys is None:
+                raise ValueError(f"{source}: LLaVA projector files hold 'linear' or 'mlp2x_gelu' weights, not "
+                                 f"{projector_type!r} (this package's pretrain stage writes any projector's)")
             for pattern, replacement in llava_keys.items():
                 if re.fullmatch(pattern, rest):
                     rest = re.sub(pattern, replacement, rest)
