@@ -86,11 +86,11 @@ class Preset:
 
 
 PRESETS = {
-    # Every row, three seeds of the headline rows: 29.3 minutes in a fresh run on a quiet 2-core Intel Xeon
-    # (2026-12-07; 29.6 and 30.7 before evaluation batched across images), 5.8 of them the base build (the LLM's
-    # text stage, then stage 0); full 94.7 +- 1.4% on images and 91.1 +- 2.1% on clips against text priors of
-    # 28.7% and 30.4% (docs/experiments/digitgrid-2026-12-07.md). 12,000 train
-    # grids and 6,000 clips (a third of the samples: with a sixth, full's clip kinds stopped at 60-85%).
+    # Every row, three seeds of the headline rows: 28.4 minutes in a fresh run on a quiet 2-core Intel Xeon
+    # (2026-12-07), 4.8 of them the base build (the LLM's text stage, then stage 0) and about 2.5 each row's stage
+    # 1; full 97.6 +- 0.6% on images and 96.0 +- 0.2% on clips against text priors of 28.7% and 30.4%
+    # (docs/experiments/digitgrid-2026-12-07.md). 12,000 train grids and 6,000 clips (a third of the samples:
+    # with a sixth, full's clip kinds stopped at 60-85%).
     "default": Preset("default", train_images=12000, test_images=400, train_clips=6000, test_clips=240,
                       vision_pretrain_steps=3000, llm_pretrain_steps=1200, batch_size=32, projector_pretrain_steps=300,
                       full_steps=400, voco_steps=150, lower_steps=50),
@@ -762,7 +762,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "seed (another LLM and tower initialisation and stage-0 batches), under <runs-dir>/base<SEED>/")
     parser.add_argument("--voco-steps", type=int, default=None, metavar="N",
                         help="train the VoCo rows (voco1/2/4, voco1+kd, elastic) N steps from full instead of the "
-                             "preset's (default preset: 150; 400 kept 78%% of full with one token, against 64%%)")
+                             "preset's (default preset: 150)")
     parser.add_argument("--ablation", action="store_true",
                         help="also train one lever at a time against voco1 (" + ", ".join(m.name for m in ABLATIONS) + ")")
     args = parser.parse_args(argv)
