@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,37 @@ def test_a_checkpoint_is_not_reused_once_what_it_started_from_was_made_again(tmp
     (runs / "voco1" / "command.txt").write_text(printed_command(commands["voco1"]) + "\n")
     (data / "settings.json").write_text("{}")  # the data made again
     assert not reusable(runs / "voco1", commands["voco1"]) and not reusable(runs / "full", commands["full"])
+
+
+def test_a_checkpoint_is_not_reused_when_what_it_starts_from_is_trained_again_in_the_same_run(tmp_path, capsys):
+    """voco1's checkpoint on disk was made from the full on disk; when this run trains full again (another
+    command: a changed flag), voco1 must be trained again after it, not reused from the old full."""
+    import time
+
+    from llava_voco.demo.runner import METHODS, PRESETS, Task, printed_command, run_tasks, train_command
+
+    data, base, runs = tmp_path / "data", tmp_path / "base", tmp_path / "runs"
+    for folder in (data, base / "llm", runs / "full", runs / "voco1"):
+        folder.mkdir(parents=True)
+    (data / "settings.json").write_text("{}")
+    (base / "base.json").write_text("{}")
+    methods = {method.name: method for method in METHODS}
+    preset = replace(PRESETS["quick"], projector_pretrain_steps=0)
+    commands = {name: train_command(methods[name], preset, data, base, runs) for name in ("full", "voco1")}
+    time.sleep(0.05)
+    for name, command in commands.items():
+        for file, text in (("config.json", "{}"), ("train_summary.json", '{"steps": 1}'),
+                           ("command.txt", printed_command(command) + "\n")):
+            (runs / name / file).write_text(text)
+        time.sleep(0.05)
+
+    def tasks(full_command):
+        return [Task("full", "llava_voco.train", full_command, runs / "full" / "train.log", 1),
+                Task("voco1", "llava_voco.train", commands["voco1"], runs / "voco1" / "train.log", 1, after="full")]
+
+    summaries = run_tasks(tasks(commands["full"]), jobs=1)  # both as on disk: both reused, nothing runs
+    assert summaries["full"]["reused"] and summaries["voco1"]["reused"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"\[full\] training failed"):  # full changed: trained (and fails here)
+        run_tasks(tasks(commands["full"] + ["--no_such_flag", "1"]), jobs=1)
+    assert "[voco1] reusing" not in capsys.readouterr().out

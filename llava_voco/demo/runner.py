@@ -383,7 +383,8 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
     """Runs the tasks as processes, ``jobs`` at a time, each with cores / jobs threads (on 2 cores two
     1-thread runs get through ~1.2x the steps of one 2-thread run: these models are too small to keep two
     threads busy). A training starts once the checkpoint it starts from exists and is skipped when its
-    checkpoint was made by the same command (``command.txt``, written last); its evaluations then take the
+    checkpoint was made by the same command (``command.txt``, written last) and what it starts from is not
+    trained again in this run; its evaluations then take the
     next free slot, before trainings not yet started. Returns per task name its training summary or
     ``{"seconds": ...}``; stops at the first failure with the task's name and the end of its log."""
     summaries, running = {}, {}
@@ -393,7 +394,9 @@ def run_tasks(tasks: list[Task], jobs: int, fresh: bool = False) -> dict[str, di
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     for task in list(pending):
         output_dir = task.log.parent
-        if task.is_training and not fresh and reusable(output_dir, task.command):
+        # not when what it starts from is trained again in this run (its checkpoint on disk is the old one)
+        starts_from_a_retraining = task.after in {other.name for other in pending if other.is_training}
+        if task.is_training and not fresh and not starts_from_a_retraining and reusable(output_dir, task.command):
             print(f"[{task.name}] reusing the checkpoint in {output_dir}")
             summaries[task.name] = {**json.loads((output_dir / "train_summary.json").read_text()), "reused": True}
             pending[pending.index(task):pending.index(task) + 1] = [
