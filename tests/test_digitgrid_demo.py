@@ -274,12 +274,12 @@ def test_default_preset_fine_tunes_the_voco_rows_longer_than_the_lower_bound(tmp
     assert preset.voco_steps > preset.lower_steps
 
 
-def test_a_checkpoint_is_not_reused_once_what_it_started_from_was_made_again(tmp_path):
-    """The same command line names a base build (or a full checkpoint, or data) that may have been made
-    again since: --second-base then reused three fulls trained on an older base1/ build (2026-12-07, 7%)."""
+def checkpoints_on_disk(tmp_path, preset):
+    """Data, a base build, and full and voco1 checkpoints made from them, in that order, each by its command
+    (as a finished run leaves them): (data, base, runs, {name: command})."""
     import time
 
-    from llava_voco.demo.runner import METHODS, PRESETS, printed_command, reusable, train_command
+    from llava_voco.demo.runner import METHODS, printed_command, train_command
 
     data, base, runs = tmp_path / "data", tmp_path / "base", tmp_path / "runs"
     for folder in (data, base / "llm", runs / "full", runs / "voco1"):
@@ -287,12 +287,22 @@ def test_a_checkpoint_is_not_reused_once_what_it_started_from_was_made_again(tmp
     (data / "settings.json").write_text("{}")
     (base / "base.json").write_text("{}")
     methods = {method.name: method for method in METHODS}
-    commands = {name: train_command(methods[name], PRESETS["quick"], data, base, runs) for name in ("full", "voco1")}
+    commands = {name: train_command(methods[name], preset, data, base, runs) for name in ("full", "voco1")}
     time.sleep(0.05)
     for name, command in commands.items():
-        (runs / name / "config.json").write_text("{}")
-        (runs / name / "command.txt").write_text(printed_command(command) + "\n")
+        for file, text in (("config.json", "{}"), ("train_summary.json", '{"steps": 1}'),
+                           ("command.txt", printed_command(command) + "\n")):
+            (runs / name / file).write_text(text)
         time.sleep(0.05)
+    return data, base, runs, commands
+
+
+def test_a_checkpoint_is_not_reused_once_what_it_started_from_was_made_again(tmp_path):
+    """The same command line names a base build (or a full checkpoint, or data) that may have been made
+    again since: --second-base then reused three fulls trained on an older base1/ build (2026-12-07, 7%)."""
+    from llava_voco.demo.runner import PRESETS, printed_command, reusable
+
+    data, base, runs, commands = checkpoints_on_disk(tmp_path, PRESETS["quick"])
     assert reusable(runs / "full", commands["full"]) and reusable(runs / "voco1", commands["voco1"])
     assert not reusable(runs / "full", commands["voco1"])  # another command
     (base / "base.json").write_text("{}")  # the base built again
@@ -307,24 +317,9 @@ def test_a_checkpoint_is_not_reused_once_what_it_started_from_was_made_again(tmp
 def test_a_checkpoint_is_not_reused_when_what_it_starts_from_is_trained_again_in_the_same_run(tmp_path, capsys):
     """voco1's checkpoint on disk was made from the full on disk; when this run trains full again (another
     command: a changed flag), voco1 must be trained again after it, not reused from the old full."""
-    import time
+    from llava_voco.demo.runner import PRESETS, Task, run_tasks
 
-    from llava_voco.demo.runner import METHODS, PRESETS, Task, printed_command, run_tasks, train_command
-
-    data, base, runs = tmp_path / "data", tmp_path / "base", tmp_path / "runs"
-    for folder in (data, base / "llm", runs / "full", runs / "voco1"):
-        folder.mkdir(parents=True)
-    (data / "settings.json").write_text("{}")
-    (base / "base.json").write_text("{}")
-    methods = {method.name: method for method in METHODS}
-    preset = replace(PRESETS["quick"], projector_pretrain_steps=0)
-    commands = {name: train_command(methods[name], preset, data, base, runs) for name in ("full", "voco1")}
-    time.sleep(0.05)
-    for name, command in commands.items():
-        for file, text in (("config.json", "{}"), ("train_summary.json", '{"steps": 1}'),
-                           ("command.txt", printed_command(command) + "\n")):
-            (runs / name / file).write_text(text)
-        time.sleep(0.05)
+    _, _, runs, commands = checkpoints_on_disk(tmp_path, replace(PRESETS["quick"], projector_pretrain_steps=0))
 
     def tasks(full_command):
         return [Task("full", "llava_voco.train", full_command, runs / "full" / "train.log", 1),

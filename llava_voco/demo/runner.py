@@ -230,27 +230,20 @@ def pretrain_dir(method: Method, base_dir: Path) -> Path:
     return base_dir.parent / "pretrain" / method.name
 
 
-def pretrain_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path) -> list[str]:
-    """The train entry's command line for ``method``'s stage 1: LLaVA's pretrain stage, the projector (LLaMA-VID's:
-    with its text decoder and queries) alone, the LLM and vision tower frozen, at a projector's learning rate and
-    no weight decay, as LLaVA's pretrain script. On the train conversations rather than captions alone: with
-    captions ("What digits are shown?") only, full's where fell to 52.5% (seed 2) against 98.8% (2026-12-07)."""
-    command = train_command(method, preset, data_dir, base_dir, base_dir.parent)
-    command[command.index("--output_dir") + 1] = str(pretrain_dir(method, base_dir))
-    command[command.index("--max_steps") + 1] = str(preset.projector_pretrain_steps)
-    command[command.index("--learning_rate") + 1] = str(preset.projector_pretrain_lr)
-    command[command.index("--weight_decay") + 1] = "0.0"
-    command[command.index("--seed") + 1] = str(preset.seed)
-    if "--pretrain_mm_mlp_adapter" in command:
-        at = command.index("--pretrain_mm_mlp_adapter")
-        del command[at:at + 2]
-    return ["--tune_mm_mlp_adapter", "True", *command]
-
-
 def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path, runs_dir: Path,
-                  seed: int | None = None) -> list[str]:
-    """The train entry's command line for ``method`` (what a user would type)."""
-    if method.start == "base":
+                  seed: int | None = None, stage_one: bool = False) -> list[str]:
+    """The train entry's command line for ``method`` (what a user would type). ``stage_one``: its stage 1 from
+    the base models, LLaVA's pretrain stage: the projector (LLaMA-VID's with its text decoder and queries)
+    alone, the LLM and tower frozen, at a projector's learning rate and no weight decay, as LLaVA's pretrain
+    script; on the train conversations rather than captions alone (with captions only, full's where fell to
+    52.5% on seed 2 against 98.8%, 2026-12-07)."""
+    output_dir, steps, weight_decay = runs_dir / method.name, training_steps(method, preset), preset.weight_decay
+    if stage_one:
+        model = ["--tune_mm_mlp_adapter", "True", "--model_name_or_path", base_dir / "llm",
+                 "--vision_tower", base_dir / "vision_tower", "--mm_vision_select_layer", "-1"]
+        output_dir, steps, weight_decay = pretrain_dir(method, base_dir), preset.projector_pretrain_steps, 0.0
+        learning_rate, seed = preset.projector_pretrain_lr, preset.seed
+    elif method.start == "base":
         model = ["--model_name_or_path", base_dir / "llm", "--vision_tower", base_dir / "vision_tower",
                  "--mm_vision_select_layer", "-1"]
         if preset.vision_tower_lr is not None:
@@ -271,9 +264,9 @@ def train_command(method: Method, preset: Preset, data_dir: Path, base_dir: Path
     command = [
         *model, *method.flags,
         "--version", CONV_MODE, "--data_path", data_dir / "train.json", "--image_folder", data_dir,
-        "--output_dir", runs_dir / method.name, "--max_steps", training_steps(method, preset),
+        "--output_dir", output_dir, "--max_steps", steps,
         "--per_device_train_batch_size", preset.batch_size, "--learning_rate", learning_rate,
-        "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", preset.weight_decay,
+        "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.05", "--weight_decay", weight_decay,
         "--model_max_length", "512", "--cache_samples", "True",
         # Random batches. Grouped by modality and length, a batch of one-question samples holds one kind of
         # question (each kind's text has its own length): full then learned to answer each batch's kind,
@@ -470,7 +463,8 @@ class Group:
 def pretrain_task(method: Method, preset: Preset, data_dir: Path, base_dir: Path, base_prefix: str = "") -> Task:
     """``method``'s stage 1 from the base build in ``base_dir`` (no evaluation: no row reads it)."""
     return Task(f"{base_prefix}pretrain/{method.name}", "llava_voco.train",
-                pretrain_command(method, preset, data_dir, base_dir), pretrain_dir(method, base_dir) / "train.log",
+                train_command(method, preset, data_dir, base_dir, base_dir.parent, stage_one=True),
+                pretrain_dir(method, base_dir) / "train.log",
                 preset.projector_pretrain_steps)
 
 
