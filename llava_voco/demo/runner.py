@@ -87,8 +87,9 @@ class Preset:
 
 PRESETS = {
     # Every row, three seeds of the headline rows: 28.4 minutes in a fresh run on a quiet 2-core Intel Xeon
-    # (2026-12-07), 4.8 of them the base build (the LLM's text stage, then stage 0) and about 2.5 each row's stage
-    # 1; full 97.6 +- 0.6% on images and 96.0 +- 0.2% on clips against text priors of 28.7% and 30.4%
+    # (2026-12-07; 30.9 in a second, every figure the same: the machine's speed moves it), 4.8 of them the
+    # base build (the LLM's text stage, then stage 0) and about 2.5 each row's stage 1; full 97.6 +- 0.6% on
+    # images and 96.0 +- 0.2% on clips against text priors of 28.7% and 30.4%
     # (docs/experiments/digitgrid-2026-12-07.md). 12,000 train grids and 6,000 clips (a third of the samples:
     # with a sixth, full's clip kinds stopped at 60-85%).
     "default": Preset("default", train_images=12000, test_images=400, train_clips=6000, test_clips=240,
