@@ -86,8 +86,8 @@ class Preset:
 
 
 PRESETS = {
-    # Every row, three seeds of the headline rows: 28.4 minutes in a fresh run on a quiet 2-core Intel Xeon
-    # (2026-12-07; 30.9 in a second, every figure the same: the machine's speed moves it), 4.8 of them the
+    # Every row, three seeds of the headline rows: 28.4, 30.9 and 35.5 minutes in three fresh runs on a quiet
+    # 2-core Intel Xeon (2026-12-07; every figure the same: the machine's speed moves it), 4.8 of the first the
     # base build (the LLM's text stage, then stage 0) and about 2.5 each row's stage 1; full 97.6 +- 0.6% on
     # images and 96.0 +- 0.2% on clips against text priors of 28.7% and 30.4%
     # (docs/experiments/digitgrid-2026-12-07.md). 12,000 train grids and 6,000 clips (a third of the samples:
